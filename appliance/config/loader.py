@@ -1,0 +1,235 @@
+"""Load the config from all sources, and explain where each value came from.
+
+`load_config` either returns a validated `LoadedConfig` or raises `ConfigError` holding one
+line per problem; each line names the field path, the rejected value when it is safe to show,
+the source that set it, and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from appliance.config.settings import (
+    CONTROL_VARIABLES,
+    DEFAULT_CONFIG_PATH,
+    DEFAULT_SECRETS_DIR,
+    ENV_PREFIX,
+    NESTING_DELIMITER,
+    AppConfig,
+    NestedSecretsSource,
+    _config_path,
+    _secrets_dir,
+    config_file_source,
+    make_env_source,
+)
+
+# Field names whose values are never printed, in errors or in the effective config.
+SECRET_FIELDS = frozenset({"password", "secret", "token"})
+
+
+class ConfigError(Exception):
+    """The config could not be loaded; `problems` has one readable line per cause."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    config: AppConfig
+    path: Path | None
+    """Config file that was read, or None when no file was used."""
+    sources: dict[tuple[str, ...], str] = field(default_factory=dict)
+    """Source label of every value that some source set, by field path."""
+    warnings: list[str] = field(default_factory=list)
+
+
+def resolve_config_path(explicit: str | os.PathLike[str] | None) -> tuple[Path, bool]:
+    """Return the config path and whether the operator named it (so it must exist)."""
+    if explicit:
+        return Path(explicit), True
+    from_env = os.environ.get("APPLIANCE_CONFIG", "")
+    if from_env:
+        return Path(from_env), True
+    return DEFAULT_CONFIG_PATH, False
+
+
+def load_config(
+    config_path: str | os.PathLike[str] | None = None,
+    *,
+    secrets_dir: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> LoadedConfig:
+    """Load and validate the config from init `overrides`, env, secrets and file."""
+    path, required = resolve_config_path(config_path)
+    secrets = Path(secrets_dir or os.environ.get("APPLIANCE_SECRETS_DIR") or DEFAULT_SECRETS_DIR)
+    if not path.exists():
+        if required:
+            raise ConfigError(
+                [f"config file {str(path)!r} does not exist; check --config or APPLIANCE_CONFIG"]
+            )
+        path = None
+
+    layers = _read_layers(path, secrets, dict(overrides or {}))
+    path_token = _config_path.set(path)
+    secrets_token = _secrets_dir.set(secrets)
+    try:
+        config = AppConfig(**dict(overrides or {}))
+    except ValidationError as exc:
+        raise ConfigError(_describe_errors(exc, layers)) from None
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise ConfigError([f"config file {str(path)!r} could not be read: {exc}"]) from None
+    finally:
+        _config_path.reset(path_token)
+        _secrets_dir.reset(secrets_token)
+
+    sources = _collect_sources(config.model_dump(by_alias=True), layers)
+    return LoadedConfig(config, path, sources, unknown_variable_warnings())
+
+
+def _read_layers(
+    path: Path | None, secrets: Path, overrides: dict[str, Any]
+) -> list[tuple[str, dict[str, Any]]]:
+    """Return each source's raw values, highest precedence first, with a label."""
+    layers: list[tuple[str, dict[str, Any]]] = [("init", overrides)]
+    try:
+        layers.append(("env", make_env_source()()))
+    except Exception as exc:  # noqa: BLE001 - pydantic-settings wraps JSON errors variously
+        raise ConfigError([f"environment variables could not be parsed: {exc}"]) from None
+    layers.append((f"secret {secrets}", NestedSecretsSource(AppConfig, secrets)()))
+    if path is not None:
+        try:
+            values = config_file_source(AppConfig, path)()
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            raise ConfigError(
+                [f"config file {str(path)!r} could not be parsed: {_short(exc)}"]
+            ) from None
+        if not isinstance(values, dict):
+            raise ConfigError(
+                [f"config file {str(path)!r} must contain a mapping at the top level"]
+            )
+        layers.append((f"file {path}", values))
+    return layers
+
+
+def _short(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _lookup(values: Any, path: tuple[str, ...]) -> tuple[bool, Any]:
+    """Find `path` in nested dicts; a non-dict value on the way covers the rest."""
+    current = values
+    for key in path:
+        if not isinstance(current, dict):
+            return True, current
+        matches = [k for k in current if str(k).lower() == key.lower()]
+        if not matches:
+            return False, None
+        current = current[matches[0]]
+    return True, current
+
+
+def _label(source: str, path: tuple[str, ...]) -> str:
+    if source == "env":
+        return "env " + ENV_PREFIX + NESTING_DELIMITER.join(path).upper()
+    return source
+
+
+def _source_of(path: tuple[str, ...], layers: list[tuple[str, dict[str, Any]]]) -> str | None:
+    for source, values in layers:
+        found, _ = _lookup(values, path)
+        if found:
+            return _label(source, path)
+    return None
+
+
+def _collect_sources(
+    dumped: dict[str, Any], layers: list[tuple[str, dict[str, Any]]]
+) -> dict[tuple[str, ...], str]:
+    sources: dict[tuple[str, ...], str] = {}
+
+    def walk(value: Any, path: tuple[str, ...]) -> None:
+        if isinstance(value, dict) and value:
+            for key, item in value.items():
+                walk(item, (*path, str(key)))
+            return
+        if isinstance(value, list) and value:
+            for index, item in enumerate(value):
+                walk(item, (*path, str(index)))
+            return
+        label = _source_of(path, layers)
+        if label is not None:
+            sources[path] = label
+
+    walk(dumped, ())
+    return sources
+
+
+def _describe_errors(
+    exc: ValidationError, layers: list[tuple[str, dict[str, Any]]]
+) -> list[str]:
+    problems = []
+    for error in exc.errors(include_url=False):
+        path = tuple(str(part) for part in error["loc"])
+        problems.append(_describe_error(error, path, layers))
+    return problems
+
+
+def _describe_error(
+    error: Any, path: tuple[str, ...], layers: list[tuple[str, dict[str, Any]]]
+) -> str:
+    message = str(error["msg"]).removeprefix("Value error, ")
+    where = ".".join(path) if path else "config"
+    if error["type"] == "missing":
+        variable = ENV_PREFIX + NESTING_DELIMITER.join(path).upper()
+        hint = f"; set it in the config file or as {variable}"
+        if os.environ.get(variable) == "":
+            hint = f"; {variable} is set but empty, and an empty variable counts as unset"
+        return f"{where}: required value is missing{hint}"
+    if error["type"] == "extra_forbidden":
+        source = _source_of(path, layers)
+        origin = f" (from {source})" if source else ""
+        return f"{where}: unknown key{origin}; check the spelling against the config reference"
+    source = _source_of(path, layers) if path else None
+    origin = f" (from {source})" if source else ""
+    shown = ""
+    # Our own value errors already quote the value; pydantic's built-in ones do not.
+    if (
+        path
+        and error["type"] != "value_error"
+        and "input" in error
+        and not _is_secret(path)
+        and not isinstance(error["input"], dict)
+    ):
+        shown = f" value {error['input']!r}:"
+    return f"{where}:{shown} {message}{origin}"
+
+
+def _is_secret(path: tuple[str, ...]) -> bool:
+    return any(part.lower() in SECRET_FIELDS for part in path)
+
+
+def unknown_variable_warnings(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Name the APPLIANCE_ variables whose top-level key matches no config field."""
+    environ = os.environ if environ is None else environ
+    fields = {name.lower() for name in AppConfig.model_fields}
+    warnings = []
+    for variable in sorted(environ):
+        upper = variable.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in CONTROL_VARIABLES:
+            continue
+        top = upper[len(ENV_PREFIX) :].split(NESTING_DELIMITER)[0].lower()
+        if top not in fields:
+            warnings.append(
+                f"environment variable {variable} matches no config field and is ignored; "
+                f"top-level keys are: {', '.join(sorted(fields))}"
+            )
+    return warnings

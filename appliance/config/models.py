@@ -1,0 +1,279 @@
+"""Pydantic models of the appliance's config: its public interface.
+
+Every model rejects unknown keys, so a misspelt key fails validation instead of silently
+doing nothing. Field docstrings become the descriptions in the JSON Schema and in the
+config reference.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Protocol = Literal["imap", "pop3"]
+ListenerTls = Literal["none", "implicit", "starttls"]
+UpstreamTls = Literal["none", "implicit", "starttls", "auto"]
+KnownMode = Literal["implicit", "starttls", "none"]
+TlsVersion = Literal["1.2", "1.3"]
+LogLevel = Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Seconds = Annotated[float, Field(gt=0)]
+
+# Ports from RFC 3501/1939 (plain, STARTTLS) and RFC 8314 (implicit TLS).
+DEFAULT_PORTS: dict[tuple[str, str], int] = {
+    ("imap", "plain"): 143,
+    ("imap", "implicit"): 993,
+    ("pop3", "plain"): 110,
+    ("pop3", "implicit"): 995,
+}
+
+_HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def default_port(protocol: str, tls: str) -> int:
+    """Return the standard port for a protocol and upstream TLS mode."""
+    kind = "implicit" if tls == "implicit" else "plain"
+    return DEFAULT_PORTS[(protocol, kind)]
+
+
+def normalize_host(value: str) -> str:
+    """Validate a host name or IP address and return it lower-cased without a final dot."""
+    host = value.strip().rstrip(".").lower()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    labels = host.split(".")
+    if not host or len(host) > 253 or not all(_HOSTNAME_LABEL.match(x) for x in labels):
+        raise ValueError(
+            f"{value!r} is not a valid host name or IP address; "
+            "expected a name such as mail.example.org or an address such as 192.0.2.10"
+        )
+    return host
+
+
+def _check_readable(path: Path | None) -> Path | None:
+    if path is None:
+        return None
+    if not path.exists():
+        raise ValueError(f"file {str(path)!r} does not exist; expected a readable PEM file")
+    if not path.is_file():
+        raise ValueError(f"{str(path)!r} is not a regular file; expected a PEM file")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"file {str(path)!r} is not readable by this process")
+    return path
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class ListenerConfig(StrictModel):
+    """A local address where mail clients connect."""
+
+    protocol: Protocol
+    """Mail protocol spoken on this listener."""
+
+    bind: str = "127.0.0.1"
+    """IPv4 or IPv6 address to listen on; `0.0.0.0` or `::` for every interface."""
+
+    port: Port
+    """TCP port to listen on."""
+
+    tls: ListenerTls = "none"
+    """Client-side TLS: `none` (plain text), `implicit` (TLS from the first byte, RFC 8314)
+    or `starttls` (plain text upgraded with STARTTLS/STLS before login)."""
+
+    cert_file: Path | None = None
+    """PEM certificate chain presented to clients; required unless `tls` is `none`."""
+
+    key_file: Path | None = None
+    """PEM private key of `cert_file`; required unless `tls` is `none`."""
+
+    min_version: TlsVersion = "1.2"
+    """Lowest TLS version accepted from clients."""
+
+    upstream: str | None = None
+    """Name of the upstream (a key of `upstreams`) that sessions on this listener reach."""
+
+    allow_plaintext_login: bool = False
+    """Accept logins without TLS on the client side: on a `starttls` listener before the
+    upgrade, and on a `none` listener bound to an address other than loopback."""
+
+    @field_validator("bind")
+    @classmethod
+    def _validate_bind(cls, value: str) -> str:
+        text = value.strip()
+        if text.startswith("[") and text.endswith("]"):
+            text = text[1:-1]
+        try:
+            return str(ipaddress.ip_address(text))
+        except ValueError:
+            raise ValueError(
+                f"{value!r} is not an IP address; expected an address such as "
+                "127.0.0.1, 0.0.0.0, ::1 or ::"
+            ) from None
+
+    @field_validator("cert_file", "key_file")
+    @classmethod
+    def _validate_file(cls, value: Path | None) -> Path | None:
+        return _check_readable(value)
+
+    @model_validator(mode="after")
+    def _validate_tls(self) -> ListenerConfig:
+        if self.tls != "none" and (self.cert_file is None or self.key_file is None):
+            raise ValueError(
+                f"tls is {self.tls!r}, so cert_file and key_file are required; "
+                "set both or set tls to 'none'"
+            )
+        if self.tls == "none" and not self.is_loopback and not self.allow_plaintext_login:
+            raise ValueError(
+                f"tls is 'none' on non-loopback address {self.bind!r}, so passwords would "
+                "cross the network in clear text; use tls 'implicit' or 'starttls', bind "
+                "to 127.0.0.1, or set allow_plaintext_login: true"
+            )
+        return self
+
+    @property
+    def is_loopback(self) -> bool:
+        return ipaddress.ip_address(self.bind).is_loopback
+
+
+class UpstreamConfig(StrictModel):
+    """A mail server that sessions are carried to."""
+
+    host: str
+    """Host name or IP address of the mail server."""
+
+    port: Port | None = None
+    """TCP port; when unset it follows the listener's protocol and the TLS mode
+    (IMAP 143 or 993, POP3 110 or 995)."""
+
+    tls: UpstreamTls = "auto"
+    """Upstream TLS: `implicit`, `starttls`, `none` (the explicit choice of plain text) or
+    `auto` (probe once, remember the strongest mode the server offers, never downgrade)."""
+
+    allow_plaintext: bool = False
+    """Under `tls: auto`, allow plain text to a server that offers no TLS at all."""
+
+    verify: bool = True
+    """Verify the server's certificate chain and host name."""
+
+    ca_file: Path | None = None
+    """PEM file of CA certificates to trust instead of the system store."""
+
+    server_name: str | None = None
+    """Name sent in SNI and checked against the certificate; defaults to `host`."""
+
+    min_version: TlsVersion = "1.2"
+    """Lowest TLS version accepted from the server."""
+
+    client_cert_file: Path | None = None
+    """PEM client certificate presented to the server (TLS client authentication)."""
+
+    client_key_file: Path | None = None
+    """PEM private key of `client_cert_file`."""
+
+    @field_validator("host")
+    @classmethod
+    def _validate_host(cls, value: str) -> str:
+        return normalize_host(value)
+
+    @field_validator("server_name")
+    @classmethod
+    def _validate_server_name(cls, value: str | None) -> str | None:
+        return None if value is None else normalize_host(value)
+
+    @field_validator("ca_file", "client_cert_file", "client_key_file")
+    @classmethod
+    def _validate_file(cls, value: Path | None) -> Path | None:
+        return _check_readable(value)
+
+    @model_validator(mode="after")
+    def _validate_client_cert(self) -> UpstreamConfig:
+        if (self.client_cert_file is None) != (self.client_key_file is None):
+            raise ValueError(
+                "client_cert_file and client_key_file go together; set both or neither"
+            )
+        return self
+
+    def port_for(self, protocol: str, tls: str | None = None) -> int:
+        """Return the port to connect to for a protocol and a concrete TLS mode."""
+        if self.port is not None:
+            return self.port
+        return default_port(protocol, tls or self.tls)
+
+    @property
+    def tls_server_name(self) -> str:
+        return self.server_name or self.host
+
+
+class KnownServer(StrictModel):
+    """An operator's fixed TLS mode for a server, which overrides probing."""
+
+    host: str
+    """Host name or IP address, compared case-insensitively."""
+
+    port: Port | None = None
+    """Port the entry applies to; unset means the standard port of `mode`."""
+
+    protocol: Protocol | None = None
+    """Protocol the entry applies to; unset means both."""
+
+    mode: KnownMode
+    """TLS mode to use for this server."""
+
+    @field_validator("host")
+    @classmethod
+    def _validate_host(cls, value: str) -> str:
+        return normalize_host(value)
+
+
+class Limits(StrictModel):
+    """Timeouts and size limits that bound what one client can cost."""
+
+    connect_timeout: Seconds = 10.0
+    """Seconds allowed for connecting to an upstream, TLS handshake included."""
+
+    pre_auth_timeout: Seconds = 60.0
+    """Seconds a client may take from connecting to a successful login."""
+
+    idle_timeout: Annotated[float, Field(ge=1800)] = 1860.0
+    """Seconds without traffic after which an authenticated session is closed; at least
+    1800, because RFC 3501 lets IMAP clients sit in IDLE for 30 minutes."""
+
+    max_line_length: Annotated[int, Field(ge=512, le=1 << 20)] = 8192
+    """Maximum length in bytes of one command or response line before login."""
+
+    max_literal_size: Annotated[int, Field(ge=0, le=1 << 24)] = 65536
+    """Maximum size in bytes of one IMAP literal before login."""
+
+    max_connections: Annotated[int, Field(ge=1)] = 1000
+    """Maximum concurrent sessions on one listener."""
+
+    shutdown_grace_period: Annotated[float, Field(ge=0)] = 10.0
+    """Seconds that running sessions get to finish after SIGTERM or SIGINT."""
+
+
+class LoggingConfig(StrictModel):
+    """Log output."""
+
+    level: LogLevel = "INFO"
+    """Lowest level written: TRACE, DEBUG, INFO, SUCCESS, WARNING or ERROR."""
+
+    json_output: bool = Field(default=False, alias="json")
+    """Write one JSON object per line instead of text."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value

@@ -1,0 +1,204 @@
+"""The top-level config and the order of its sources.
+
+Precedence, highest first: init arguments, environment variables (`APPLIANCE_` prefix, `__`
+between nesting levels), the secrets folder (one file per value, named like the variable),
+the config file (YAML, TOML or JSON), then the models' defaults.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    JsonConfigSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
+)
+
+from appliance.config.models import (
+    KnownServer,
+    ListenerConfig,
+    Limits,
+    LoggingConfig,
+    UpstreamConfig,
+)
+
+ENV_PREFIX = "APPLIANCE_"
+NESTING_DELIMITER = "__"
+DEFAULT_CONFIG_PATH = Path("/etc/appliance/appliance.yaml")
+DEFAULT_SECRETS_DIR = Path("/run/secrets")
+
+# Variables with the prefix that configure how the config is found, not the config itself.
+CONTROL_VARIABLES = frozenset({"APPLIANCE_CONFIG", "APPLIANCE_SECRETS_DIR"})
+
+# The file and secrets folder of the load in progress; settings_customise_sources reads them.
+_config_path: ContextVar[Path | None] = ContextVar("config_path", default=None)
+_secrets_dir: ContextVar[Path | None] = ContextVar("secrets_dir", default=None)
+
+
+class AppConfig(BaseSettings):
+    """Config of the whole appliance."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=NESTING_DELIMITER,
+        env_ignore_empty=True,
+        extra="forbid",
+        frozen=True,
+        use_attribute_docstrings=True,
+        populate_by_name=True,
+    )
+
+    listeners: dict[str, ListenerConfig] = Field(default_factory=dict)
+    """Local listeners by name; the name appears in logs and env variable names."""
+
+    upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict)
+    """Mail servers by name; listeners refer to them by this name."""
+
+    known_servers: list[KnownServer] = Field(default_factory=list)
+    """TLS modes fixed by the operator; they win over modes learned by probing."""
+
+    limits: Limits = Field(default_factory=Limits)
+    """Timeouts and size limits."""
+
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    """Log level and format."""
+
+    state_dir: Path = Path("/var/lib/appliance")
+    """Folder for state that outlives a restart, such as the learned known-servers list."""
+
+    @field_validator("listeners", "upstreams")
+    @classmethod
+    def _validate_names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            if not name or not name.replace("-", "_").replace("_", "a").isalnum():
+                raise ValueError(
+                    f"name {name!r} is invalid; expected letters, digits, '-' and '_' only"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _validate_references(self) -> AppConfig:
+        for name, listener in self.listeners.items():
+            if listener.upstream is None:
+                raise ValueError(
+                    f"listeners.{name}.upstream is missing; expected the name of an "
+                    f"upstream ({_choices(self.upstreams)})"
+                )
+            if listener.upstream not in self.upstreams:
+                raise ValueError(
+                    f"listeners.{name}.upstream is {listener.upstream!r}, which is not a "
+                    f"configured upstream; expected one of: {_choices(self.upstreams)}"
+                )
+        _check_address_conflicts(self.listeners)
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        secrets_dir = _secrets_dir.get()
+        if secrets_dir is not None:
+            sources.append(NestedSecretsSource(settings_cls, secrets_dir))
+        path = _config_path.get()
+        if path is not None:
+            sources.append(config_file_source(settings_cls, path))
+        return tuple(sources)
+
+
+def _choices(names: dict[str, Any]) -> str:
+    return ", ".join(sorted(names)) or "none configured"
+
+
+def _check_address_conflicts(listeners: dict[str, ListenerConfig]) -> None:
+    seen: dict[int, list[tuple[str, ipaddress.IPv4Address | ipaddress.IPv6Address]]] = {}
+    for name, listener in listeners.items():
+        address = ipaddress.ip_address(listener.bind)
+        for other_name, other in seen.get(listener.port, []):
+            overlap = address == other or address.is_unspecified or other.is_unspecified
+            if overlap and address.version == other.version:
+                raise ValueError(
+                    f"listeners.{name} and listeners.{other_name} both bind "
+                    f"{listener.bind} port {listener.port}; expected a different port "
+                    "or address for one of them"
+                )
+        seen.setdefault(listener.port, []).append((name, address))
+
+
+def config_file_source(
+    settings_cls: type[BaseSettings], path: Path
+) -> PydanticBaseSettingsSource:
+    """Return the settings source that reads `path`, chosen by its extension."""
+    suffix = path.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        return YamlConfigSettingsSource(settings_cls, yaml_file=path)
+    if suffix == ".toml":
+        return TomlConfigSettingsSource(settings_cls, toml_file=path)
+    if suffix == ".json":
+        return JsonConfigSettingsSource(settings_cls, json_file=path)
+    raise ValueError(
+        f"config file {str(path)!r} has an unknown extension; expected .yaml, .yml, "
+        ".toml or .json"
+    )
+
+
+class NestedSecretsSource(PydanticBaseSettingsSource):
+    """Values from files in a secrets folder, one value per file.
+
+    A file is named like the environment variable that it stands for
+    (`APPLIANCE_UPSTREAMS__MAIL__HOST`, any case), as Docker and Kubernetes mount secrets.
+    Files without the prefix are ignored, because the folder is shared with other programs.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], folder: Path) -> None:
+        super().__init__(settings_cls)
+        self.folder = folder
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        if not self.folder.is_dir():
+            return values
+        for entry in sorted(self.folder.iterdir()):
+            name = entry.name.upper()
+            if not name.startswith(ENV_PREFIX) or not entry.is_file():
+                continue
+            text = entry.read_text(encoding="utf-8").strip()
+            if not text:
+                continue
+            path = name[len(ENV_PREFIX) :].lower().split(NESTING_DELIMITER)
+            _set_nested(values, path, text)
+        return values
+
+
+def _set_nested(target: dict[str, Any], path: list[str], value: Any) -> None:
+    for key in path[:-1]:
+        target = target.setdefault(key, {})
+    target[path[-1]] = value
+
+
+def make_env_source() -> EnvSettingsSource:
+    """Return the environment source exactly as AppConfig builds it."""
+    return EnvSettingsSource(
+        AppConfig,
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=NESTING_DELIMITER,
+        env_ignore_empty=True,
+    )

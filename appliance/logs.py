@@ -1,0 +1,49 @@
+"""loguru setup: one sink on standard error, text or JSON, with the session context.
+
+Log records carry `session`, `client`, `listener` and `upstream` in `extra` when a session
+binds them. Nothing here redacts: credentials are never passed to the logger in the first
+place, and peer-supplied text goes through `escape` so CR/LF cannot forge a line.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from loguru import logger
+
+TEXT_FORMAT = (
+    "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> <level>{level: <7}</level> "
+    "{extra[context]}<level>{message}</level>"
+)
+
+
+def _add_context(record: dict) -> None:
+    extra = record["extra"]
+    parts = [f"{key}={extra[key]}" for key in ("session", "listener") if key in extra]
+    extra["context"] = f"[{' '.join(parts)}] " if parts else ""
+
+
+def configure_logging(level: str = "INFO", json_output: bool = False) -> None:
+    """Replace loguru's sinks with one standard-error sink at `level`."""
+    logger.remove()
+    logger.configure(patcher=_add_context)
+    if json_output:
+        logger.add(sys.stderr, level=level, serialize=True, backtrace=False, diagnose=False)
+    else:
+        logger.add(
+            sys.stderr,
+            level=level,
+            format=TEXT_FORMAT,
+            colorize=None,
+            backtrace=False,
+            diagnose=False,
+        )
+
+
+def escape(value: bytes | str, limit: int = 128) -> str:
+    """Return peer-supplied text safe for one log line: printable ASCII, escaped, capped."""
+    if isinstance(value, str):
+        value = value.encode("utf-8", "surrogateescape")
+    text = value[:limit].decode("ascii", "backslashreplace")
+    text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+    return text + ("..." if len(value) > limit else "")

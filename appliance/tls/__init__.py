@@ -1,0 +1,1 @@
+"""TLS: context building, and later the capability probe and the known-servers store."""
