@@ -258,6 +258,9 @@ class Limits(StrictModel):
     max_connections: Annotated[int, Field(ge=1)] = 1000
     """Maximum concurrent sessions on one listener."""
 
+    max_protocol_errors: Annotated[int, Field(ge=1)] = 10
+    """Invalid commands before login after which a session is closed."""
+
     shutdown_grace_period: Annotated[float, Field(ge=0)] = 10.0
     """Seconds that running sessions get to finish after SIGTERM or SIGINT."""
 

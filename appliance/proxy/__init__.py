@@ -1,0 +1,1 @@
+"""asyncio proxy: listeners, sessions, upstream connections and the relay."""

@@ -1,0 +1,249 @@
+"""One side of a session: an asyncio protocol with a pre-login read API and a fast relay.
+
+Before login the session pulls bytes with `read_some` and feeds them to a sans-IO parser.
+After login `relay` joins two connections: each `data_received` writes straight into the
+peer's transport, and flow control pauses the reading side while the peer's write buffer is
+above its high-water mark, so a slow reader never makes the proxy buffer a whole message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+# Bytes the connection holds before login while nobody reads; reading pauses above this.
+PRE_AUTH_BUFFER_LIMIT = 64 * 1024
+# Transport write buffer watermarks for the relay (bytes); reading pauses above the high mark.
+RELAY_HIGH_WATER = 256 * 1024
+RELAY_LOW_WATER = 64 * 1024
+# TCP keepalive: first probe after 5 minutes idle, so NAT and load balancers keep IDLE
+# sessions, which last up to 30 minutes between client commands.
+KEEPALIVE_IDLE = 300
+KEEPALIVE_INTERVAL = 60
+KEEPALIVE_COUNT = 5
+
+
+class ConnectionClosed(Exception):
+    """The peer closed the connection, or it was lost."""
+
+
+def tune_socket(transport: asyncio.BaseTransport) -> None:
+    """Set TCP_NODELAY and TCP keepalive on the transport's socket, where it has one."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+        ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+    ):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
+class Connection(asyncio.Protocol):
+    """A TCP connection with TLS upgrade, bounded pre-login reads and a relay mode."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.last_activity = time.monotonic()
+        self.closed = asyncio.get_running_loop().create_future()
+        self._buffer = bytearray()
+        self._eof = False
+        self._read_waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self._peer: Connection | None = None
+        # Called once the transport exists; listeners use it to start a session.
+        self.on_made: Callable[[Connection], None] | None = None
+
+    # asyncio.Protocol callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        tune_socket(transport)
+        if self.on_made is not None:
+            self.on_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_received += len(data)
+        self.last_activity = time.monotonic()
+        peer = self._peer
+        if peer is not None:
+            peer.send(data)
+            return
+        self._buffer += data
+        if len(self._buffer) > PRE_AUTH_BUFFER_LIMIT and self.transport is not None:
+            self.transport.pause_reading()
+        self._wake_reader()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake_reader()
+        if self._peer is not None:
+            # The peer's pending bytes are flushed before its transport closes.
+            self._peer.close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._wake_reader()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+        if not self.closed.done():
+            self.closed.set_result(None)
+        if self._peer is not None:
+            self._peer.close()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self._peer is not None and self._peer.transport is not None:
+            self._peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._peer is not None and self._peer.transport is not None:
+            self._peer.transport.resume_reading()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    # Reading before login
+
+    async def read_some(self) -> bytes:
+        """Return the bytes received so far, waiting for at least one; b"" at end of stream."""
+        while not self._buffer:
+            if self._eof:
+                return b""
+            loop = asyncio.get_running_loop()
+            self._read_waiter = loop.create_future()
+            try:
+                await self._read_waiter
+            finally:
+                self._read_waiter = None
+        return self.take_buffer()
+
+    def take_buffer(self) -> bytes:
+        """Remove and return every byte received and not yet read."""
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+        return data
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def _wake_reader(self) -> None:
+        if self._read_waiter is not None and not self._read_waiter.done():
+            self._read_waiter.set_result(None)
+
+    # Writing
+
+    def send(self, data: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.bytes_sent += len(data)
+        self.last_activity = time.monotonic()
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait until the transport's write buffer is below its low-water mark."""
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionClosed
+        if not self._write_paused:
+            return
+        self._drain_waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._drain_waiter
+        finally:
+            self._drain_waiter = None
+        if self.transport.is_closing():
+            raise ConnectionClosed
+
+    # TLS
+
+    async def start_tls(
+        self,
+        context: ssl.SSLContext,
+        *,
+        server_side: bool,
+        server_hostname: str | None = None,
+        handshake_timeout: float = 30.0,
+    ) -> None:
+        """Upgrade to TLS; bytes still buffered from before the upgrade are discarded."""
+        assert self.transport is not None
+        await self.drain()
+        self._buffer.clear()
+        loop = asyncio.get_running_loop()
+        transport = await loop.start_tls(
+            self.transport,
+            self,
+            context,
+            server_side=server_side,
+            server_hostname=server_hostname,
+            ssl_handshake_timeout=handshake_timeout,
+        )
+        if transport is None:
+            raise ConnectionClosed
+        self.transport = transport
+
+    @property
+    def tls_info(self) -> tuple[str, str] | None:
+        """Return the negotiated (TLS version, cipher name), or None on plain text."""
+        if self.transport is None:
+            return None
+        ssl_object = self.transport.get_extra_info("ssl_object")
+        if ssl_object is None:
+            return None
+        cipher = ssl_object.cipher()
+        return ssl_object.version() or "?", cipher[0] if cipher else "?"
+
+    def extra(self, name: str) -> Any:
+        return None if self.transport is None else self.transport.get_extra_info(name)
+
+    # Relay after login
+
+    def relay_to(self, peer: Connection) -> None:
+        """Send everything received from now on straight to `peer`."""
+        self._peer = peer
+        transport = self.transport
+        if transport is None:
+            return
+        if isinstance(transport, asyncio.WriteTransport):
+            transport.set_write_buffer_limits(high=RELAY_HIGH_WATER, low=RELAY_LOW_WATER)
+        if self._eof:
+            peer.close()
+        elif not peer._write_paused:
+            transport.resume_reading()
+
+    # Closing
+
+    def close(self) -> None:
+        """Close after flushing bytes already written."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+        elif self.transport is None and not self.closed.done():
+            self.closed.set_result(None)
+
+    def abort(self) -> None:
+        """Close at once, dropping unsent bytes."""
+        if self.transport is not None:
+            self.transport.abort()
+        elif not self.closed.done():
+            self.closed.set_result(None)
+
+
+def join(client: Connection, upstream: Connection) -> None:
+    """Relay both directions between two connections whose pre-login bytes are flushed."""
+    client.relay_to(upstream)
+    upstream.relay_to(client)

@@ -1,0 +1,329 @@
+"""IMAP before login (RFC 3501/9051 not-authenticated state), answered by the proxy.
+
+The proxy answers CAPABILITY, NOOP, ID, LOGOUT and STARTTLS itself and turns LOGIN and
+AUTHENTICATE (PLAIN, LOGIN) into a fresh login toward the upstream, built from the parsed
+credentials and never from the client's raw bytes. The upstream's tagged reply goes back
+under the client's tag.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from appliance.logs import escape
+from appliance.protocols import capabilities, sasl
+from appliance.protocols.errors import ClientProtocolError, UpstreamProtocolError
+from appliance.protocols.imap import (
+    Command,
+    ContinuationLine,
+    ContinuationRequest,
+    CommandReader,
+    Response,
+    ResponseReader,
+    format_authenticate_plain,
+    format_capability,
+    format_login,
+    format_tagged,
+    format_untagged,
+    replace_capability_code,
+)
+from appliance.protocols.imap import capabilities as response_capabilities
+from appliance.proxy.errors import UpstreamError
+from appliance.proxy.session import Session
+from appliance.proxy.upstream import UpstreamTarget, open_upstream, upgrade_upstream
+
+GOODBYES = {
+    "timeout": ("UNAVAILABLE", "Timed out waiting for login"),
+    "unavailable": ("UNAVAILABLE", "Mail server unavailable, try again later"),
+    "shutdown": ("UNAVAILABLE", "Server shutting down, try again later"),
+    "protocol": (None, "Too many invalid commands"),
+    "internal": ("UNAVAILABLE", "Internal error, try again later"),
+    "busy": ("UNAVAILABLE", "Too many connections, try again later"),
+}
+LOGIN_CHALLENGES = ("VXNlcm5hbWU6", "UGFzc3dvcmQ6")  # base64 "Username:", "Password:"
+
+
+class _Cancelled(Exception):
+    """The client cancelled an AUTHENTICATE exchange with `*`."""
+
+
+class ImapSession(Session):
+    protocol = "imap"
+
+    def goodbye(self, kind: str) -> bytes:
+        code, text = GOODBYES[kind]
+        return format_untagged("BYE", text, code)
+
+    # Upstream setup
+
+    async def _setup_upstream(self, target: UpstreamTarget) -> None:
+        self.upstream = await open_upstream(target, self.limits.connect_timeout)
+        self.responses = ResponseReader(
+            max_line_length=self.limits.max_line_length,
+            max_literal_size=self.limits.max_literal_size,
+        )
+        self.tags = (f"P{n}" for n in itertools.count(1))
+        greeting = await self.next_upstream_event(self.responses)
+        self._check_greeting(greeting, target)
+        self.greeting = greeting
+        caps = response_capabilities(greeting) or await self._capability()
+        if target.mode == "starttls":
+            if not capabilities.has_capability(caps, "STARTTLS"):
+                raise UpstreamError(
+                    "starttls", f"{target.address}: server does not offer STARTTLS"
+                )
+            tagged, _ = await self._command(b"STARTTLS")
+            if tagged.status != "OK":
+                raise UpstreamError("starttls", f"{target.address}: server rejected STARTTLS")
+            self.check_no_pending(self.responses, "STARTTLS")
+            await upgrade_upstream(self.upstream, target, self.limits.connect_timeout)
+            caps = await self._capability()
+        self.upstream_caps = caps
+
+    @staticmethod
+    def _check_greeting(greeting: Response, target: UpstreamTarget) -> None:
+        if greeting.kind == "untagged" and greeting.status == "OK":
+            return
+        if greeting.status == "PREAUTH":
+            raise UpstreamError(
+                "preauth",
+                f"{target.address}: server greeting is PREAUTH, which would skip login and TLS",
+            )
+        raise UpstreamError(
+            "greeting", f"{target.address}: server greeting is {greeting.status or 'invalid'}"
+        )
+
+    async def _command(self, command: bytes) -> tuple[Response, list[Response]]:
+        """Send one proxy command and return its tagged response and untagged data."""
+        assert self.upstream is not None
+        tag = next(self.tags)
+        self.upstream.send(tag.encode() + b" " + command + b"\r\n")
+        untagged = []
+        while True:
+            response = await self.next_upstream_event(self.responses)
+            if response.kind == "tagged" and response.tag == tag:
+                return response, untagged
+            if response.kind == "untagged" and response.status == "BYE":
+                raise UpstreamError("closed", "server sent BYE during setup")
+            untagged.append(response)
+
+    async def _capability(self) -> list[str]:
+        tagged, untagged = await self._command(b"CAPABILITY")
+        for response in [*untagged, tagged]:
+            caps = response_capabilities(response)
+            if caps:
+                return caps
+        raise UpstreamProtocolError("server sent no CAPABILITY list")
+
+    # Client side
+
+    async def pre_auth(self) -> bool:
+        self.commands = CommandReader(
+            max_line_length=self.limits.max_line_length,
+            max_literal_size=self.limits.max_literal_size,
+        )
+        self.errors = 0
+        await self.connect_upstream(self._setup_upstream)
+        pre_auth_caps = self._pre_auth_caps()
+        self.client.send(
+            format_untagged("OK", self.greeting.text, "CAPABILITY " + " ".join(pre_auth_caps))
+        )
+        while True:
+            try:
+                event = await self.next_client_event(self.commands)
+            except ClientProtocolError as exc:
+                self._protocol_error(exc.message, exc.tag, fatal=exc.fatal)
+                continue
+            if isinstance(event, ContinuationRequest):
+                self.client.send(b"+ Ready for literal data\r\n")
+                continue
+            if isinstance(event, ContinuationLine):
+                self._protocol_error("Unexpected continuation line", None)
+                continue
+            result = await self._dispatch(event)
+            if result is not None:
+                return result
+
+    def _pre_auth_caps(self) -> list[str]:
+        return capabilities.imap_pre_auth(self.upstream_caps, self.client_state)
+
+    def _protocol_error(self, message: str, tag: str | None, *, fatal: bool = False) -> None:
+        self.errors += 1
+        if fatal or self.errors >= self.limits.max_protocol_errors:
+            raise ClientProtocolError(message, tag=tag, fatal=True)
+        self.client.send(format_tagged(tag, "BAD", message) if tag else format_untagged("BAD", message))
+
+    async def _dispatch(self, command: Command) -> bool | None:
+        tag, name = command.tag, command.name
+        if name == "CAPABILITY":
+            self.client.send(format_capability(self._pre_auth_caps()))
+            self.client.send(format_tagged(tag, "OK", "CAPABILITY completed"))
+        elif name == "NOOP":
+            self.client.send(format_tagged(tag, "OK", "NOOP completed"))
+        elif name == "ID":
+            self.client.send(b"* ID NIL\r\n")
+            self.client.send(format_tagged(tag, "OK", "ID completed"))
+        elif name == "LOGOUT":
+            self.client.send(format_untagged("BYE", "Logging out"))
+            self.client.send(format_tagged(tag, "OK", "LOGOUT completed"))
+            return False
+        elif name == "STARTTLS":
+            await self._starttls(tag)
+        elif name in ("LOGIN", "AUTHENTICATE") and not self.client_state.login_allowed:
+            self.client.send(
+                format_tagged(
+                    tag,
+                    "NO",
+                    "Login is disabled until TLS is active; use STARTTLS first",
+                    "PRIVACYREQUIRED",
+                )
+            )
+        elif name == "LOGIN":
+            return await self._login_command(command)
+        elif name == "AUTHENTICATE":
+            return await self._authenticate(command)
+        else:
+            self._protocol_error("Command unknown or not valid before login", tag)
+        return None
+
+    async def _starttls(self, tag: str) -> None:
+        if not self.client_state.starttls_available:
+            self.client.send(format_tagged(tag, "BAD", "STARTTLS is not available"))
+            return
+        self.client.send(format_tagged(tag, "OK", "Begin TLS negotiation now"))
+        # Bytes pipelined after STARTTLS were sent in plain text and are never executed.
+        self.commands.take_buffered()
+        await self.start_client_tls()
+
+    async def _login_command(self, command: Command) -> bool | None:
+        if len(command.args) != 2 or not all(_is_string(a) for a in command.args):
+            self._protocol_error("LOGIN needs a user name and a password", command.tag)
+            return None
+        user, password = (_to_bytes(a) for a in command.args)
+        return await self._login(command.tag, user, password)
+
+    async def _authenticate(self, command: Command) -> bool | None:
+        tag = command.tag
+        if not command.args or not isinstance(command.args[0], str):
+            self._protocol_error("AUTHENTICATE needs a mechanism name", tag)
+            return None
+        mechanism = command.args[0].upper()
+        initial = _to_bytes(command.args[1]) if len(command.args) > 1 else None
+        try:
+            if mechanism == "PLAIN":
+                if initial is None:
+                    response = await self._challenge("")
+                else:
+                    # RFC 4959: "=" stands for an empty initial response.
+                    response = b"" if initial == b"=" else initial
+                _, user, password = sasl.decode_plain(response)
+            elif mechanism == "LOGIN":
+                first = initial if initial is not None else await self._challenge(LOGIN_CHALLENGES[0])
+                user = sasl.decode_login_step(first)
+                password = sasl.decode_login_step(await self._challenge(LOGIN_CHALLENGES[1]))
+            else:
+                self.client.send(
+                    format_tagged(tag, "NO", "Unsupported authentication mechanism", "CANNOT")
+                )
+                return None
+        except _Cancelled:
+            self.client.send(format_tagged(tag, "BAD", "Authentication cancelled"))
+            return None
+        except ClientProtocolError as exc:
+            self._protocol_error(exc.message, tag)
+            return None
+        return await self._login(tag, user, password)
+
+    async def _challenge(self, text: str) -> bytes:
+        self.client.send(b"+ " + text.encode("ascii") + b"\r\n")
+        self.commands.expect_continuation_line()
+        event = await self.next_client_event(self.commands)
+        line = event.data if isinstance(event, ContinuationLine) else b""
+        if sasl.is_cancel(line):
+            raise _Cancelled
+        return line
+
+    # Login toward the upstream
+
+    async def _login(self, client_tag: str, user: bytes, password: bytes) -> bool | None:
+        assert self.upstream is not None
+        self.user = user.decode("utf-8", "replace")
+        caps = {cap.upper() for cap in self.upstream_caps}
+        tag = next(self.tags)
+        try:
+            if "AUTH=PLAIN" in caps:
+                pieces = format_authenticate_plain(
+                    tag, user, password, sasl_ir="SASL-IR" in caps
+                )
+            elif "LOGINDISABLED" in caps:
+                raise UpstreamError("policy", "server advertises LOGINDISABLED and no AUTH=PLAIN")
+            else:
+                pieces = format_login(tag, user, password, literal_plus="LITERAL+" in caps)
+        except ValueError:
+            self.client.send(format_tagged(client_tag, "NO", "Invalid characters in credentials"))
+            return None
+        tagged = await self._send_login(tag, pieces)
+        return self._finish_login(client_tag, tagged)
+
+    async def _send_login(self, tag: str, pieces: Sequence[bytes]) -> Response:
+        assert self.upstream is not None
+        queue = list(pieces)
+        self.upstream.send(queue.pop(0))
+        while True:
+            response = await self.next_upstream_event(self.responses)
+            if response.kind == "continuation":
+                self.upstream.send(queue.pop(0) if queue else b"*\r\n")
+            elif response.kind == "tagged" and response.tag == tag:
+                return response
+            elif response.kind == "untagged":
+                self._forward_untagged(response)
+
+    def _forward_untagged(self, response: Response) -> None:
+        caps = response_capabilities(response)
+        if caps is None:
+            self.client.send(response.raw)
+        elif response.status is None:
+            self.client.send(format_capability(capabilities.imap_post_auth(caps)))
+        else:
+            self.client.send(
+                replace_capability_code(response, capabilities.imap_post_auth(caps))
+            )
+
+    def _finish_login(self, client_tag: str, tagged: Response) -> bool | None:
+        user = escape(self.user or "")
+        if tagged.status != "OK":
+            self.log.info("login failed for user {}", user)
+            code = tagged.code
+            if code and code.upper().startswith("CAPABILITY"):
+                code = None
+            self.client.send(format_tagged(client_tag, "NO", tagged.text or "Login failed", code))
+            return None
+        self.log.info("login succeeded for user {}", user)
+        caps = response_capabilities(tagged)
+        code = tagged.code
+        if caps is not None:
+            code = "CAPABILITY " + " ".join(capabilities.imap_post_auth(caps))
+        self.client.send(format_tagged(client_tag, "OK", tagged.text or "Logged in", code))
+        self._flush_pipelined()
+        return True
+
+    def _flush_pipelined(self) -> None:
+        """Pass on bytes that either side sent after the login reply, before the relay."""
+        assert self.upstream is not None
+        pending_client = self.commands.take_buffered() + self.client.take_buffer()
+        pending_upstream = self.responses.take_buffered() + self.upstream.take_buffer()
+        if pending_client:
+            self.upstream.send(pending_client)
+        if pending_upstream:
+            self.client.send(pending_upstream)
+
+
+def _is_string(value: object) -> bool:
+    return isinstance(value, (str, bytes))
+
+
+def _to_bytes(value: object) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    return str(value).encode("utf-8")

@@ -1,0 +1,264 @@
+"""POP3 before login (RFC 1939 AUTHORIZATION state, RFC 2449 CAPA, RFC 2595 STLS,
+RFC 5034 AUTH), answered by the proxy; the login itself is re-encoded for the upstream."""
+
+from __future__ import annotations
+
+from appliance.logs import escape
+from appliance.protocols import capabilities, sasl
+from appliance.protocols.errors import ClientProtocolError
+from appliance.protocols.pop3 import (
+    Command,
+    CommandReader,
+    Continuation,
+    Multiline,
+    ResponseReader,
+    Status,
+    StatusResponse,
+    format_command,
+    format_continuation,
+    format_err,
+    format_multiline,
+    format_ok,
+    parse_capa,
+    sasl_mechanisms,
+)
+from appliance.proxy.errors import UpstreamError
+from appliance.proxy.session import Session, SessionEnd
+from appliance.proxy.upstream import UpstreamTarget, open_upstream, upgrade_upstream
+
+GOODBYES = {
+    "timeout": ("SYS/TEMP", "Timed out waiting for login"),
+    "unavailable": ("SYS/TEMP", "Mail server unavailable, try again later"),
+    "shutdown": ("SYS/TEMP", "Server shutting down, try again later"),
+    "protocol": (None, "Too many invalid commands"),
+    "internal": ("SYS/TEMP", "Internal error, try again later"),
+    "busy": ("SYS/TEMP", "Too many connections, try again later"),
+}
+LOGIN_CHALLENGES = (b"VXNlcm5hbWU6", b"UGFzc3dvcmQ6")  # base64 "Username:", "Password:"
+
+
+class Pop3Session(Session):
+    protocol = "pop3"
+
+    def goodbye(self, kind: str) -> bytes:
+        code, text = GOODBYES[kind]
+        return format_err(text, code)
+
+    # Upstream setup
+
+    async def _setup_upstream(self, target: UpstreamTarget) -> None:
+        self.upstream = await open_upstream(target, self.limits.connect_timeout)
+        self.responses = ResponseReader(max_line_length=self.limits.max_line_length)
+        greeting = await self._status()
+        if not greeting.ok:
+            raise UpstreamError("greeting", f"{target.address}: server greeting is -ERR")
+        self.greeting = greeting
+        self.upstream_caps = await self._capa()
+        if target.mode != "starttls":
+            return
+        if not capabilities.has_capability(self.upstream_caps, "STLS"):
+            raise UpstreamError(
+                "starttls", f"{target.address}: server does not offer STLS in CAPA"
+            )
+        self.upstream.send(format_command("STLS"))
+        if not (await self._status()).ok:
+            raise UpstreamError("starttls", f"{target.address}: server rejected STLS")
+        self.check_no_pending(self.responses, "STLS")
+        await upgrade_upstream(self.upstream, target, self.limits.connect_timeout)
+        self.upstream_caps = await self._capa()
+
+    async def _status(self) -> StatusResponse:
+        self.responses.expect_status()
+        event = await self.next_upstream_event(self.responses)
+        if isinstance(event, Continuation):
+            raise UpstreamError("protocol", "unexpected SASL challenge from server")
+        return event.status
+
+    async def _capa(self) -> list[str]:
+        assert self.upstream is not None
+        self.upstream.send(format_command("CAPA"))
+        self.responses.expect_multiline()
+        event = await self.next_upstream_event(self.responses)
+        if isinstance(event, Multiline):
+            return parse_capa(event.lines)
+        return []
+
+    # Client side
+
+    async def pre_auth(self) -> bool:
+        self.commands = CommandReader(max_line_length=self.limits.max_line_length)
+        self.pending_user: bytes | None = None
+        self.errors = 0
+        await self.connect_upstream(self._setup_upstream)
+        self.client.send(format_ok(self.greeting.text))
+        while True:
+            try:
+                event = await self.next_client_event(self.commands)
+            except ClientProtocolError as exc:
+                self._protocol_error(exc.message)
+                continue
+            if not isinstance(event, Command):
+                self._protocol_error("Unexpected continuation line")
+                continue
+            result = await self._dispatch(event)
+            if result is not None:
+                return result
+
+    def _protocol_error(self, message: str) -> None:
+        self.errors += 1
+        if self.errors >= self.env.snapshot.config.limits.max_protocol_errors:
+            raise ClientProtocolError("too many invalid commands", fatal=True)
+        self.client.send(format_err(message))
+
+    async def _dispatch(self, command: Command) -> bool | None:
+        name = command.name
+        if name == "CAPA":
+            lines = capabilities.pop3_pre_auth(self.upstream_caps, self.client_state)
+            self.client.send(format_multiline("Capability list follows", lines))
+        elif name == "STLS":
+            await self._stls()
+        elif name == "QUIT":
+            self.client.send(format_ok("Logging out"))
+            return False
+        elif name == "NOOP":
+            self.client.send(format_err("NOOP is not valid before login"))
+        elif name in ("USER", "PASS", "AUTH", "APOP") and not self.client_state.login_allowed:
+            self.client.send(
+                format_err("Login is disabled until TLS is active; use STLS first", "AUTH")
+            )
+        elif name == "USER":
+            self._user(command)
+        elif name == "PASS":
+            return await self._pass(command)
+        elif name == "AUTH":
+            return await self._auth(command)
+        elif name == "APOP":
+            return await self._apop(command)
+        else:
+            self._protocol_error("Unknown command or not valid before login")
+        return None
+
+    async def _stls(self) -> None:
+        if not self.client_state.starttls_available:
+            self.client.send(format_err("STLS is not available"))
+            return
+        self.client.send(format_ok("Begin TLS negotiation"))
+        # Bytes pipelined after STLS were sent in plain text and are never executed.
+        self.commands.take_buffered()
+        await self.start_client_tls()
+
+    def _user(self, command: Command) -> None:
+        if not command.argument:
+            self.client.send(format_err("USER needs a user name"))
+            return
+        self.pending_user = command.argument
+        self.client.send(format_ok("Send PASS"))
+
+    async def _pass(self, command: Command) -> bool | None:
+        if self.pending_user is None:
+            self.client.send(format_err("Send USER first"))
+            return None
+        user, self.pending_user = self.pending_user, None
+        return await self._login(user, command.argument)
+
+    async def _auth(self, command: Command) -> bool | None:
+        if not command.args:
+            self.client.send(format_multiline("Mechanisms follow", list(capabilities.PROXY_SASL_MECHANISMS)))
+            return None
+        mechanism = command.args[0].upper()
+        initial = command.args[1] if len(command.args) > 1 else None
+        try:
+            if mechanism == b"PLAIN":
+                if initial is None:
+                    response = await self._challenge(b"")
+                else:
+                    # RFC 5034: "=" stands for an empty initial response.
+                    response = b"" if initial == b"=" else initial
+                _, user, password = sasl.decode_plain(response)
+            elif mechanism == b"LOGIN":
+                user = sasl.decode_login_step(
+                    initial if initial is not None else await self._challenge(LOGIN_CHALLENGES[0])
+                )
+                password = sasl.decode_login_step(await self._challenge(LOGIN_CHALLENGES[1]))
+            else:
+                self.client.send(format_err("Unsupported authentication mechanism"))
+                return None
+        except _Cancelled:
+            self.client.send(format_err("Authentication cancelled"))
+            return None
+        except ClientProtocolError as exc:
+            self._protocol_error(exc.message)
+            return None
+        return await self._login(user, password)
+
+    async def _challenge(self, data: bytes) -> bytes:
+        self.client.send(format_continuation(data))
+        self.commands.expect_continuation_line()
+        event = await self.next_client_event(self.commands)
+        line = getattr(event, "data", b"")
+        if sasl.is_cancel(line):
+            raise _Cancelled
+        return line
+
+    async def _apop(self, command: Command) -> bool | None:
+        if len(command.args) != 2:
+            self.client.send(format_err("APOP needs a user name and a digest"))
+            return None
+        user, digest = command.args
+        self.user = user.decode("utf-8", "replace")
+        self.upstream.send(format_command("APOP", user, digest))
+        return await self._finish_login(await self._status_event())
+
+    # Login toward the upstream
+
+    async def _login(self, user: bytes, password: bytes) -> bool | None:
+        assert self.upstream is not None
+        self.user = user.decode("utf-8", "replace")
+        mechanisms = [m.upper() for m in sasl_mechanisms(self.upstream_caps)]
+        if "PLAIN" in mechanisms:
+            self.upstream.send(format_command("AUTH", b"PLAIN", sasl.encode_plain(user, password)))
+            return await self._finish_login(await self._status_event())
+        self.upstream.send(format_command("USER", user))
+        status = await self._status_event()
+        if not status.status.ok:
+            return await self._finish_login(status)
+        self.upstream.send(format_command("PASS", password))
+        return await self._finish_login(await self._status_event())
+
+    async def _status_event(self) -> Status:
+        self.responses.expect_status()
+        event = await self.next_upstream_event(self.responses)
+        if isinstance(event, Continuation):
+            # The server asked for more than PLAIN needs; cancel rather than guess.
+            self.upstream.send(b"*\r\n")
+            return await self._status_event()
+        return event
+
+    async def _finish_login(self, event: Status) -> bool | None:
+        status = event.status
+        if not status.ok:
+            self.log.info("login failed for user {}", _escape_user(self.user))
+            self.client.send(format_err(status.text or "Authentication failed", status.code))
+            return None
+        self.log.info("login succeeded for user {}", _escape_user(self.user))
+        self.client.send(event.raw)
+        self._flush_pipelined()
+        return True
+
+    def _flush_pipelined(self) -> None:
+        """Pass on bytes that either side sent after the login reply, before the relay."""
+        assert self.upstream is not None
+        pending_client = self.commands.take_buffered() + self.client.take_buffer()
+        pending_upstream = self.responses.take_buffered() + self.upstream.take_buffer()
+        if pending_client:
+            self.upstream.send(pending_client)
+        if pending_upstream:
+            self.client.send(pending_upstream)
+
+
+class _Cancelled(Exception):
+    """The client cancelled a SASL exchange with `*`."""
+
+
+def _escape_user(user: str | None) -> str:
+    return escape(user or "")

@@ -1,0 +1,345 @@
+"""What every session does, whatever the protocol: setup, timeouts, relay, goodbye, logs.
+
+A session runs in three phases. Before login the protocol subclass parses both sides and
+answers the client itself. After a successful login both connections are joined into a byte
+relay. At the end both sides are closed and one summary line is logged. A session keeps the
+config snapshot that it started with, whatever reloads happen meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from loguru import logger
+
+from appliance.config import AppConfig, ListenerConfig, UpstreamConfig
+from appliance.protocols.capabilities import ClientSideState
+from appliance.protocols.errors import ClientProtocolError, UpstreamProtocolError
+from appliance.proxy.connection import Connection, ConnectionClosed, join
+from appliance.proxy.errors import UpstreamError
+from appliance.proxy.upstream import UpstreamTarget, describe_tls_error
+from appliance.tls.contexts import TlsContexts
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One validated config with its TLS contexts; sessions keep the one they started with."""
+
+    config: AppConfig
+    contexts: TlsContexts
+    version: int = 1
+
+
+@dataclass
+class SessionEnv:
+    """Everything a session needs from the runtime, fixed when the client connects."""
+
+    listener_name: str
+    snapshot: Snapshot
+    # Returns the concrete upstream targets to try for (upstream name, protocol), in order.
+    plan_upstream: Callable[[str, str], Any]
+    on_finished: Callable[[Session], None] = lambda session: None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def listener(self) -> ListenerConfig:
+        return self.snapshot.config.listeners[self.listener_name]
+
+
+class SessionEnd(Exception):
+    """Stop the session quietly; the reason goes to the summary log line."""
+
+    def __init__(self, outcome: str) -> None:
+        super().__init__(outcome)
+        self.outcome = outcome
+
+
+class Session:
+    """Base class of the IMAP and POP3 sessions."""
+
+    protocol: ClassVar[str]
+
+    def __init__(self, env: SessionEnv, client: Connection) -> None:
+        self.env = env
+        self.id = secrets.token_hex(4)
+        self.client = client
+        self.upstream: Connection | None = None
+        self.upstream_target: UpstreamTarget | None = None
+        self.phase = "pre-auth"
+        self.outcome = "closed"
+        self.user: str | None = None
+        self.started = time.monotonic()
+        self.task: asyncio.Task[None] | None = None
+        peer = client.extra("peername") or ("?", 0)
+        self.client_address = f"{peer[0]}:{peer[1]}"
+        self.log = logger.bind(
+            session=self.id, listener=env.listener_name, client=self.client_address
+        )
+
+    @property
+    def limits(self):
+        return self.env.snapshot.config.limits
+
+    @property
+    def client_state(self) -> ClientSideState:
+        listener = self.env.listener
+        return ClientSideState(
+            offers_starttls=listener.tls == "starttls",
+            tls_active=self.client.tls_info is not None,
+            allow_plaintext_login=listener.allow_plaintext_login,
+        )
+
+    # Protocol hooks
+
+    async def pre_auth(self) -> bool:
+        """Run the protocol until login succeeds (True) or the client leaves (False)."""
+        raise NotImplementedError
+
+    def goodbye(self, kind: str) -> bytes:
+        """Return the protocol's last words before closing for `kind`."""
+        raise NotImplementedError
+
+    # Lifecycle
+
+    async def run(self) -> None:
+        self.log.info("session started")
+        try:
+            await self._run_phases()
+        except asyncio.CancelledError:
+            self.outcome = self.outcome if self.outcome != "closed" else "cancelled"
+        except Exception:  # noqa: BLE001 - the session boundary: log, close, keep serving
+            self.outcome = "internal error"
+            self.log.opt(exception=True).error("session failed with an internal error")
+            self._say_goodbye("internal")
+        finally:
+            await self._close()
+            self._log_summary()
+            self.env.on_finished(self)
+
+    async def _run_phases(self) -> None:
+        if self.env.extra.get("over_limit"):
+            await self._reject_over_limit()
+            return
+        try:
+            async with asyncio.timeout(self.limits.pre_auth_timeout):
+                if self.env.listener.tls == "implicit":
+                    await self._client_handshake()
+                logged_in = await self.pre_auth()
+        except TimeoutError:
+            self.outcome = "pre-auth timeout"
+            self._say_goodbye("timeout")
+            return
+        except UpstreamError as exc:
+            self.outcome = f"upstream {exc.reason}"
+            self.log.warning("upstream {} unusable: {}", self._upstream_label(), exc.detail)
+            self._say_goodbye("unavailable")
+            return
+        except UpstreamProtocolError as exc:
+            self.outcome = "upstream protocol error"
+            self.log.warning("upstream {} sent an invalid response: {}", self._upstream_label(), exc.message)
+            self._say_goodbye("unavailable")
+            return
+        except ClientProtocolError as exc:
+            self.outcome = "client protocol error"
+            self.log.info("closing after client protocol error: {}", exc.message)
+            self._say_goodbye("protocol")
+            return
+        except (ConnectionClosed, ConnectionError):
+            self.outcome = "client disconnected before login"
+            return
+        except SessionEnd as end:
+            self.outcome = end.outcome
+            return
+        if logged_in:
+            await self._relay()
+        elif self.outcome == "closed":
+            self.outcome = "logged out before login"
+
+    async def next_client_event(self, reader: Any) -> Any:
+        """Return the next event of a sans-IO client reader, reading as needed."""
+        return await _next_event(reader, self.client)
+
+    async def next_upstream_event(self, reader: Any) -> Any:
+        """Return the next event of a sans-IO upstream reader, reading as needed."""
+        assert self.upstream is not None
+        try:
+            return await _next_event(reader, self.upstream)
+        except ConnectionClosed:
+            raise UpstreamError("closed", "connection closed during login") from None
+
+    async def connect_upstream(self, setup: Callable[[UpstreamTarget], Any]) -> None:
+        """Try the planned targets in order until `setup` succeeds on one."""
+        name = self.env.listener.upstream
+        assert name is not None
+        targets = await self.env.plan_upstream(name, self.protocol)
+        failure: UpstreamError | None = None
+        for target in targets:
+            self.upstream_target = target
+            try:
+                async with asyncio.timeout(self.limits.connect_timeout):
+                    await setup(target)
+                return
+            except TimeoutError:
+                failure = UpstreamError("timeout", f"{target.address}: setup timed out")
+            except (UpstreamError, UpstreamProtocolError) as exc:
+                failure = exc if isinstance(exc, UpstreamError) else UpstreamError(
+                    "protocol", f"{target.address}: {exc.message}"
+                )
+            if self.upstream is not None:
+                self.upstream.abort()
+                self.upstream = None
+            if len(targets) > 1:
+                self.log.debug("upstream attempt {} failed: {}", target.mode, failure.detail)
+        assert failure is not None
+        raise failure
+
+    def check_no_pending(self, reader: Any, what: str) -> None:
+        """Fail when the upstream sent bytes after its STARTTLS/STLS reply."""
+        assert self.upstream is not None
+        if reader.buffered_size or self.upstream.buffered:
+            raise UpstreamError(
+                "starttls", f"server sent data after its {what} reply, before the handshake"
+            )
+
+    async def _reject_over_limit(self) -> None:
+        self.outcome = "rejected: listener at max_connections"
+        self.log.warning("rejecting client: listener is at max_connections")
+        if self.env.listener.tls == "implicit":
+            try:
+                async with asyncio.timeout(5):
+                    await self._client_handshake()
+            except (TimeoutError, SessionEnd):
+                return
+        self._say_goodbye("busy")
+
+    async def _client_handshake(self) -> None:
+        context = self.env.snapshot.contexts.listeners[self.env.listener_name]
+        try:
+            await self.client.start_tls(
+                context, server_side=True, handshake_timeout=self.limits.pre_auth_timeout
+            )
+        except (ssl.SSLError, ConnectionError, OSError) as exc:
+            raise SessionEnd(f"client {describe_tls_error(exc)}") from None
+
+    async def start_client_tls(self) -> None:
+        """Upgrade the client side after STARTTLS/STLS; pipelined plaintext is discarded."""
+        await self._client_handshake()
+
+    async def _relay(self) -> None:
+        assert self.upstream is not None
+        self.phase = "relay"
+        self.outcome = "logged out"
+        join(self.client, self.upstream)
+        idle = IdleTimer(self, self.limits.idle_timeout)
+        try:
+            await asyncio.wait(
+                [self.client.closed, self.upstream.closed],
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            idle.cancel()
+
+    # Ending
+
+    def shutdown(self, *, final: bool) -> None:
+        """Close for shutdown: a goodbye before login, a plain close in the relay."""
+        if self.phase == "pre-auth":
+            self.outcome = "shut down before login"
+            self._say_goodbye("shutdown")
+            if self.task is not None:
+                self.task.cancel()
+        elif final:
+            self.outcome = "shut down in relay"
+            self.client.close()
+            if self.upstream is not None:
+                self.upstream.close()
+
+    def _say_goodbye(self, kind: str) -> None:
+        if self.phase != "pre-auth":
+            return
+        self.phase = "closing"
+        try:
+            self.client.send(self.goodbye(kind))
+        except (ConnectionError, RuntimeError):
+            pass
+
+    async def _close(self) -> None:
+        self.phase = "closing"
+        connections = [c for c in (self.client, self.upstream) if c is not None]
+        for connection in connections:
+            connection.close()
+        waiters = [c.closed for c in connections]
+        try:
+            async with asyncio.timeout(5):
+                await asyncio.gather(*waiters)
+        except TimeoutError:
+            for connection in connections:
+                connection.abort()
+
+    def _upstream_label(self) -> str:
+        target = self.upstream_target
+        if target is None:
+            return self.env.listener.upstream or "?"
+        return f"{target.name} ({target.address}, {target.mode})"
+
+    def _log_summary(self) -> None:
+        client_tls = self.client.tls_info
+        upstream_tls = self.upstream.tls_info if self.upstream is not None else None
+        self.log.info(
+            "session ended: {} after {:.3f}s; upstream {}; client tls {}; upstream tls {}; "
+            "bytes from client {}, to client {}",
+            self.outcome,
+            time.monotonic() - self.started,
+            self._upstream_label(),
+            _format_tls(client_tls),
+            _format_tls(upstream_tls),
+            self.client.bytes_received,
+            self.client.bytes_sent,
+        )
+
+
+async def _next_event(reader: Any, connection: Connection) -> Any:
+    while True:
+        event = reader.next_event()
+        if event is not None:
+            return event
+        data = await connection.read_some()
+        if not data:
+            raise ConnectionClosed
+        reader.feed(data)
+
+
+def _format_tls(info: tuple[str, str] | None) -> str:
+    return "none" if info is None else f"{info[0]} {info[1]}"
+
+
+class IdleTimer:
+    """Close an authenticated session after `timeout` seconds without traffic either way.
+
+    One timer per session, re-armed only when it fires, so traffic costs no timer work.
+    """
+
+    def __init__(self, session: Session, timeout: float) -> None:
+        self.session = session
+        self.timeout = timeout
+        self.handle = asyncio.get_running_loop().call_later(timeout, self._check)
+
+    def _check(self) -> None:
+        session = self.session
+        last = max(session.client.last_activity, session.upstream.last_activity)
+        remaining = last + self.timeout - time.monotonic()
+        if remaining > 0:
+            self.handle = asyncio.get_running_loop().call_later(remaining, self._check)
+            return
+        session.outcome = "idle timeout"
+        session.client.close()
+        session.upstream.close()
+
+    def cancel(self) -> None:
+        self.handle.cancel()
