@@ -1,0 +1,515 @@
+"""Client-to-proxy IMAP command parsing (RFC 3501 and RFC 9051 syntax).
+
+CommandReader turns the bytes that a client sends before authentication into events.
+It frames synchronizing literals, LITERAL+ literals (RFC 7888) and literal8, and it
+bounds every read: the command text, each literal and the number of literals in one
+command. Error messages never contain input bytes, because the input may contain a
+password.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from typing import NamedTuple, NoReturn, TypeAlias
+
+from appliance.protocols.errors import ClientProtocolError
+
+Value: TypeAlias = "str | bytes | None | tuple[Value, ...]"
+
+# ATOM-CHAR of RFC 3501: printable ASCII except atom-specials.
+_COMMAND_NAME_RE = re.compile(rb"[\x21\x23\x24\x26\x27\x2b-\x5b\x5e-\x7a\x7c-\x7e]+")
+# A tag is any ASTRING-CHAR except "+", so it may contain "]" but not "*" or "%".
+_TAG_RE = re.compile(rb"[\x21\x23\x24\x26\x27\x2c-\x5b\x5d-\x7a\x7c-\x7e]+")
+# Argument atoms also take "%", "*", "]" and "\", so list patterns, sequence sets,
+# flags and fetch items such as BODY.PEEK[]<0.10> stay one token.
+_ARGUMENT_ATOM_RE = re.compile(rb"[\x21\x23-\x27\x2a-\x7a\x7c-\x7e]+")
+_QUOTED_SPECIAL_RE = re.compile(rb'["\\]')
+_LITERAL_MARKER_RE = re.compile(rb"(~?)\{([^{}]*)\}")
+_LITERAL_SIZE_RE = re.compile(rb"([0-9]+)(\+?)")
+# A rejected line that ends like "{5+}" may announce a LITERAL+ literal. The client
+# sends its bytes without waiting, so they would be read as commands.
+_LITERAL_PLUS_END_RE = re.compile(rb"\+\}\r?\n\Z")
+
+_SP = 0x20
+_DQUOTE = 0x22
+_OPEN = 0x28
+_CLOSE = 0x29
+_LBRACE = 0x7B
+_RBRACKET = 0x5D
+
+# Keeps nested tuples far below Python's recursion limit in comparisons and repr.
+# NOTE: no RFC sets this bound. It is a guess that real commands, which nest a few
+# levels deep, stay well below.
+_MAX_LIST_DEPTH = 64
+
+
+@dataclass(frozen=True)
+class Command:
+    """Complete tagged command.
+
+    Atoms are str, quoted strings and literals are bytes, NIL is None, and
+    parenthesized lists are tuples.
+    """
+
+    tag: str
+    name: str
+    # Hidden from repr because LOGIN arguments contain the password.
+    args: tuple[Value, ...] = field(default=(), repr=False)
+
+
+@dataclass(frozen=True)
+class ContinuationRequest:
+    """Announcement of a synchronizing literal, so the session must send "+" next."""
+
+
+@dataclass(frozen=True)
+class ContinuationLine:
+    """Raw line read after expect_continuation_line(), without its CRLF."""
+
+    # Hidden from repr because AUTHENTICATE responses contain credentials.
+    data: bytes = field(repr=False)
+
+
+Event: TypeAlias = Command | ContinuationRequest | ContinuationLine
+
+
+def is_valid_tag(tag: str | bytes) -> bool:
+    """Return whether tag matches the RFC 3501 tag grammar."""
+    if isinstance(tag, str):
+        if not tag.isascii():
+            return False
+        tag = tag.encode("ascii")
+    return _TAG_RE.fullmatch(tag) is not None
+
+
+class _Rejected(Exception):
+    """Syntax error in a command line. The reader adds the tag and the fatal flag."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class _LiteralMarker(NamedTuple):
+    digits: bytes
+    non_synchronizing: bool
+    binary: bool
+
+
+class _State(enum.Enum):
+    LINE = enum.auto()
+    LITERAL = enum.auto()
+    DISCARD = enum.auto()
+
+
+class _CommandBuilder:
+    """Arguments of one command whose text may be split by literals."""
+
+    def __init__(self, tag: str, name: str) -> None:
+        self.tag = tag
+        self.name = name
+        self._lists: list[list[Value]] = [[]]
+        # After a value or ")" the next token needs a space before it.
+        self._needs_space = True
+        self._spaced = False
+        self._after_close = False
+
+    def add_text(self, content: bytes, pos: int) -> _LiteralMarker | None:
+        """Parse command text from pos, and return the literal marker ending it."""
+        end = len(content)
+        while pos < end:
+            byte = content[pos]
+            if byte == _SP:
+                self._spaced = True
+                pos += 1
+            elif byte == _CLOSE:
+                self._close_list()
+                pos += 1
+            elif byte == _LBRACE or content.startswith(b"~{", pos):
+                self._check_space(content, pos)
+                return _read_literal_marker(content, pos)
+            else:
+                self._check_space(content, pos)
+                pos = self._add_token(content, pos)
+        return None
+
+    def add_literal(self, data: bytes) -> None:
+        self._append(data)
+
+    def finish(self) -> Command:
+        if len(self._lists) != 1:
+            raise _Rejected("unbalanced parentheses")
+        return Command(self.tag, self.name, tuple(self._lists[0]))
+
+    def _add_token(self, content: bytes, pos: int) -> int:
+        byte = content[pos]
+        if byte == _OPEN:
+            self._open_list()
+            return pos + 1
+        if byte == _DQUOTE:
+            value, pos = _read_quoted(content, pos)
+            self._append(value)
+            return pos
+        match = _ARGUMENT_ATOM_RE.match(content, pos)
+        if match is None:
+            raise _Rejected("invalid character in command")
+        self._append(_atom_value(match.group()))
+        return match.end()
+
+    def _check_space(self, content: bytes, pos: int) -> None:
+        if self._spaced or not self._needs_space:
+            return
+        # A fetch item such as BODY[HEADER.FIELDS (FROM)] continues after the list.
+        if self._after_close and content[pos] == _RBRACKET:
+            return
+        raise _Rejected("missing space between arguments")
+
+    def _append(self, value: Value) -> None:
+        self._lists[-1].append(value)
+        self._mark_token(needs_space=True)
+
+    def _open_list(self) -> None:
+        if len(self._lists) > _MAX_LIST_DEPTH:
+            raise _Rejected("parenthesized lists nested too deeply")
+        self._lists.append([])
+        self._mark_token(needs_space=False)
+
+    def _close_list(self) -> None:
+        if len(self._lists) == 1:
+            raise _Rejected("unbalanced parentheses")
+        items = tuple(self._lists.pop())
+        self._lists[-1].append(items)
+        self._mark_token(needs_space=True)
+        self._after_close = True
+
+    def _mark_token(self, *, needs_space: bool) -> None:
+        self._needs_space = needs_space
+        self._spaced = False
+        self._after_close = False
+
+
+class CommandReader:
+    """Incremental parser of client commands: feed() bytes, then call next_event().
+
+    max_line_length caps the command text of one command, without CRLF and without
+    literal bytes. max_literal_size caps each literal and max_literals their number per
+    command. After a non-fatal error the reader continues with the next command.
+    """
+
+    def __init__(
+        self,
+        max_line_length: int = 8192,
+        max_literal_size: int = 65536,
+        max_literals: int = 8,
+    ) -> None:
+        if min(max_line_length, max_literal_size, max_literals) < 1:
+            raise ValueError("CommandReader limits must be positive")
+        self._max_line_length = max_line_length
+        self._max_literal_size = max_literal_size
+        self._max_literals = max_literals
+        self._buffer = bytearray()
+        self._expect_continuation = False
+        self._failure: ClientProtocolError | None = None
+        self._clear_command()
+
+    @property
+    def buffered_size(self) -> int:
+        """Bytes held for unparsed input and the command in progress."""
+        return (
+            len(self._buffer)
+            + len(self._literal)
+            + self._text_size
+            + self._literal_total
+        )
+
+    def feed(self, data: bytes) -> None:
+        # After a fatal error the stream is out of sync, so storing more is pointless.
+        if self._failure is None:
+            self._buffer += data
+
+    def take_buffered(self) -> bytes:
+        """Remove and return the bytes that no event has covered yet.
+
+        Call it between commands: after STARTTLS to discard plaintext that arrived
+        before the TLS handshake, or after login to relay the rest. Raises RuntimeError
+        while a command is partly read, because its consumed bytes are gone.
+        """
+        if self._command is not None or self._state is not _State.LINE:
+            raise RuntimeError("take_buffered() called inside a command")
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        self._expect_continuation = False
+        self._clear_command()
+        return data
+
+    def expect_continuation_line(self) -> None:
+        """Make next_event() return the next line raw, as a ContinuationLine.
+
+        AUTHENTICATE needs this for each client response. Call it only between
+        commands, because inside a command it raises RuntimeError.
+        """
+        if self._command is not None or self._state is not _State.LINE:
+            raise RuntimeError("expect_continuation_line() called inside a command")
+        self._expect_continuation = True
+
+    def next_event(self) -> Event | None:
+        """Return the next complete event, or None until more bytes are fed.
+
+        Raises ClientProtocolError for an invalid command. A fatal error means that
+        the byte stream may be out of sync: every later call raises it again, and the
+        session must close.
+        """
+        if self._failure is not None:
+            raise self._failure
+        try:
+            return self._read_event()
+        except ClientProtocolError as error:
+            if error.fatal:
+                self._failure = error
+                self._buffer.clear()
+                self._clear_command()
+            raise
+
+    def _read_event(self) -> Event | None:
+        while True:
+            if self._state is _State.DISCARD:
+                if not self._discard_through_line_end():
+                    return None
+                continue
+            if self._state is _State.LITERAL:
+                if not self._read_literal():
+                    return None
+                continue
+            line = self._take_line()
+            if line is None:
+                return None
+            event = self._process_line(line)
+            if event is not None:
+                return event
+
+    def _clear_command(self) -> None:
+        self._state = _State.LINE
+        self._scan_from = 0
+        self._command: _CommandBuilder | None = None
+        self._text_size = 0
+        self._literal_count = 0
+        self._literal_total = 0
+        self._literal = bytearray()
+        self._literal_remaining = 0
+        self._literal_binary = False
+        self._discard_tag: str | None = None
+        self._discard_tail = b""
+
+    def _take_line(self) -> bytes | None:
+        # The LF of a line within the limit sits at most at index remaining + 1.
+        limit = self._max_line_length - self._text_size + 2
+        end = self._buffer.find(b"\n", self._scan_from, limit)
+        if end >= 0:
+            line = bytes(self._buffer[: end + 1])
+            del self._buffer[: end + 1]
+            self._scan_from = 0
+            return line
+        if len(self._buffer) < limit:
+            self._scan_from = len(self._buffer)
+            return None
+        self._reject_long_line(limit)
+
+    def _reject_long_line(self, limit: int) -> NoReturn:
+        if self._expect_continuation:
+            self._expect_continuation = False
+            tag = None
+        else:
+            tag = self._current_tag(self._buffer, limit)
+        self._start_discard(tag)
+        message = f"command line too long (limit {self._max_line_length} bytes)"
+        raise ClientProtocolError(message, tag=tag)
+
+    def _process_line(self, line: bytes) -> Event | None:
+        expecting = self._expect_continuation
+        self._expect_continuation = False
+        try:
+            content = _line_content(line)
+            if expecting:
+                return ContinuationLine(content)
+            self._text_size += len(content)
+            return self._process_command_text(content)
+        except _Rejected as rejected:
+            tag = None if expecting else self._current_tag(line, len(line))
+            fatal = _LITERAL_PLUS_END_RE.search(line) is not None
+            self._clear_command()
+            raise ClientProtocolError(rejected.message, tag=tag, fatal=fatal) from None
+
+    def _process_command_text(self, content: bytes) -> Event | None:
+        if self._command is None:
+            self._command, pos = _start_command(content)
+        else:
+            pos = 0
+        marker = self._command.add_text(content, pos)
+        if marker is None:
+            command = self._command.finish()
+            self._clear_command()
+            return command
+        return self._announce_literal(marker)
+
+    def _announce_literal(self, marker: _LiteralMarker) -> Event | None:
+        size = _parse_literal_size(marker.digits, self._max_literal_size)
+        if self._literal_count == self._max_literals:
+            raise _Rejected(f"too many literals (limit {self._max_literals})")
+        self._literal_count += 1
+        self._literal_remaining = size
+        self._literal_binary = marker.binary
+        self._state = _State.LITERAL
+        if marker.non_synchronizing:
+            return None
+        return ContinuationRequest()
+
+    def _read_literal(self) -> bool:
+        chunk_size = min(self._literal_remaining, len(self._buffer))
+        self._literal += self._buffer[:chunk_size]
+        del self._buffer[:chunk_size]
+        self._literal_remaining -= chunk_size
+        if self._literal_remaining:
+            return False
+        data = bytes(self._literal)
+        self._literal.clear()
+        self._literal_total += len(data)
+        self._state = _State.LINE
+        # literal8 (RFC 3516) may carry NUL, but an ordinary literal is CHAR8 only.
+        if not self._literal_binary and b"\0" in data:
+            tag = self._command.tag
+            self._start_discard(tag)
+            raise ClientProtocolError("NUL byte in literal", tag=tag)
+        self._command.add_literal(data)
+        return True
+
+    def _start_discard(self, tag: str | None) -> None:
+        """Drop the command in progress and skip input through the next LF."""
+        self._clear_command()
+        self._state = _State.DISCARD
+        self._discard_tag = tag
+
+    def _discard_through_line_end(self) -> bool:
+        end = self._buffer.find(b"\n")
+        if end < 0:
+            self._discard_tail = (self._discard_tail + self._buffer[-3:])[-3:]
+            self._buffer.clear()
+            return False
+        tail = self._discard_tail + self._buffer[max(0, end - 3) : end + 1]
+        tag = self._discard_tag
+        del self._buffer[: end + 1]
+        self._clear_command()
+        if _LITERAL_PLUS_END_RE.search(tail):
+            message = "rejected command line announced a LITERAL+ literal"
+            raise ClientProtocolError(message, tag=tag, fatal=True)
+        return True
+
+    def _current_tag(self, data: bytes | bytearray, end: int) -> str | None:
+        if self._command is not None:
+            return self._command.tag
+        return _peek_tag(data, end)
+
+
+def _line_content(line: bytes) -> bytes:
+    """Return the line without CRLF, rejecting bare CR, bare LF and NUL."""
+    if not line.endswith(b"\r\n"):
+        raise _Rejected("command line must end with CRLF")
+    content = line[:-2]
+    if b"\r" in content:
+        raise _Rejected("bare CR in command line")
+    if b"\0" in content:
+        raise _Rejected("NUL byte in command line")
+    return content
+
+
+def _peek_tag(data: bytes | bytearray, end: int) -> str | None:
+    """Return the tag that starts a line too broken to parse, if valid.
+
+    Only data[:end] counts, so the result does not depend on how many bytes of an
+    over-long line have arrived.
+    """
+    match = _TAG_RE.match(data, 0, end)
+    if match is None or match.end() == end:
+        return None
+    if data[match.end()] not in b" \r\n":
+        return None
+    return match.group().decode("ascii")
+
+
+def _start_command(content: bytes) -> tuple[_CommandBuilder, int]:
+    """Parse the tag and command name, and return the builder and the next offset."""
+    if not content:
+        raise _Rejected("empty command line")
+    tag_match = _TAG_RE.match(content)
+    if tag_match is None:
+        raise _Rejected("missing tag" if content[0] == _SP else "invalid tag")
+    pos = tag_match.end()
+    if pos < len(content) and content[pos] != _SP:
+        raise _Rejected("invalid tag")
+    name_match = _COMMAND_NAME_RE.match(content, pos + 1)
+    if name_match is None:
+        at_end = pos + 1 >= len(content)
+        raise _Rejected("missing command name" if at_end else "invalid command name")
+    pos = name_match.end()
+    if pos < len(content) and content[pos] != _SP:
+        raise _Rejected("invalid command name")
+    tag = tag_match.group().decode("ascii")
+    name = name_match.group().decode("ascii").upper()
+    return _CommandBuilder(tag, name), pos
+
+
+def _read_quoted(content: bytes, pos: int) -> tuple[bytes, int]:
+    """Unescape the quoted string at pos, and return it and the offset after it."""
+    value = bytearray()
+    pos += 1
+    while True:
+        special = _QUOTED_SPECIAL_RE.search(content, pos)
+        if special is None:
+            raise _Rejected("unterminated quoted string")
+        start = special.start()
+        value += content[pos:start]
+        if content[start] == _DQUOTE:
+            return bytes(value), start + 1
+        escaped = content[start + 1 : start + 2]
+        if not escaped:
+            raise _Rejected("unterminated quoted string")
+        if escaped not in (b"\\", b'"'):
+            raise _Rejected("invalid escape in quoted string")
+        value += escaped
+        pos = start + 2
+
+
+def _read_literal_marker(content: bytes, pos: int) -> _LiteralMarker:
+    marker = _LITERAL_MARKER_RE.match(content, pos)
+    if marker is None:
+        raise _Rejected("invalid literal")
+    if marker.end() != len(content):
+        raise _Rejected("literal must end the command line")
+    size = _LITERAL_SIZE_RE.fullmatch(marker.group(2))
+    if size is None:
+        raise _Rejected("invalid literal size")
+    return _LiteralMarker(
+        digits=size.group(1),
+        non_synchronizing=bool(size.group(2)),
+        binary=bool(marker.group(1)),
+    )
+
+
+def _parse_literal_size(digits: bytes, maximum: int) -> int:
+    # Comparing digit counts first rejects huge sizes without a big int conversion.
+    significant = digits.lstrip(b"0") or b"0"
+    too_large = f"literal too large (limit {maximum} bytes)"
+    if len(significant) > len(str(maximum)):
+        raise _Rejected(too_large)
+    size = int(significant)
+    if size > maximum:
+        raise _Rejected(too_large)
+    return size
+
+
+def _atom_value(atom: bytes) -> str | None:
+    text = atom.decode("ascii")
+    if text.upper() == "NIL":
+        return None
+    return text

@@ -1,0 +1,555 @@
+"""CommandReader: each case is fed whole, one byte at a time, and with a trailer."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+import pytest
+
+from appliance.protocols.errors import ClientProtocolError
+from appliance.protocols.imap.commands import (
+    Command,
+    CommandReader,
+    ContinuationLine,
+    ContinuationRequest,
+)
+
+TRAILER = b"z9 NOOP\r\n"
+TRAILER_OUTCOME = ("command", "z9", "NOOP", ())
+CONTINUE = ("continue",)
+SMALL_LIMITS = {"max_line_length": 40, "max_literal_size": 16, "max_literals": 2}
+
+
+def command(tag: str, name: str, *args: Any) -> tuple:
+    return ("command", tag, name, args)
+
+
+def rejected(tag: str | None, *, fatal: bool = False) -> tuple:
+    return ("rejected", tag, fatal)
+
+
+def describe(event: Any) -> tuple:
+    """Turn an event into a tuple, so a failing comparison shows every field."""
+    if isinstance(event, Command):
+        return command(event.tag, event.name, *event.args)
+    if isinstance(event, ContinuationRequest):
+        return CONTINUE
+    if isinstance(event, ContinuationLine):
+        return ("line", event.data)
+    raise AssertionError(f"unexpected event {event!r}")
+
+
+def drain(
+    reader: CommandReader,
+    outcomes: list[tuple],
+    on_command: Callable[[CommandReader, Command], None] | None,
+) -> bool:
+    """Collect events until the reader needs input, or False after a fatal error."""
+    for _ in range(10_000):
+        try:
+            event = reader.next_event()
+        except ClientProtocolError as error:
+            outcomes.append(rejected(error.tag, fatal=error.fatal))
+            if error.fatal:
+                return False
+            continue
+        if event is None:
+            return True
+        outcomes.append(describe(event))
+        if on_command is not None and isinstance(event, Command):
+            on_command(reader, event)
+    raise AssertionError("reader returned events without end")
+
+
+def run(
+    chunks: list[bytes],
+    on_command: Callable[[CommandReader, Command], None] | None = None,
+    **limits: int,
+) -> list[tuple]:
+    reader = CommandReader(**limits)
+    outcomes: list[tuple] = []
+    for chunk in chunks:
+        reader.feed(chunk)
+        if not drain(reader, outcomes, on_command):
+            break
+    return outcomes
+
+
+def feed_three_ways(
+    data: bytes,
+    on_command: Callable[[CommandReader, Command], None] | None = None,
+    **limits: int,
+) -> dict[str, list[tuple]]:
+    return {
+        "whole": run([data], on_command, **limits),
+        "bytewise": run(
+            [data[i : i + 1] for i in range(len(data))], on_command, **limits
+        ),
+        "trailer": run([data + TRAILER], on_command, **limits),
+    }
+
+
+def expected_three_ways(expected: list[tuple]) -> dict[str, list[tuple]]:
+    ends_fatal = bool(expected) and expected[-1][0] == "rejected" and expected[-1][2]
+    trailer = expected if ends_fatal else [*expected, TRAILER_OUTCOME]
+    return {"whole": expected, "bytewise": expected, "trailer": trailer}
+
+
+class Case(NamedTuple):
+    name: str
+    data: bytes
+    expected: list[tuple]
+    limits: Mapping[str, int] = MappingProxyType({})
+
+
+VALID_CASES = [
+    Case(
+        "login with atoms",
+        b"a1 LOGIN alice secret\r\n",
+        [command("a1", "LOGIN", "alice", "secret")],
+    ),
+    Case(
+        "login with quoted strings",
+        b'a1 LOGIN "alice" "p a\\"s\\\\s"\r\n',
+        [command("a1", "LOGIN", b"alice", b'p a"s\\s')],
+    ),
+    Case(
+        "login with synchronizing literals",
+        b'a1 LOGIN {5}\r\nalice {8}\r\np a"s\\\\s\r\n',
+        [CONTINUE, CONTINUE, command("a1", "LOGIN", b"alice", b'p a"s\\\\s')],
+    ),
+    Case(
+        "login with LITERAL+ literals",
+        b"a1 LOGIN {5+}\r\nalice {6+}\r\nse\r\nt!\r\n",
+        [command("a1", "LOGIN", b"alice", b"se\r\nt!")],
+    ),
+    Case(
+        "login with UTF-8 quoted user",
+        b'a1 LOGIN "j\xc3\xb6rg" pw\r\n',
+        [command("a1", "LOGIN", b"j\xc3\xb6rg", "pw")],
+    ),
+    Case(
+        "command name upper-cased",
+        b"a1 login alice secret\r\n",
+        [command("a1", "LOGIN", "alice", "secret")],
+    ),
+    Case(
+        "extra spaces between arguments",
+        b"a1 LOGIN  alice   secret \r\n",
+        [command("a1", "LOGIN", "alice", "secret")],
+    ),
+    Case(
+        "authenticate with SASL-IR",
+        b"a1 AUTHENTICATE PLAIN AGFsaWNlAHNlY3JldA==\r\n",
+        [command("a1", "AUTHENTICATE", "PLAIN", "AGFsaWNlAHNlY3JldA==")],
+    ),
+    Case(
+        "authenticate with empty SASL-IR",
+        b"a1 AUTHENTICATE PLAIN =\r\n",
+        [command("a1", "AUTHENTICATE", "PLAIN", "=")],
+    ),
+    Case(
+        "id with list and NIL",
+        b'a1 ID ("name" "Thunderbird" "version" NIL)\r\n',
+        [command("a1", "ID", (b"name", b"Thunderbird", b"version", None))],
+    ),
+    Case("id with NIL", b"a1 ID nil\r\n", [command("a1", "ID", None)]),
+    Case(
+        "nested and empty lists",
+        b'a1 X (a (b ()) "c") ()\r\n',
+        [command("a1", "X", ("a", ("b", ()), b"c"), ())],
+    ),
+    Case(
+        "literal inside a list",
+        b'a1 ID ("name" {3}\r\nabc)\r\n',
+        [CONTINUE, command("a1", "ID", (b"name", b"abc"))],
+    ),
+    Case(
+        "literal of unknown command",
+        b"a1 XYZ {6}\r\na2 L\r\n\r\n",
+        [CONTINUE, command("a1", "XYZ", b"a2 L\r\n")],
+    ),
+    Case("literal8", b"a1 X ~{3}\r\na\0b\r\n", [CONTINUE, command("a1", "X", b"a\0b")]),
+    Case(
+        "empty literals",
+        b"a1 LOGIN {0}\r\n {0+}\r\n\r\n",
+        [CONTINUE, command("a1", "LOGIN", b"", b"")],
+    ),
+    Case(
+        "literal size with leading zeros",
+        b"a1 X {0003}\r\nabc\r\n",
+        [CONTINUE, command("a1", "X", b"abc")],
+    ),
+    Case(
+        "fetch items and sequence set",
+        b"a1 UID FETCH 1:* (FLAGS BODY.PEEK[]<0.10>)\r\n",
+        [command("a1", "UID", "FETCH", "1:*", ("FLAGS", "BODY.PEEK[]<0.10>"))],
+    ),
+    Case(
+        "header list inside fetch item",
+        b"a1 FETCH 1 BODY[HEADER.FIELDS (FROM)]\r\n",
+        [command("a1", "FETCH", "1", "BODY[HEADER.FIELDS", ("FROM",), "]")],
+    ),
+    Case(
+        "flags with backslash",
+        b"a1 STORE 1 +FLAGS (\\Seen)\r\n",
+        [command("a1", "STORE", "1", "+FLAGS", ("\\Seen",))],
+    ),
+    Case("no arguments", b"a1 NOOP\r\n", [command("a1", "NOOP")]),
+    Case("tag with bracket", b"a]1 NOOP\r\n", [command("a]1", "NOOP")]),
+    Case(
+        "text at the line limit",
+        b"a1 LOGIN " + b"x" * 31 + b"\r\n",
+        [command("a1", "LOGIN", "x" * 31)],
+        SMALL_LIMITS,
+    ),
+    Case(
+        "literal at the size limit",
+        b"a1 X {16}\r\n" + b"y" * 16 + b"\r\n",
+        [CONTINUE, command("a1", "X", b"y" * 16)],
+        SMALL_LIMITS,
+    ),
+    Case(
+        "literals at the count limit",
+        b"a1 X {1}\r\na {1}\r\nb\r\n",
+        [CONTINUE, CONTINUE, command("a1", "X", b"a", b"b")],
+        SMALL_LIMITS,
+    ),
+]
+
+NOOP = b"a2 NOOP\r\n"
+NOOP_OUTCOME = command("a2", "NOOP")
+
+ERROR_CASES = [
+    Case(
+        "line over the limit",
+        b"a1 LOGIN " + b"x" * 40 + b"\r\n" + NOOP,
+        [rejected("a1"), NOOP_OUTCOME],
+        SMALL_LIMITS,
+    ),
+    Case(
+        "text over the limit after a literal",
+        b"a1 X {1}\r\na " + b"x" * 35 + b"\r\n" + NOOP,
+        [CONTINUE, rejected("a1"), NOOP_OUTCOME],
+        SMALL_LIMITS,
+    ),
+    Case(
+        "synchronizing literal too large",
+        b"a1 LOGIN {17}\r\n" + NOOP,
+        [rejected("a1"), NOOP_OUTCOME],
+        SMALL_LIMITS,
+    ),
+    Case(
+        "LITERAL+ literal too large",
+        b"a1 LOGIN {17+}\r\n" + b"z" * 17 + b"\r\n",
+        [rejected("a1", fatal=True)],
+        SMALL_LIMITS,
+    ),
+    Case(
+        "four billion byte literal",
+        b"a1 LOGIN {4000000000}\r\n" + NOOP,
+        [rejected("a1"), NOOP_OUTCOME],
+    ),
+    Case(
+        "literal size over 64 bits",
+        b"a1 LOGIN {18446744073709551617}\r\n" + NOOP,
+        [rejected("a1"), NOOP_OUTCOME],
+    ),
+    Case(
+        "literal size of 5000 digits",
+        b"a1 LOGIN {" + b"9" * 5000 + b"}\r\n" + NOOP,
+        [rejected("a1"), NOOP_OUTCOME],
+    ),
+    Case(
+        "empty literal size", b"a1 LOGIN {}\r\n" + NOOP, [rejected("a1"), NOOP_OUTCOME]
+    ),
+    Case(
+        "negative literal size",
+        b"a1 LOGIN {-1}\r\n" + NOOP,
+        [rejected("a1"), NOOP_OUTCOME],
+    ),
+    Case(
+        "non-numeric literal size",
+        b"a1 LOGIN {1x}\r\n" + NOOP,
+        [rejected("a1"), NOOP_OUTCOME],
+    ),
+    Case(
+        "too many synchronizing literals",
+        b"a1 X {1}\r\na {1}\r\nb {1}\r\n" + NOOP,
+        [CONTINUE, CONTINUE, rejected("a1"), NOOP_OUTCOME],
+        SMALL_LIMITS,
+    ),
+    Case(
+        "too many LITERAL+ literals",
+        b"a1 X {1+}\r\na {1+}\r\nb {1+}\r\nc\r\n",
+        [rejected("a1", fatal=True)],
+        SMALL_LIMITS,
+    ),
+    Case("missing tag", b" NOOP\r\n" + NOOP, [rejected(None), NOOP_OUTCOME]),
+    Case("empty line", b"\r\n" + NOOP, [rejected(None), NOOP_OUTCOME]),
+    Case("tag with asterisk", b"a*1 NOOP\r\n" + NOOP, [rejected(None), NOOP_OUTCOME]),
+    Case("tag with plus", b"a+1 NOOP\r\n" + NOOP, [rejected(None), NOOP_OUTCOME]),
+    Case("quoted tag", b'"a1" NOOP\r\n' + NOOP, [rejected(None), NOOP_OUTCOME]),
+    Case("missing command name", b"a1\r\n" + NOOP, [rejected("a1"), NOOP_OUTCOME]),
+    Case(
+        "missing name after space",
+        b"a1 \r\n" + NOOP,
+        [rejected("a1"), NOOP_OUTCOME],
+    ),
+    Case(
+        "quoted command name",
+        b'a1 "LOGIN"\r\n' + NOOP,
+        [rejected("a1"), NOOP_OUTCOME],
+    ),
+    Case(
+        "unterminated quoted string",
+        b'a1 LOGIN "alice\r\n' + NOOP,
+        [rejected("a1"), NOOP_OUTCOME],
+    ),
+    Case(
+        "quoted string ending in backslash",
+        b'a1 LOGIN "alice\\\r\n' + NOOP,
+        [rejected("a1"), NOOP_OUTCOME],
+    ),
+    Case(
+        "invalid escape",
+        b'a1 LOGIN "a\\nb" x\r\n' + NOOP,
+        [rejected("a1"), NOOP_OUTCOME],
+    ),
+    Case(
+        "NUL in command line",
+        b"a1 LOGIN al\0ice x\r\n" + NOOP,
+        [rejected("a1"), NOOP_OUTCOME],
+    ),
+    Case(
+        "NUL in literal",
+        b"a1 LOGIN {3}\r\na\0b x\r\n" + NOOP,
+        [CONTINUE, rejected("a1"), NOOP_OUTCOME],
+    ),
+    Case(
+        "NUL in literal then LITERAL+",
+        b"a1 LOGIN {3}\r\na\0b {1+}\r\nx\r\n",
+        [CONTINUE, rejected("a1"), rejected("a1", fatal=True)],
+    ),
+    Case("bare CR", b"a1 LOGIN a\rb c\r\n" + NOOP, [rejected("a1"), NOOP_OUTCOME]),
+    Case("bare LF", b"a1 NOOP\n" + NOOP, [rejected("a1"), NOOP_OUTCOME]),
+    Case("lone LF", b"\n" + NOOP, [rejected(None), NOOP_OUTCOME]),
+    Case("unclosed list", b"a1 ID (a\r\n" + NOOP, [rejected("a1"), NOOP_OUTCOME]),
+    Case("unopened list", b"a1 ID a)\r\n" + NOOP, [rejected("a1"), NOOP_OUTCOME]),
+    Case(
+        "lists nested too deeply",
+        b"a1 X " + b"(" * 100 + b")" * 100 + b"\r\n" + NOOP,
+        [rejected("a1"), NOOP_OUTCOME],
+    ),
+    Case(
+        "8-bit byte in atom",
+        b"a1 LOGIN j\xc3\xb6rg x\r\n" + NOOP,
+        [rejected("a1"), NOOP_OUTCOME],
+    ),
+    Case(
+        "missing space between strings",
+        b'a1 LOGIN "a""b"\r\n' + NOOP,
+        [rejected("a1"), NOOP_OUTCOME],
+    ),
+    Case(
+        "literal before more text",
+        b"a1 LOGIN {3} x\r\n" + NOOP,
+        [rejected("a1"), NOOP_OUTCOME],
+    ),
+    Case(
+        "rejected line ending in LITERAL+",
+        b'a1 LOGIN "x {3+}\r\nabc\r\n',
+        [rejected("a1", fatal=True)],
+    ),
+    Case(
+        "over-long line ending in LITERAL+",
+        b"a1 LOGIN " + b"x" * 40 + b" {3+}\r\nabc\r\n",
+        [rejected("a1"), rejected("a1", fatal=True)],
+        SMALL_LIMITS,
+    ),
+]
+
+
+@pytest.mark.parametrize("case", VALID_CASES, ids=lambda case: case.name)
+def test_reader_parses_valid_commands(case: Case) -> None:
+    outcomes = feed_three_ways(case.data, **case.limits)
+
+    expected = expected_three_ways(case.expected)
+    assert outcomes["whole"] == expected["whole"]
+    assert outcomes["bytewise"] == expected["bytewise"]
+    assert outcomes["trailer"] == expected["trailer"]
+
+
+@pytest.mark.parametrize("case", ERROR_CASES, ids=lambda case: case.name)
+def test_reader_rejects_then_recovers(case: Case) -> None:
+    outcomes = feed_three_ways(case.data, **case.limits)
+
+    expected = expected_three_ways(case.expected)
+    assert outcomes["whole"] == expected["whole"]
+    assert outcomes["bytewise"] == expected["bytewise"]
+    assert outcomes["trailer"] == expected["trailer"]
+
+
+def expect_line_after_authenticate(reader: CommandReader, event: Command) -> None:
+    if event.name == "AUTHENTICATE":
+        reader.expect_continuation_line()
+
+
+AUTHENTICATE_CASES = [
+    Case(
+        "PLAIN response line",
+        b"a1 AUTHENTICATE PLAIN\r\nAGFsaWNlAHNlY3JldA==\r\n" + NOOP,
+        [
+            command("a1", "AUTHENTICATE", "PLAIN"),
+            ("line", b"AGFsaWNlAHNlY3JldA=="),
+            NOOP_OUTCOME,
+        ],
+    ),
+    Case(
+        "cancellation line",
+        b"a1 AUTHENTICATE PLAIN\r\n*\r\n" + NOOP,
+        [command("a1", "AUTHENTICATE", "PLAIN"), ("line", b"*"), NOOP_OUTCOME],
+    ),
+    Case(
+        "line that looks like a command",
+        b"a1 AUTHENTICATE LOGIN\r\na3 LOGOUT {5+}\r\n" + NOOP,
+        [
+            command("a1", "AUTHENTICATE", "LOGIN"),
+            ("line", b"a3 LOGOUT {5+}"),
+            NOOP_OUTCOME,
+        ],
+    ),
+    Case(
+        "empty response line",
+        b"a1 AUTHENTICATE PLAIN\r\n\r\n" + NOOP,
+        [command("a1", "AUTHENTICATE", "PLAIN"), ("line", b""), NOOP_OUTCOME],
+    ),
+    Case(
+        "response line over the limit",
+        b"a1 AUTHENTICATE PLAIN\r\n" + b"QQ" * 30 + b"\r\n" + NOOP,
+        [command("a1", "AUTHENTICATE", "PLAIN"), rejected(None), NOOP_OUTCOME],
+        SMALL_LIMITS,
+    ),
+    Case(
+        "response line with bare LF",
+        b"a1 AUTHENTICATE PLAIN\r\nQUJD\n" + NOOP,
+        [command("a1", "AUTHENTICATE", "PLAIN"), rejected(None), NOOP_OUTCOME],
+    ),
+]
+
+
+@pytest.mark.parametrize("case", AUTHENTICATE_CASES, ids=lambda case: case.name)
+def test_authenticate_reads_continuation_lines(case: Case) -> None:
+    outcomes = feed_three_ways(case.data, expect_line_after_authenticate, **case.limits)
+
+    expected = expected_three_ways(case.expected)
+    assert outcomes["whole"] == expected["whole"]
+    assert outcomes["bytewise"] == expected["bytewise"]
+    assert outcomes["trailer"] == expected["trailer"]
+
+
+def test_errors_never_echo_input() -> None:
+    secret = b"hunter2"
+    broken_lines = [
+        b'a1 LOGIN alice "hunter2\r\n',
+        b'a1 LOGIN alice "hunter2\\x"\r\n',
+        b"a1 LOGIN alice hunter2\0\r\n",
+        b"a1 LOGIN alice hunter2\n",
+        b"a1 LOGIN alice {hunter2}\r\n",
+        b"a1 LOGIN alice " + secret * 2000 + b"\r\n",
+        b"hunter2*tag LOGIN\r\n",
+    ]
+    for line in broken_lines:
+        reader = CommandReader()
+        reader.feed(line)
+        with pytest.raises(ClientProtocolError) as caught:
+            reader.next_event()
+        assert "hunter2" not in str(caught.value), line
+        assert "hunter2" not in caught.value.message, line
+
+
+def test_command_repr_hides_arguments() -> None:
+    reader = CommandReader()
+    reader.feed(b"a1 LOGIN alice hunter2\r\n")
+
+    event = reader.next_event()
+
+    assert "hunter2" not in repr(event)
+
+
+def test_continuation_line_repr_hides_data() -> None:
+    assert "QUJD" not in repr(ContinuationLine(b"QUJD"))
+
+
+def test_over_long_line_is_not_buffered() -> None:
+    reader = CommandReader(max_line_length=100)
+    reader.feed(b"a1 LOGIN ")
+    for _ in range(100):
+        reader.feed(b"x" * 1000)
+        with contextlib.suppress(ClientProtocolError):
+            reader.next_event()
+
+    assert reader.buffered_size <= 102
+
+
+def test_literal_bytes_are_counted_in_buffer() -> None:
+    reader = CommandReader()
+    reader.feed(b"a1 LOGIN {10}\r\nabcd")
+    reader.next_event()
+
+    assert reader.next_event() is None
+    assert reader.buffered_size == len(b"a1 LOGIN {10}") + 4
+
+
+def test_take_buffered_returns_pipelined_bytes() -> None:
+    reader = CommandReader()
+    reader.feed(b"a1 STARTTLS\r\na2 LOGIN {5}\r\nalice x\r\n")
+    first = reader.next_event()
+
+    pending = reader.take_buffered()
+
+    assert first == Command("a1", "STARTTLS")
+    assert pending == b"a2 LOGIN {5}\r\nalice x\r\n"
+    assert reader.next_event() is None
+    assert reader.buffered_size == 0
+
+
+def test_take_buffered_inside_command_raises() -> None:
+    reader = CommandReader()
+    reader.feed(b"a1 LOGIN {5+}\r\nali")
+    reader.next_event()
+
+    with pytest.raises(RuntimeError):
+        reader.take_buffered()
+
+
+def test_fatal_error_repeats() -> None:
+    reader = CommandReader(max_literal_size=4)
+    reader.feed(b"a1 LOGIN {5+}\r\nalice x\r\n")
+    with pytest.raises(ClientProtocolError) as first:
+        reader.next_event()
+
+    reader.feed(NOOP)
+
+    with pytest.raises(ClientProtocolError) as second:
+        reader.next_event()
+    assert first.value.fatal is True
+    assert second.value is first.value
+    assert reader.buffered_size == 0
+
+
+def test_expect_line_inside_command_raises() -> None:
+    reader = CommandReader()
+    reader.feed(b"a1 LOGIN {5}\r\n")
+    reader.next_event()
+
+    with pytest.raises(RuntimeError):
+        reader.expect_continuation_line()
+
+
+def test_nonpositive_limit_raises() -> None:
+    with pytest.raises(ValueError):
+        CommandReader(max_literals=0)
