@@ -1,0 +1,137 @@
+"""Run the real `appliance run` command in a subprocess for integration tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
+
+
+class ApplianceProcess:
+    """`python -m appliance.cli run` with a generated config file and a captured log.
+
+    `config` is the config as a dict; it is written as YAML into `workdir`. The log (standard
+    error of the process) goes to `log_file`, which `log_text()` returns.
+    """
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        workdir: Path,
+        *,
+        env: dict[str, str] | None = None,
+        wait_ports: bool = True,
+    ) -> None:
+        self.config = config
+        self.workdir = Path(workdir)
+        self.config_file = self.workdir / "appliance.yaml"
+        self.log_file = self.workdir / "appliance.log"
+        self.extra_env = env or {}
+        self.wait_ports = wait_ports
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def write_config(self, config: dict[str, Any] | None = None) -> None:
+        if config is not None:
+            self.config = config
+        self.config.setdefault("state_dir", str(self.workdir / "state"))
+        temporary = self.config_file.with_suffix(".tmp")
+        temporary.write_text(yaml.safe_dump(self.config, sort_keys=False))
+        temporary.replace(self.config_file)
+
+    def start(self) -> ApplianceProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.write_config()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+        env.update(self.extra_env)
+        env["PYTHONUNBUFFERED"] = "1"
+        with open(self.log_file, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "appliance.cli", "run", "--config", str(self.config_file)],
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        if self.wait_ports:
+            try:
+                for listener in self.config.get("listeners", {}).values():
+                    host = listener.get("bind", "127.0.0.1")
+                    host = "127.0.0.1" if host == "0.0.0.0" else "::1" if host == "::" else host
+                    wait_for_port(host, listener["port"])
+            except TimeoutError:
+                self.stop()
+                raise RuntimeError(f"appliance did not start; log:\n{self.log_text()}") from None
+        return self
+
+    def port(self, listener: str) -> int:
+        return self.config["listeners"][listener]["port"]
+
+    def log_text(self) -> str:
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+    def send_signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """Send SIGTERM and wait; kill after `timeout`. Return the exit code."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        return self.process.returncode
+
+    def __enter__(self) -> ApplianceProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def upstream_config(dovecot: Any, mode: str, protocol: str, **extra: Any) -> dict[str, Any]:
+    """Return an upstream entry that reaches the fixture's Dovecot with the given TLS mode."""
+    port_name = {
+        ("imap", "implicit"): "imaps",
+        ("pop3", "implicit"): "pop3s",
+    }.get((protocol, mode), protocol)
+    entry: dict[str, Any] = {
+        "host": "localhost",
+        "port": dovecot.ports[port_name],
+        "tls": mode,
+        "ca_file": str(dovecot.ca_file),
+    }
+    entry.update(extra)
+    return entry
