@@ -1,0 +1,624 @@
+"""Unit tests of config errors, whose messages name the field path, value and fix."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from appliance.config import ConfigError, load_config, loader
+
+UPSTREAM_YAML = "upstreams:\n  mail:\n    host: mail.example.org\n"
+
+FIELD_NAMES = [
+    "listeners",
+    "upstreams",
+    "known_servers",
+    "limits",
+    "logging",
+    "state_dir",
+    "imap",
+    "mail",
+    "protocol",
+    "port",
+    "bind",
+    "tls",
+    "host",
+    "upstream",
+    "mode",
+    "json",
+    "level",
+]
+
+
+@pytest.fixture(autouse=True)
+def isolated_sources(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Hide the caller's APPLIANCE_* variables and the real default file and folder."""
+    for name in list(os.environ):
+        if name.upper().startswith("APPLIANCE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setattr(loader, "DEFAULT_CONFIG_PATH", tmp_path / "etc" / "absent.yaml")
+    monkeypatch.setattr(loader, "DEFAULT_SECRETS_DIR", tmp_path / "run" / "absent")
+
+
+@pytest.fixture
+def secrets_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "secrets"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def pem_pair(tmp_path: Path) -> tuple[Path, Path]:
+    """Return readable placeholder files, because the models check no PEM content."""
+    cert_file = tmp_path / "cert.pem"
+    key_file = tmp_path / "key.pem"
+    cert_file.write_text("certificate\n")
+    key_file.write_text("key\n")
+    return cert_file, key_file
+
+
+def write_config(folder: Path, text: str, name: str = "appliance.yaml") -> Path:
+    path = folder / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def problems_for(path: Path | None, secrets_dir: Path) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, secrets_dir=secrets_dir)
+    return caught.value.problems
+
+
+def only_problem(path: Path | None, secrets_dir: Path) -> str:
+    problems = problems_for(path, secrets_dir)
+    assert len(problems) == 1, problems
+    return problems[0]
+
+
+def listener_yaml(**fields: object) -> str:
+    """Return a config with one listener `imap` on upstream `mail`, plus `fields`."""
+    values: dict[str, object] = {"protocol": "imap", "port": 1143, "upstream": "mail"}
+    values.update(fields)
+    document = {
+        "listeners": {"imap": values},
+        "upstreams": {"mail": {"host": "mail.example.org"}},
+    }
+    return yaml.safe_dump(document)
+
+
+# Unknown keys
+
+
+def test_unknown_upstream_key_named(tmp_path: Path, secrets_dir: Path) -> None:
+    path = write_config(tmp_path, UPSTREAM_YAML + "    colour: red\n")
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith("upstreams.mail.colour:")
+    assert "unknown key" in problem
+    assert f"file {path}" in problem
+
+
+def test_unknown_top_level_key_named(tmp_path: Path, secrets_dir: Path) -> None:
+    path = write_config(tmp_path, "listners: {}\n")
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith("listners:")
+    assert "unknown key" in problem
+
+
+def test_unknown_listener_key_named(tmp_path: Path, secrets_dir: Path) -> None:
+    path = write_config(tmp_path, listener_yaml(protocl="imap"))
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith("listeners.imap.protocl:")
+
+
+def test_unknown_env_key_names_variable(
+    monkeypatch: pytest.MonkeyPatch, secrets_dir: Path
+) -> None:
+    monkeypatch.setenv("APPLIANCE_LOGGING__LEVLE", "debug")
+
+    problem = only_problem(None, secrets_dir)
+
+    assert problem.startswith("logging.levle:")
+    assert "env APPLIANCE_LOGGING__LEVLE" in problem
+
+
+def test_unknown_secret_key_names_folder(tmp_path: Path, secrets_dir: Path) -> None:
+    path = write_config(tmp_path, UPSTREAM_YAML)
+    (secrets_dir / "APPLIANCE_UPSTREAMS__MAIL__HOSTT").write_text("mail.example.org")
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith("upstreams.mail.hostt:")
+    assert f"secret {secrets_dir}" in problem
+
+
+# Listener references
+
+
+def test_unknown_upstream_reference_named(tmp_path: Path, secrets_dir: Path) -> None:
+    path = write_config(tmp_path, listener_yaml(upstream="nope"))
+
+    problem = only_problem(path, secrets_dir)
+
+    assert "listeners.imap.upstream" in problem
+    assert "'nope'" in problem
+    assert "expected one of: mail" in problem
+
+
+def test_missing_upstream_reference_named(tmp_path: Path, secrets_dir: Path) -> None:
+    path = write_config(tmp_path, listener_yaml(upstream=None))
+
+    problem = only_problem(path, secrets_dir)
+
+    assert "listeners.imap.upstream is missing" in problem
+    assert "(mail)" in problem
+
+
+def test_reference_without_upstreams_named(tmp_path: Path, secrets_dir: Path) -> None:
+    text = "listeners:\n  imap: {protocol: imap, port: 1143, upstream: mail}\n"
+    path = write_config(tmp_path, text)
+
+    problem = only_problem(path, secrets_dir)
+
+    assert "listeners.imap.upstream" in problem
+    assert "none configured" in problem
+
+
+# Listener TLS files
+
+
+@pytest.mark.parametrize("tls", ["implicit", "starttls"])
+def test_tls_listener_without_files_named(
+    tls: str, tmp_path: Path, secrets_dir: Path
+) -> None:
+    path = write_config(tmp_path, listener_yaml(tls=tls))
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith("listeners.imap:")
+    assert f"tls is '{tls}'" in problem
+    assert "cert_file and key_file are required" in problem
+
+
+def test_tls_listener_without_key_named(
+    tmp_path: Path, secrets_dir: Path, pem_pair: tuple[Path, Path]
+) -> None:
+    cert_file, _ = pem_pair
+    path = write_config(
+        tmp_path, listener_yaml(tls="implicit", cert_file=str(cert_file))
+    )
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith("listeners.imap:")
+    assert "key_file" in problem
+
+
+def test_missing_cert_file_named(
+    tmp_path: Path, secrets_dir: Path, pem_pair: tuple[Path, Path]
+) -> None:
+    _, key_file = pem_pair
+    missing = tmp_path / "missing.pem"
+    text = listener_yaml(tls="implicit", cert_file=str(missing), key_file=str(key_file))
+    path = write_config(tmp_path, text)
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith("listeners.imap.cert_file:")
+    assert repr(str(missing)) in problem
+    assert "does not exist" in problem
+
+
+def test_cert_file_folder_named(
+    tmp_path: Path, secrets_dir: Path, pem_pair: tuple[Path, Path]
+) -> None:
+    _, key_file = pem_pair
+    text = listener_yaml(
+        tls="implicit", cert_file=str(tmp_path), key_file=str(key_file)
+    )
+    path = write_config(tmp_path, text)
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith("listeners.imap.cert_file:")
+    assert repr(str(tmp_path)) in problem
+    assert "not a regular file" in problem
+
+
+def test_unreadable_cert_file_named(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    secrets_dir: Path,
+    pem_pair: tuple[Path, Path],
+) -> None:
+    cert_file, key_file = pem_pair
+    real_access = os.access
+
+    # The root user reads every file, so a mode of 000 proves nothing there.
+    def access_denied_for_cert(path: object, mode: int, **kwargs: object) -> bool:
+        if Path(str(path)) == cert_file:
+            return False
+        return real_access(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", access_denied_for_cert)
+    text = listener_yaml(
+        tls="implicit", cert_file=str(cert_file), key_file=str(key_file)
+    )
+    path = write_config(tmp_path, text)
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith("listeners.imap.cert_file:")
+    assert repr(str(cert_file)) in problem
+    assert "not readable" in problem
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="the root user reads files of mode 000")
+def test_mode_000_cert_file_named(
+    tmp_path: Path, secrets_dir: Path, pem_pair: tuple[Path, Path]
+) -> None:
+    cert_file, key_file = pem_pair
+    cert_file.chmod(0)
+    text = listener_yaml(
+        tls="implicit", cert_file=str(cert_file), key_file=str(key_file)
+    )
+    path = write_config(tmp_path, text)
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith("listeners.imap.cert_file:")
+    assert "not readable" in problem
+
+
+# Listener addresses and ports
+
+
+@pytest.mark.parametrize(
+    ("first_bind", "second_bind"),
+    [
+        ("127.0.0.1", "127.0.0.1"),
+        ("0.0.0.0", "127.0.0.1"),
+        ("127.0.0.1", "0.0.0.0"),
+        ("::", "::1"),
+        ("::1", "::1"),
+    ],
+)
+def test_shared_address_and_port_named(
+    first_bind: str, second_bind: str, tmp_path: Path, secrets_dir: Path
+) -> None:
+    text = f"""\
+listeners:
+  first: {{protocol: imap, bind: '{first_bind}', port: 1143, upstream: mail,
+          allow_plaintext_login: true}}
+  second: {{protocol: pop3, bind: '{second_bind}', port: 1143, upstream: mail,
+           allow_plaintext_login: true}}
+{UPSTREAM_YAML}"""
+    path = write_config(tmp_path, text)
+
+    problem = only_problem(path, secrets_dir)
+
+    assert "listeners.first" in problem
+    assert "listeners.second" in problem
+    assert "port 1143" in problem
+    assert second_bind in problem
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the message says both listeners bind 127.0.0.1 when one binds 0.0.0.0",
+)
+def test_shared_port_names_both_addresses(tmp_path: Path, secrets_dir: Path) -> None:
+    text = f"""\
+listeners:
+  first: {{protocol: imap, bind: 0.0.0.0, port: 1143, upstream: mail,
+          allow_plaintext_login: true}}
+  second: {{protocol: pop3, bind: 127.0.0.1, port: 1143, upstream: mail}}
+{UPSTREAM_YAML}"""
+    path = write_config(tmp_path, text)
+
+    problem = only_problem(path, secrets_dir)
+
+    assert "0.0.0.0" in problem
+    assert "127.0.0.1" in problem
+
+
+@pytest.mark.parametrize("port", [0, -1, 65536, 70000])
+def test_listener_port_out_of_range_named(
+    port: int, tmp_path: Path, secrets_dir: Path
+) -> None:
+    path = write_config(tmp_path, listener_yaml(port=port))
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith("listeners.imap.port:")
+    assert f"value {port}:" in problem
+    assert f"file {path}" in problem
+
+
+def test_listener_port_text_named(tmp_path: Path, secrets_dir: Path) -> None:
+    path = write_config(tmp_path, listener_yaml(port="imap"))
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith("listeners.imap.port:")
+    assert "value 'imap'" in problem
+
+
+def test_env_port_out_of_range_names_variable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
+) -> None:
+    path = write_config(tmp_path, listener_yaml())
+    monkeypatch.setenv("APPLIANCE_LISTENERS__IMAP__PORT", "99999")
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith("listeners.imap.port:")
+    assert "value '99999'" in problem
+    assert "env APPLIANCE_LISTENERS__IMAP__PORT" in problem
+
+
+def test_upstream_port_out_of_range_named(tmp_path: Path, secrets_dir: Path) -> None:
+    path = write_config(tmp_path, UPSTREAM_YAML + "    port: 65536\n")
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith("upstreams.mail.port:")
+    assert "value 65536" in problem
+
+
+def test_invalid_bind_named(tmp_path: Path, secrets_dir: Path) -> None:
+    path = write_config(tmp_path, listener_yaml(bind="localhost"))
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith("listeners.imap.bind:")
+    assert "'localhost'" in problem
+
+
+@pytest.mark.parametrize("bind", ["0.0.0.0", "192.0.2.5", "::"])
+def test_plaintext_on_network_address_named(
+    bind: str, tmp_path: Path, secrets_dir: Path
+) -> None:
+    path = write_config(tmp_path, listener_yaml(bind=bind))
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith("listeners.imap:")
+    assert f"'{bind}'" in problem
+    assert "allow_plaintext_login: true" in problem
+
+
+def test_invalid_tls_mode_named(tmp_path: Path, secrets_dir: Path) -> None:
+    path = write_config(tmp_path, listener_yaml(tls="ssl"))
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith("listeners.imap.tls:")
+    assert "value 'ssl'" in problem
+
+
+# Upstreams
+
+
+def test_missing_ca_file_named(tmp_path: Path, secrets_dir: Path) -> None:
+    missing = tmp_path / "missing-ca.pem"
+    path = write_config(tmp_path, UPSTREAM_YAML + f"    ca_file: {missing}\n")
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith("upstreams.mail.ca_file:")
+    assert repr(str(missing)) in problem
+    assert "does not exist" in problem
+
+
+def test_client_cert_without_key_named(
+    tmp_path: Path, secrets_dir: Path, pem_pair: tuple[Path, Path]
+) -> None:
+    cert_file, _ = pem_pair
+    path = write_config(
+        tmp_path, UPSTREAM_YAML + f"    client_cert_file: {cert_file}\n"
+    )
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith("upstreams.mail:")
+    assert "client_key_file" in problem
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["bad host!", "-bad.example", "bad-.example", "a..example", "mail_server.example"],
+)
+def test_invalid_host_named(host: str, tmp_path: Path, secrets_dir: Path) -> None:
+    path = write_config(
+        tmp_path, yaml.safe_dump({"upstreams": {"mail": {"host": host}}})
+    )
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith("upstreams.mail.host:")
+    assert repr(host) in problem
+    assert "mail.example.org" in problem
+
+
+def test_invalid_server_name_named(tmp_path: Path, secrets_dir: Path) -> None:
+    path = write_config(tmp_path, UPSTREAM_YAML + "    server_name: 'not a name'\n")
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith("upstreams.mail.server_name:")
+    assert "'not a name'" in problem
+
+
+def test_invalid_known_server_host_named(tmp_path: Path, secrets_dir: Path) -> None:
+    text = "known_servers:\n  - {host: 'bad host', mode: implicit}\n"
+    path = write_config(tmp_path, text)
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith("known_servers.0.host:")
+    assert "'bad host'" in problem
+
+
+def test_short_idle_timeout_named(tmp_path: Path, secrets_dir: Path) -> None:
+    path = write_config(tmp_path, "limits:\n  idle_timeout: 60\n")
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith("limits.idle_timeout:")
+    assert "value 60" in problem
+
+
+def test_invalid_env_boolean_names_variable(
+    monkeypatch: pytest.MonkeyPatch, secrets_dir: Path
+) -> None:
+    monkeypatch.setenv("APPLIANCE_LOGGING__JSON", "maybe")
+
+    problem = only_problem(None, secrets_dir)
+
+    assert problem.startswith("logging.json:")
+    assert "'maybe'" in problem
+    assert "env APPLIANCE_LOGGING__JSON" in problem
+
+
+def test_every_problem_listed(tmp_path: Path, secrets_dir: Path) -> None:
+    path = write_config(tmp_path, listener_yaml(port=0, colour="red"))
+
+    problems = problems_for(path, secrets_dir)
+
+    assert len(problems) == 2
+    assert any(p.startswith("listeners.imap.port:") for p in problems)
+    assert any(p.startswith("listeners.imap.colour:") for p in problems)
+
+
+# Files that cannot be parsed
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "line"),
+    [
+        ("appliance.yaml", "listeners: [unclosed\n", "line 2"),
+        ("appliance.yaml", "listeners:\n\t- imap\n", "line 2"),
+        ("appliance.yaml", "logging:\n  level: info\n level: debug\n", "line 3"),
+        ("appliance.toml", "[upstreams.mail\nhost = 1\n", "line 1"),
+        ("appliance.json", '{"upstreams": {"mail": {}}', "line 1"),
+    ],
+)
+def test_unparsable_file_named(
+    name: str, text: str, line: str, tmp_path: Path, secrets_dir: Path
+) -> None:
+    path = write_config(tmp_path, text, name)
+
+    problem = only_problem(path, secrets_dir)
+
+    assert repr(str(path)) in problem
+    assert "could not be parsed" in problem
+    assert line in problem
+
+
+def test_unknown_extension_named(tmp_path: Path, secrets_dir: Path) -> None:
+    path = write_config(tmp_path, UPSTREAM_YAML, "appliance.ini")
+
+    problem = only_problem(path, secrets_dir)
+
+    assert repr(str(path)) in problem
+    assert "expected .yaml, .yml, .toml or .json" in problem
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a file whose top level is not a mapping raises TypeError or a ValueError "
+    "about dictionary update sequences, not the top-level mapping message",
+)
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("appliance.yaml", "- imap\n"),
+        ("appliance.yaml", "42\n"),
+        ("appliance.yaml", "just text\n"),
+        ("appliance.json", "[1, 2]"),
+        ("appliance.json", "null"),
+    ],
+)
+def test_non_mapping_file_named(
+    name: str, text: str, tmp_path: Path, secrets_dir: Path
+) -> None:
+    path = write_config(tmp_path, text, name)
+
+    problem = only_problem(path, secrets_dir)
+
+    assert "must contain a mapping at the top level" in problem
+
+
+def test_unparsable_env_json_rejected(
+    monkeypatch: pytest.MonkeyPatch, secrets_dir: Path
+) -> None:
+    monkeypatch.setenv("APPLIANCE_LISTENERS", "not json")
+
+    problem = only_problem(None, secrets_dir)
+
+    assert "environment variables could not be parsed" in problem
+    assert '"listeners"' in problem
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the message names the field and EnvSettingsSource but not the variable",
+)
+def test_unparsable_env_json_names_variable(
+    monkeypatch: pytest.MonkeyPatch, secrets_dir: Path
+) -> None:
+    monkeypatch.setenv("APPLIANCE_LISTENERS", "not json")
+
+    problem = only_problem(None, secrets_dir)
+
+    assert "APPLIANCE_LISTENERS" in problem
+
+
+# Fuzzing: any mapping in the file either loads or raises ConfigError, nothing else.
+
+KEYS = st.one_of(st.sampled_from(FIELD_NAMES), st.text(max_size=8))
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-5, max_value=70000),
+    st.floats(allow_nan=False),
+    st.sampled_from(["imap", "pop3", "implicit", "none", "0.0.0.0", "mail", ""]),
+    st.text(max_size=10),
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda children: st.one_of(
+        st.lists(children, max_size=3),
+        st.dictionaries(KEYS, children, max_size=4),
+    ),
+    max_leaves=15,
+)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(document=st.dictionaries(KEYS, VALUES, max_size=5))
+def test_any_mapping_loads_or_fails_cleanly(
+    document: dict[str, object], tmp_path: Path, secrets_dir: Path
+) -> None:
+    # Every example overwrites the same file, so sharing tmp_path is safe.
+    path = write_config(tmp_path, yaml.safe_dump(document))
+
+    try:
+        load_config(path, secrets_dir=secrets_dir)
+    except ConfigError as exc:
+        assert exc.problems

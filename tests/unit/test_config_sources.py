@@ -1,0 +1,524 @@
+"""Unit tests of config source precedence: init > env > secrets > file > defaults."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from appliance.config import ConfigError, LoadedConfig, load_config, loader
+from appliance.config.loader import unknown_variable_warnings
+
+LEVEL_PATH = ("logging", "level")
+LEVEL_VARIABLE = "APPLIANCE_LOGGING__LEVEL"
+
+# A distinct logging.level per source, so the winner shows in the loaded value.
+LEVEL_BY_SOURCE = {
+    "init": "TRACE",
+    "env": "DEBUG",
+    "secret": "ERROR",
+    "file": "WARNING",
+    "default": "INFO",
+}
+SOURCE_PAIRS = list(itertools.combinations(LEVEL_BY_SOURCE, 2))
+
+LISTENER_YAML = """\
+listeners:
+  imap:
+    protocol: imap
+    port: 143
+    upstream: mail
+upstreams:
+  mail:
+    host: mail.example.org
+    port: 993
+"""
+
+FORMAT_FILES = {
+    "appliance.yaml": LISTENER_YAML + "logging:\n  json: true\n",
+    "appliance.yml": LISTENER_YAML + "logging:\n  json: true\n",
+    "APPLIANCE.YAML": LISTENER_YAML + "logging:\n  json: true\n",
+    "appliance.toml": """\
+[listeners.imap]
+protocol = "imap"
+port = 143
+upstream = "mail"
+
+[upstreams.mail]
+host = "mail.example.org"
+port = 993
+
+[logging]
+json = true
+""",
+    "appliance.json": json.dumps(
+        {
+            "listeners": {
+                "imap": {"protocol": "imap", "port": 143, "upstream": "mail"}
+            },
+            "upstreams": {"mail": {"host": "mail.example.org", "port": 993}},
+            "logging": {"json": True},
+        }
+    ),
+}
+
+
+@pytest.fixture(autouse=True)
+def isolated_sources(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Hide the caller's APPLIANCE_* variables and the real default file and folder."""
+    for name in list(os.environ):
+        if name.upper().startswith("APPLIANCE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setattr(loader, "DEFAULT_CONFIG_PATH", tmp_path / "etc" / "absent.yaml")
+    monkeypatch.setattr(loader, "DEFAULT_SECRETS_DIR", tmp_path / "run" / "absent")
+
+
+@pytest.fixture
+def secrets_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "secrets"
+    folder.mkdir()
+    return folder
+
+
+def write_file(folder: Path, name: str, text: str) -> Path:
+    path = folder / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def load(path: Path | None, secrets_dir: Path, **kwargs: object) -> LoadedConfig:
+    return load_config(path, secrets_dir=secrets_dir, **kwargs)
+
+
+# Precedence between every pair of sources
+
+
+@pytest.mark.parametrize(
+    ("higher", "lower"),
+    SOURCE_PAIRS,
+    ids=[f"{higher}-beats-{lower}" for higher, lower in SOURCE_PAIRS],
+)
+def test_higher_source_wins(
+    higher: str,
+    lower: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    secrets_dir: Path,
+) -> None:
+    active = {higher, lower}
+    overrides = None
+    config_path = None
+    if "init" in active:
+        overrides = {"logging": {"level": LEVEL_BY_SOURCE["init"]}}
+    if "env" in active:
+        monkeypatch.setenv(LEVEL_VARIABLE, LEVEL_BY_SOURCE["env"].lower())
+    if "secret" in active:
+        write_file(secrets_dir, LEVEL_VARIABLE, LEVEL_BY_SOURCE["secret"] + "\n")
+    if "file" in active:
+        text = f"logging:\n  level: {LEVEL_BY_SOURCE['file']}\n"
+        config_path = write_file(tmp_path, "appliance.yaml", text)
+    labels = {
+        "init": "init",
+        "env": f"env {LEVEL_VARIABLE}",
+        "secret": f"secret {secrets_dir}",
+        "file": f"file {config_path}",
+    }
+
+    loaded = load(config_path, secrets_dir, overrides=overrides)
+
+    assert loaded.config.logging.level == LEVEL_BY_SOURCE[higher]
+    assert loaded.sources.get(LEVEL_PATH) == labels[higher]
+
+
+def test_init_merges_with_env_fields(
+    monkeypatch: pytest.MonkeyPatch, secrets_dir: Path
+) -> None:
+    monkeypatch.setenv("APPLIANCE_LOGGING__JSON", "true")
+
+    loaded = load(None, secrets_dir, overrides={"logging": {"level": "TRACE"}})
+
+    assert loaded.config.logging.level == "TRACE"
+    assert loaded.config.logging.json_output is True
+    assert loaded.sources[("logging", "json")] == "env APPLIANCE_LOGGING__JSON"
+
+
+def test_defaults_carry_no_source_label(tmp_path: Path, secrets_dir: Path) -> None:
+    path = write_file(tmp_path, "appliance.yaml", LISTENER_YAML)
+
+    loaded = load(path, secrets_dir)
+
+    assert loaded.config.limits.connect_timeout == 10.0
+    assert ("limits", "connect_timeout") not in loaded.sources
+    assert ("listeners", "imap", "bind") not in loaded.sources
+
+
+# File formats
+
+
+@pytest.mark.parametrize("name", list(FORMAT_FILES))
+def test_file_format_chosen_by_extension(
+    name: str, tmp_path: Path, secrets_dir: Path
+) -> None:
+    path = write_file(tmp_path, name, FORMAT_FILES[name])
+
+    loaded = load(path, secrets_dir)
+
+    assert loaded.path == path
+    assert loaded.config.listeners["imap"].port == 143
+    assert loaded.config.upstreams["mail"].host == "mail.example.org"
+    assert loaded.config.logging.json_output is True
+    assert loaded.sources[("listeners", "imap", "port")] == f"file {path}"
+
+
+def test_empty_yaml_file_gives_defaults(tmp_path: Path, secrets_dir: Path) -> None:
+    path = write_file(tmp_path, "appliance.yaml", "# nothing set yet\n")
+
+    loaded = load(path, secrets_dir)
+
+    assert loaded.config.listeners == {}
+    assert loaded.sources == {}
+
+
+# Nesting with `__`
+
+
+def test_env_overrides_one_listener_field(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
+) -> None:
+    path = write_file(tmp_path, "appliance.yaml", LISTENER_YAML)
+    monkeypatch.setenv("APPLIANCE_LISTENERS__IMAP__PORT", "1143")
+
+    loaded = load(path, secrets_dir)
+
+    imap = loaded.config.listeners["imap"]
+    assert imap.port == 1143
+    assert imap.protocol == "imap"
+    assert imap.upstream == "mail"
+    assert loaded.sources[("listeners", "imap", "port")] == (
+        "env APPLIANCE_LISTENERS__IMAP__PORT"
+    )
+    assert loaded.sources[("listeners", "imap", "protocol")] == f"file {path}"
+
+
+def test_env_adds_listener_beside_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
+) -> None:
+    path = write_file(tmp_path, "appliance.yaml", LISTENER_YAML)
+    monkeypatch.setenv("APPLIANCE_LISTENERS__POP3__PROTOCOL", "pop3")
+    monkeypatch.setenv("APPLIANCE_LISTENERS__POP3__PORT", "1110")
+    monkeypatch.setenv("APPLIANCE_LISTENERS__POP3__UPSTREAM", "mail")
+
+    loaded = load(path, secrets_dir)
+
+    assert sorted(loaded.config.listeners) == ["imap", "pop3"]
+    assert loaded.config.listeners["pop3"].port == 1110
+
+
+def test_env_json_sets_nested_model(
+    monkeypatch: pytest.MonkeyPatch, secrets_dir: Path
+) -> None:
+    monkeypatch.setenv("APPLIANCE_LIMITS", '{"max_connections": 5}')
+
+    loaded = load(None, secrets_dir)
+
+    assert loaded.config.limits.max_connections == 5
+    assert loaded.config.limits.connect_timeout == 10.0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the label names APPLIANCE_LIMITS__MAX_CONNECTIONS, a variable nobody set",
+)
+def test_env_json_label_names_set_variable(
+    monkeypatch: pytest.MonkeyPatch, secrets_dir: Path
+) -> None:
+    monkeypatch.setenv("APPLIANCE_LIMITS", '{"max_connections": 5}')
+
+    loaded = load(None, secrets_dir)
+
+    assert loaded.sources[("limits", "max_connections")] == "env APPLIANCE_LIMITS"
+
+
+def test_env_field_name_sets_json_output(
+    monkeypatch: pytest.MonkeyPatch, secrets_dir: Path
+) -> None:
+    monkeypatch.setenv("APPLIANCE_LOGGING__JSON_OUTPUT", "true")
+
+    loaded = load(None, secrets_dir)
+
+    assert loaded.config.logging.json_output is True
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a value set through the field name json_output gets no source label, "
+    "so check-config prints it as a default",
+)
+def test_env_field_name_json_output_labelled(
+    monkeypatch: pytest.MonkeyPatch, secrets_dir: Path
+) -> None:
+    monkeypatch.setenv("APPLIANCE_LOGGING__JSON_OUTPUT", "true")
+
+    loaded = load(None, secrets_dir)
+
+    assert loaded.sources.get(("logging", "json")) == (
+        "env APPLIANCE_LOGGING__JSON_OUTPUT"
+    )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="every field of a list entry is labelled with the list's source, "
+    "defaults included",
+)
+def test_known_server_default_port_unlabelled(
+    tmp_path: Path, secrets_dir: Path
+) -> None:
+    text = "known_servers:\n  - host: mail.example.org\n    mode: implicit\n"
+    path = write_file(tmp_path, "appliance.yaml", text)
+
+    loaded = load(path, secrets_dir)
+
+    assert loaded.sources[("known_servers", "0", "host")] == f"file {path}"
+    assert ("known_servers", "0", "port") not in loaded.sources
+
+
+# Secrets folder
+
+
+def test_secret_overrides_one_upstream_field(tmp_path: Path, secrets_dir: Path) -> None:
+    path = write_file(tmp_path, "appliance.yaml", LISTENER_YAML)
+    write_file(secrets_dir, "APPLIANCE_UPSTREAMS__MAIL__HOST", "secret.example.org\n")
+
+    loaded = load(path, secrets_dir)
+
+    assert loaded.config.upstreams["mail"].host == "secret.example.org"
+    assert loaded.config.upstreams["mail"].port == 993
+    assert loaded.sources[("upstreams", "mail", "host")] == f"secret {secrets_dir}"
+
+
+def test_secret_file_name_ignores_case(secrets_dir: Path) -> None:
+    write_file(secrets_dir, "appliance_logging__level", "error")
+
+    loaded = load(None, secrets_dir)
+
+    assert loaded.config.logging.level == "ERROR"
+
+
+def test_secret_without_prefix_ignored(secrets_dir: Path) -> None:
+    write_file(secrets_dir, "db_password", "not: a config value")
+    write_file(secrets_dir, "LOGGING__LEVEL", "error")
+
+    loaded = load(None, secrets_dir)
+
+    assert loaded.config.logging.level == "INFO"
+    assert loaded.sources == {}
+
+
+def test_secret_folder_entry_ignored(secrets_dir: Path) -> None:
+    (secrets_dir / LEVEL_VARIABLE).mkdir()
+
+    loaded = load(None, secrets_dir)
+
+    assert loaded.config.logging.level == "INFO"
+
+
+def test_missing_secrets_folder_ignored(tmp_path: Path) -> None:
+    loaded = load(None, tmp_path / "no-such-folder")
+
+    assert loaded.sources == {}
+
+
+@pytest.mark.parametrize("content", ["", "\n", "  \n\t"])
+def test_empty_secret_counts_as_unset(
+    content: str, tmp_path: Path, secrets_dir: Path
+) -> None:
+    path = write_file(tmp_path, "appliance.yaml", "logging:\n  level: warning\n")
+    write_file(secrets_dir, LEVEL_VARIABLE, content)
+
+    loaded = load(path, secrets_dir)
+
+    assert loaded.config.logging.level == "WARNING"
+    assert loaded.sources[LEVEL_PATH] == f"file {path}"
+
+
+# Empty variables
+
+
+def test_empty_variable_counts_as_unset(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
+) -> None:
+    path = write_file(tmp_path, "appliance.yaml", "logging:\n  level: warning\n")
+    monkeypatch.setenv(LEVEL_VARIABLE, "")
+
+    loaded = load(path, secrets_dir)
+
+    assert loaded.config.logging.level == "WARNING"
+    assert loaded.sources[LEVEL_PATH] == f"file {path}"
+
+
+def test_empty_variable_leaves_secret_visible(
+    monkeypatch: pytest.MonkeyPatch, secrets_dir: Path
+) -> None:
+    write_file(secrets_dir, LEVEL_VARIABLE, "error")
+    monkeypatch.setenv(LEVEL_VARIABLE, "")
+
+    loaded = load(None, secrets_dir)
+
+    assert loaded.config.logging.level == "ERROR"
+
+
+def test_empty_required_variable_named_in_error(
+    monkeypatch: pytest.MonkeyPatch, secrets_dir: Path
+) -> None:
+    monkeypatch.setenv("APPLIANCE_UPSTREAMS__MAIL__PORT", "993")
+    monkeypatch.setenv("APPLIANCE_UPSTREAMS__MAIL__HOST", "")
+
+    with pytest.raises(ConfigError) as caught:
+        load(None, secrets_dir)
+
+    [problem] = caught.value.problems
+    assert problem.startswith("upstreams.mail.host:")
+    assert "APPLIANCE_UPSTREAMS__MAIL__HOST is set but empty" in problem
+
+
+def test_unset_required_variable_named_in_error(
+    monkeypatch: pytest.MonkeyPatch, secrets_dir: Path
+) -> None:
+    monkeypatch.setenv("APPLIANCE_UPSTREAMS__MAIL__PORT", "993")
+
+    with pytest.raises(ConfigError) as caught:
+        load(None, secrets_dir)
+
+    [problem] = caught.value.problems
+    assert problem.startswith("upstreams.mail.host:")
+    assert "set it in the config file or as APPLIANCE_UPSTREAMS__MAIL__HOST" in problem
+
+
+# Finding the file and the secrets folder
+
+
+def test_config_variable_selects_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
+) -> None:
+    path = write_file(tmp_path, "chosen.yaml", "logging:\n  level: error\n")
+    monkeypatch.setenv("APPLIANCE_CONFIG", str(path))
+
+    loaded = load(None, secrets_dir)
+
+    assert loaded.path == path
+    assert loaded.config.logging.level == "ERROR"
+
+
+def test_explicit_path_beats_config_variable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
+) -> None:
+    chosen = write_file(tmp_path, "chosen.yaml", "logging:\n  level: error\n")
+    ignored = write_file(tmp_path, "ignored.yaml", "logging:\n  level: debug\n")
+    monkeypatch.setenv("APPLIANCE_CONFIG", str(ignored))
+
+    loaded = load(chosen, secrets_dir)
+
+    assert loaded.path == chosen
+    assert loaded.config.logging.level == "ERROR"
+
+
+def test_empty_config_variable_uses_default(
+    monkeypatch: pytest.MonkeyPatch, secrets_dir: Path
+) -> None:
+    monkeypatch.setenv("APPLIANCE_CONFIG", "")
+
+    loaded = load(None, secrets_dir)
+
+    assert loaded.path is None
+
+
+def test_absent_default_file_is_optional(secrets_dir: Path) -> None:
+    loaded = load(None, secrets_dir)
+
+    assert loaded.path is None
+    assert loaded.config.listeners == {}
+
+
+def test_present_default_file_is_read(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
+) -> None:
+    path = write_file(tmp_path, "default.yaml", "logging:\n  level: error\n")
+    monkeypatch.setattr(loader, "DEFAULT_CONFIG_PATH", path)
+
+    loaded = load(None, secrets_dir)
+
+    assert loaded.path == path
+    assert loaded.config.logging.level == "ERROR"
+
+
+def test_named_missing_file_rejected(tmp_path: Path, secrets_dir: Path) -> None:
+    missing = tmp_path / "missing.yaml"
+
+    with pytest.raises(ConfigError) as caught:
+        load(missing, secrets_dir)
+
+    assert str(missing) in str(caught.value)
+
+
+def test_secrets_variable_selects_folder(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    folder = tmp_path / "mounted"
+    folder.mkdir()
+    write_file(folder, LEVEL_VARIABLE, "error")
+    monkeypatch.setenv("APPLIANCE_SECRETS_DIR", str(folder))
+
+    loaded = load_config(None)
+
+    assert loaded.config.logging.level == "ERROR"
+    assert loaded.sources[LEVEL_PATH] == f"secret {folder}"
+
+
+# Warnings for variables that match no field
+
+
+def test_unknown_variable_warned(
+    monkeypatch: pytest.MonkeyPatch, secrets_dir: Path
+) -> None:
+    monkeypatch.setenv("APPLIANCE_LISTNERS__IMAP__PORT", "1143")
+
+    loaded = load(None, secrets_dir)
+
+    [warning] = loaded.warnings
+    assert "APPLIANCE_LISTNERS__IMAP__PORT" in warning
+    assert "listeners" in warning
+
+
+def test_known_and_control_variables_not_warned(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
+) -> None:
+    path = write_file(tmp_path, "appliance.yaml", "{}\n")
+    monkeypatch.setenv("APPLIANCE_CONFIG", str(path))
+    monkeypatch.setenv("APPLIANCE_SECRETS_DIR", str(secrets_dir))
+    monkeypatch.setenv(LEVEL_VARIABLE, "debug")
+
+    loaded = load_config(None)
+
+    assert loaded.warnings == []
+
+
+@pytest.mark.parametrize(
+    ("variable", "warned"),
+    [
+        ("APPLIANCE_STATE_DIR", False),
+        ("APPLIANCE_KNOWN_SERVERS", False),
+        ("appliance_logging__level", False),
+        ("APPLIANCE_LOGIN", True),
+        ("appliance_colour", True),
+        ("APPLIANCE_", True),
+        ("OTHER_LISTENERS", False),
+    ],
+)
+def test_unknown_variable_warnings_by_top_key(variable: str, warned: bool) -> None:
+    warnings = unknown_variable_warnings({variable: "x"})
+
+    assert bool(warnings) is warned

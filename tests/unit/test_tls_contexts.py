@@ -1,0 +1,325 @@
+"""Unit tests of the SSLContexts built from listener and upstream config."""
+
+from __future__ import annotations
+
+import os
+import ssl
+from pathlib import Path
+
+import pytest
+
+from appliance.config import AppConfig, ListenerConfig, UpstreamConfig
+from appliance.tls.contexts import (
+    TlsContextError,
+    build_all_contexts,
+    client_context,
+    server_context,
+)
+from tests.support.certs import CertFiles, TestPKI
+
+# Upper bound on handshake rounds, so a stuck handshake fails instead of looping.
+MAX_HANDSHAKE_ROUNDS = 10
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    # AppConfig reads APPLIANCE_* variables, so the caller's shell must not leak in.
+    for name in list(os.environ):
+        if name.upper().startswith("APPLIANCE_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
+    # Overrides the session PKI, so the certificate names here collide with no others.
+    return TestPKI(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def listener_cert(pki: TestPKI) -> CertFiles:
+    return pki.issue_server_cert("listener")
+
+
+@pytest.fixture(scope="module")
+def other_cert(pki: TestPKI) -> CertFiles:
+    return pki.issue_server_cert("other")
+
+
+def tls_listener(cert: CertFiles, **fields: object) -> ListenerConfig:
+    values: dict[str, object] = {
+        "protocol": "imap",
+        "port": 1993,
+        "tls": "implicit",
+        "cert_file": cert.cert_file,
+        "key_file": cert.key_file,
+        "upstream": "mail",
+    }
+    values.update(fields)
+    return ListenerConfig(**values)
+
+
+def run_handshake(
+    server: ssl.SSLContext, client: ssl.SSLContext, server_name: str = "localhost"
+) -> str:
+    """Run a TLS handshake over memory buffers and return the negotiated version."""
+    client_incoming, client_outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    server_incoming, server_outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client_side = client.wrap_bio(
+        client_incoming, client_outgoing, server_hostname=server_name
+    )
+    server_side = server.wrap_bio(server_incoming, server_outgoing, server_side=True)
+    pending = [client_side, server_side]
+    for _ in range(MAX_HANDSHAKE_ROUNDS):
+        for side in list(pending):
+            try:
+                side.do_handshake()
+            except ssl.SSLWantReadError:
+                continue
+            pending.remove(side)
+        server_incoming.write(client_outgoing.read())
+        client_incoming.write(server_outgoing.read())
+        if not pending:
+            return str(client_side.version())
+    raise AssertionError(f"handshake unfinished after {MAX_HANDSHAKE_ROUNDS} rounds")
+
+
+# Listener (server-side) contexts
+
+
+def test_listener_context_serves_trusted_client(
+    pki: TestPKI, listener_cert: CertFiles
+) -> None:
+    server = server_context(tls_listener(listener_cert), "listeners.imaps")
+    client = client_context(
+        UpstreamConfig(host="localhost", ca_file=pki.ca_file), "upstreams.mail"
+    )
+
+    version = run_handshake(server, client)
+
+    assert version in ("TLSv1.2", "TLSv1.3")
+
+
+@pytest.mark.parametrize(
+    ("min_version", "expected"),
+    [("1.2", ssl.TLSVersion.TLSv1_2), ("1.3", ssl.TLSVersion.TLSv1_3)],
+    ids=["1.2", "1.3"],
+)
+def test_listener_min_version_applied(
+    min_version: str, expected: ssl.TLSVersion, listener_cert: CertFiles
+) -> None:
+    listener = tls_listener(listener_cert, min_version=min_version)
+
+    context = server_context(listener, "listeners.imaps")
+
+    assert context.minimum_version == expected
+
+
+def test_listener_min_version_rejects_older_client(
+    pki: TestPKI, listener_cert: CertFiles
+) -> None:
+    server = server_context(
+        tls_listener(listener_cert, min_version="1.3"), "listeners.imaps"
+    )
+    client = client_context(
+        UpstreamConfig(host="localhost", ca_file=pki.ca_file), "upstreams.mail"
+    )
+    client.maximum_version = ssl.TLSVersion.TLSv1_2
+
+    with pytest.raises(ssl.SSLError) as caught:
+        run_handshake(server, client)
+
+    assert not isinstance(caught.value, ssl.SSLCertVerificationError)
+
+
+def test_listener_context_disables_compression(listener_cert: CertFiles) -> None:
+    context = server_context(tls_listener(listener_cert), "listeners.imaps")
+
+    assert context.options & ssl.OP_NO_COMPRESSION
+
+
+def test_mismatched_listener_key_names_field(
+    listener_cert: CertFiles, other_cert: CertFiles
+) -> None:
+    listener = tls_listener(
+        listener_cert,
+        cert_file=listener_cert.cert_file,
+        key_file=other_cert.key_file,
+    )
+
+    with pytest.raises(TlsContextError) as caught:
+        server_context(listener, "listeners.imaps")
+
+    message = str(caught.value)
+    assert message.startswith("listeners.imaps.cert_file:")
+    assert str(listener_cert.cert_file) in message
+    assert str(other_cert.key_file) in message
+    assert "key values mismatch" in message
+
+
+def test_non_pem_cert_names_field(tmp_path: Path, listener_cert: CertFiles) -> None:
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    listener = tls_listener(listener_cert, cert_file=garbage)
+
+    with pytest.raises(TlsContextError) as caught:
+        server_context(listener, "listeners.imaps")
+
+    assert str(caught.value).startswith("listeners.imaps.cert_file:")
+    assert str(garbage) in str(caught.value)
+
+
+# Upstream (client-side) contexts
+
+
+def test_upstream_verifies_by_default() -> None:
+    context = client_context(UpstreamConfig(host="mail.example.org"), "upstreams.mail")
+
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.check_hostname is True
+
+
+def test_upstream_verify_false_disables_checks() -> None:
+    upstream = UpstreamConfig(host="mail.example.org", verify=False)
+
+    context = client_context(upstream, "upstreams.mail")
+
+    assert context.verify_mode == ssl.CERT_NONE
+    assert context.check_hostname is False
+
+
+def test_upstream_verify_false_accepts_untrusted(pki: TestPKI) -> None:
+    untrusted = pki.server_cert("untrusted")
+    server = server_context(tls_listener(untrusted), "listeners.imaps")
+    client = client_context(
+        UpstreamConfig(host="localhost", verify=False), "upstreams.mail"
+    )
+
+    assert run_handshake(server, client) in ("TLSv1.2", "TLSv1.3")
+
+
+@pytest.mark.parametrize("kind", ["untrusted", "wrong_host", "expired"])
+def test_upstream_verify_rejects_bad_cert(pki: TestPKI, kind: str) -> None:
+    server = server_context(tls_listener(pki.server_cert(kind)), "listeners.imaps")
+    client = client_context(
+        UpstreamConfig(host="localhost", ca_file=pki.ca_file), "upstreams.mail"
+    )
+
+    with pytest.raises(ssl.SSLCertVerificationError):
+        run_handshake(server, client)
+
+
+def test_upstream_ca_file_is_only_anchor(pki: TestPKI) -> None:
+    upstream = UpstreamConfig(host="localhost", ca_file=pki.ca_file)
+
+    context = client_context(upstream, "upstreams.mail")
+
+    assert len(context.get_ca_certs()) == 1
+
+
+@pytest.mark.parametrize(
+    ("min_version", "expected"),
+    [("1.2", ssl.TLSVersion.TLSv1_2), ("1.3", ssl.TLSVersion.TLSv1_3)],
+    ids=["1.2", "1.3"],
+)
+def test_upstream_min_version_applied(
+    min_version: str, expected: ssl.TLSVersion
+) -> None:
+    upstream = UpstreamConfig(host="mail.example.org", min_version=min_version)
+
+    context = client_context(upstream, "upstreams.mail")
+
+    assert context.minimum_version == expected
+
+
+def test_upstream_min_version_rejects_older_server(
+    pki: TestPKI, listener_cert: CertFiles
+) -> None:
+    server = server_context(tls_listener(listener_cert), "listeners.imaps")
+    server.maximum_version = ssl.TLSVersion.TLSv1_2
+    client = client_context(
+        UpstreamConfig(host="localhost", ca_file=pki.ca_file, min_version="1.3"),
+        "upstreams.mail",
+    )
+
+    with pytest.raises(ssl.SSLError) as caught:
+        run_handshake(server, client)
+
+    assert not isinstance(caught.value, ssl.SSLCertVerificationError)
+
+
+def test_non_pem_ca_file_names_field(tmp_path: Path) -> None:
+    garbage = tmp_path / "ca.pem"
+    garbage.write_text("not a certificate\n")
+    upstream = UpstreamConfig(host="mail.example.org", ca_file=garbage)
+
+    with pytest.raises(TlsContextError) as caught:
+        client_context(upstream, "upstreams.mail")
+
+    assert str(caught.value).startswith("upstreams.mail.ca_file:")
+    assert str(garbage) in str(caught.value)
+
+
+def test_client_cert_pair_loads(pki: TestPKI) -> None:
+    client_cert = pki.issue_client_cert("proxy")
+    upstream = UpstreamConfig(
+        host="mail.example.org",
+        client_cert_file=client_cert.cert_file,
+        client_key_file=client_cert.key_file,
+    )
+
+    context = client_context(upstream, "upstreams.mail")
+
+    assert context.verify_mode == ssl.CERT_REQUIRED
+
+
+def test_mismatched_client_key_names_field(pki: TestPKI, other_cert: CertFiles) -> None:
+    client_cert = pki.issue_client_cert("mismatch")
+    upstream = UpstreamConfig(
+        host="mail.example.org",
+        client_cert_file=client_cert.cert_file,
+        client_key_file=other_cert.key_file,
+    )
+
+    with pytest.raises(TlsContextError) as caught:
+        client_context(upstream, "upstreams.mail")
+
+    assert str(caught.value).startswith("upstreams.mail.client_cert_file:")
+    assert str(other_cert.key_file) in str(caught.value)
+
+
+# Whole config
+
+
+def test_build_all_contexts_covers_tls_only(
+    pki: TestPKI, listener_cert: CertFiles
+) -> None:
+    config = AppConfig(
+        listeners={
+            "imaps": tls_listener(listener_cert).model_dump(),
+            "imap": {"protocol": "imap", "port": 1143, "upstream": "mail"},
+        },
+        upstreams={
+            "mail": {"host": "localhost", "ca_file": pki.ca_file},
+            "backup": {"host": "backup.example.org", "verify": False},
+        },
+    )
+
+    contexts = build_all_contexts(config)
+
+    assert sorted(contexts.listeners) == ["imaps"]
+    assert sorted(contexts.upstreams) == ["backup", "mail"]
+
+
+def test_build_all_contexts_names_failing_listener(
+    listener_cert: CertFiles, other_cert: CertFiles
+) -> None:
+    listener = tls_listener(listener_cert, key_file=other_cert.key_file)
+    config = AppConfig(
+        listeners={"secure": listener.model_dump()},
+        upstreams={"mail": {"host": "mail.example.org"}},
+    )
+
+    with pytest.raises(TlsContextError) as caught:
+        build_all_contexts(config)
+
+    assert str(caught.value).startswith("listeners.secure.cert_file:")
