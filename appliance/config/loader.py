@@ -7,6 +7,7 @@ the source that set it, and what was expected.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -100,54 +101,107 @@ def _read_layers(
 ) -> list[tuple[str, dict[str, Any]]]:
     """Return each source's raw values, highest precedence first, with a label."""
     layers: list[tuple[str, dict[str, Any]]] = [("init", overrides)]
-    try:
-        layers.append(("env", make_env_source()()))
-    except Exception as exc:  # noqa: BLE001 - pydantic-settings wraps JSON errors variously
-        raise ConfigError([f"environment variables could not be parsed: {exc}"]) from None
+    _check_json_variables()
+    layers.append(("env", make_env_source()()))
     layers.append((f"secret {secrets}", NestedSecretsSource(AppConfig, secrets)()))
     if path is not None:
+        _check_top_level_mapping(path)
         try:
             values = config_file_source(AppConfig, path)()
-        except (OSError, ValueError, yaml.YAMLError) as exc:
+        except (OSError, ValueError, TypeError, yaml.YAMLError) as exc:
             raise ConfigError(
                 [f"config file {str(path)!r} could not be parsed: {_short(exc)}"]
             ) from None
-        if not isinstance(values, dict):
-            raise ConfigError(
-                [f"config file {str(path)!r} must contain a mapping at the top level"]
-            )
         layers.append((f"file {path}", values))
     return layers
+
+
+def _check_top_level_mapping(path: Path) -> None:
+    """Reject a file whose top level is a list or a scalar, before pydantic-settings sees it."""
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        return  # a TOML document is always a table
+    try:
+        text = path.read_text(encoding="utf-8")
+        document = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(
+            [f"config file {str(path)!r} could not be parsed: {_short(exc)}"]
+        ) from None
+    empty_json = suffix == ".json" and document is None
+    if empty_json or (document is not None and not isinstance(document, dict)):
+        raise ConfigError(
+            [
+                f"config file {str(path)!r} must contain a mapping at the top level "
+                f"(keys such as listeners: and upstreams:), not a {type(document).__name__}"
+            ]
+        )
+
+
+def _check_json_variables() -> None:
+    """Name a variable such as APPLIANCE_LISTENERS whose value must be JSON and is not."""
+    problems = []
+    for name, field_info in AppConfig.model_fields.items():
+        variable = ENV_PREFIX + name.upper()
+        value = os.environ.get(variable, "")
+        if not value or field_info.annotation in (str, Path):
+            continue
+        try:
+            json.loads(value)
+        except ValueError:
+            shown = value if len(value) <= 60 else value[:57] + "..."
+            problems.append(
+                f"{name}: value {shown!r} (from env {variable}) is not valid JSON; expected "
+                f"a JSON object, or set single values with {variable}__KEY variables"
+            )
+    if problems:
+        raise ConfigError(problems)
 
 
 def _short(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-def _lookup(values: Any, path: tuple[str, ...]) -> tuple[bool, Any]:
-    """Find `path` in nested dicts; a non-dict value on the way covers the rest."""
+def _lookup(values: Any, path: tuple[str, ...]) -> int | None:
+    """Return how many parts of `path` a source's raw values matched, or None if absent.
+
+    A JSON string on the way (an env variable holding a whole section) covers the rest of
+    the path, so the match is shorter than the path.
+    """
     current = values
-    for key in path:
+    for depth, key in enumerate(path):
+        if isinstance(current, str) and depth > 0:
+            return depth
+        if isinstance(current, list):
+            if not key.isdigit() or int(key) >= len(current):
+                return None
+            current = current[int(key)]
+            continue
         if not isinstance(current, dict):
-            return True, current
+            return None
         matches = [k for k in current if str(k).lower() == key.lower()]
         if not matches:
-            return False, None
+            return None
         current = current[matches[0]]
-    return True, current
+    return len(path)
 
 
 def _label(source: str, path: tuple[str, ...]) -> str:
-    if source == "env":
-        return "env " + ENV_PREFIX + NESTING_DELIMITER.join(path).upper()
-    return source
+    if source != "env":
+        return source
+    # The variable may name the field itself or a section that holds it as JSON.
+    for depth in range(len(path), 0, -1):
+        variable = ENV_PREFIX + NESTING_DELIMITER.join(path[:depth]).upper()
+        if os.environ.get(variable):
+            return f"env {variable}"
+    return "env " + ENV_PREFIX + NESTING_DELIMITER.join(path).upper()
 
 
 def _source_of(path: tuple[str, ...], layers: list[tuple[str, dict[str, Any]]]) -> str | None:
     for source, values in layers:
-        found, _ = _lookup(values, path)
-        if found:
-            return _label(source, path)
+        depth = _lookup(values, path)
+        if depth is not None:
+            return _label(source, path[:depth])
     return None
 
 

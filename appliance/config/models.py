@@ -11,9 +11,16 @@ import ipaddress
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 Protocol = Literal["imap", "pop3"]
 ListenerTls = Literal["none", "implicit", "starttls"]
@@ -21,6 +28,7 @@ UpstreamTls = Literal["none", "implicit", "starttls", "auto"]
 KnownMode = Literal["implicit", "starttls", "none"]
 TlsVersion = Literal["1.2", "1.3"]
 LogLevel = Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"]
+LOG_LEVELS = get_args(LogLevel)
 Port = Annotated[int, Field(ge=1, le=65535)]
 Seconds = Annotated[float, Field(gt=0)]
 
@@ -268,13 +276,16 @@ class Limits(StrictModel):
 class LoggingConfig(StrictModel):
     """Log output."""
 
-    level: LogLevel = "INFO"
+    level: Annotated[
+        LogLevel,
+        WithJsonSchema(
+            {"enum": [*LOG_LEVELS, *(name.lower() for name in LOG_LEVELS)], "type": "string"}
+        ),
+    ] = "INFO"
     """Lowest level written: TRACE, DEBUG, INFO, SUCCESS, WARNING or ERROR."""
 
     json_output: bool = Field(default=False, alias="json")
     """Write one JSON object per line instead of text."""
-
-    model_config = ConfigDict(populate_by_name=True)
 
     @field_validator("level", mode="before")
     @classmethod

@@ -47,5 +47,5 @@ def _render(
 def _scalar(value: Any, path: tuple[str, ...], sources: dict[tuple[str, ...], str]) -> str:
     source = sources.get(path, "default")
     secret = source.startswith("secret") or any(p.lower() in SECRET_FIELDS for p in path)
-    text = MASK if secret and value is not None else json.dumps(value)
+    text = json.dumps(MASK) if secret and value is not None else json.dumps(value)
     return f"{text}  # {source}"

@@ -55,7 +55,6 @@ class AppConfig(BaseSettings):
         extra="forbid",
         frozen=True,
         use_attribute_docstrings=True,
-        populate_by_name=True,
     )
 
     listeners: dict[str, ListenerConfig] = Field(default_factory=dict)
@@ -133,9 +132,9 @@ def _check_address_conflicts(listeners: dict[str, ListenerConfig]) -> None:
             overlap = address == other or address.is_unspecified or other.is_unspecified
             if overlap and address.version == other.version:
                 raise ValueError(
-                    f"listeners.{name} and listeners.{other_name} both bind "
-                    f"{listener.bind} port {listener.port}; expected a different port "
-                    "or address for one of them"
+                    f"listeners.{name} (bind {address}) and listeners.{other_name} "
+                    f"(bind {other}) both use port {listener.port}; expected a different "
+                    "port or address for one of them"
                 )
         seen.setdefault(listener.port, []).append((name, address))
 

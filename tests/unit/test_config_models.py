@@ -341,8 +341,9 @@ def test_logging_json_alias_sets_json_output() -> None:
     assert LoggingConfig(json=True).json_output is True
 
 
-def test_logging_accepts_field_name() -> None:
-    assert LoggingConfig(json_output=True).json_output is True
+def test_logging_rejects_field_name() -> None:
+    with pytest.raises(ValidationError):
+        LoggingConfig(json_output=True)
 
 
 def test_logging_dumps_json_alias() -> None:
