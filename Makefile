@@ -9,7 +9,7 @@ VENV_PYTHON := $(VENV)/bin/python
 # Rebuilt when pyproject.toml changes, so new dependencies get installed.
 VENV_STAMP := $(VENV)/.installed
 
-.PHONY: test deps venv clean
+.PHONY: test demo deps venv clean
 
 test: deps venv
 	@status=0; $(VENV_PYTHON) -m pytest -q $(PYTEST_ARGS) || status=$$?; \
@@ -17,6 +17,10 @@ test: deps venv
 		echo "make test: pytest collected no tests (exit 5); check PYTEST_ARGS" >&2; \
 	fi; \
 	exit $$status
+
+# Runs the appliance with examples/quickstart.yaml in front of a throwaway demo Dovecot.
+demo: deps venv
+	$(VENV_PYTHON) -m examples.demo
 
 venv: $(VENV_STAMP)
 

@@ -29,7 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_options(check)
 
-    commands.add_parser("schema", help="print the JSON Schema of the config file")
+    schema = commands.add_parser("schema", help="print the JSON Schema of the config file")
+    schema.add_argument(
+        "--format",
+        choices=("json", "markdown"),
+        default="json",
+        help="json: the JSON Schema; markdown: the config reference page",
+    )
     return parser
 
 
@@ -85,7 +91,12 @@ def command_check_config(args: argparse.Namespace) -> int:
 
 
 def command_schema(args: argparse.Namespace) -> int:
-    sys.stdout.write(json.dumps(config_schema(), indent=2, sort_keys=False) + "\n")
+    if args.format == "markdown":
+        from appliance.config.reference import render_reference
+
+        sys.stdout.write(render_reference())
+    else:
+        sys.stdout.write(json.dumps(config_schema(), indent=2, sort_keys=False) + "\n")
     return EXIT_OK
 
 

@@ -1,0 +1,85 @@
+"""Run the appliance with examples/quickstart.yaml in front of a throwaway demo Dovecot.
+
+Usage: `make demo` (or `python3 -m examples.demo` from the repository root, as root, with
+Debian's dovecot-imapd and dovecot-pop3d installed). The demo Dovecot listens on free
+loopback ports with TLS, so the quick start's `tls: auto` finds implicit TLS by itself.
+Environment variables point the quick start's upstream at it, the way an operator overrides
+a mounted config in an orchestrator. Ctrl-C stops both.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from tests.support.dovecot import DovecotServer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO_ROOT / "examples" / "quickstart.yaml"
+DEMO_USER = "demo"
+DEMO_PASSWORD = "demo"
+
+
+def demo_environment(dovecot: DovecotServer, state_dir: str) -> dict[str, str]:
+    """Return env overrides that aim the quick start's listeners at the demo Dovecot.
+
+    The quick start has one upstream for both protocols on their standard ports; the demo
+    Dovecot uses free ports instead, so POP3 gets a second upstream defined only in env.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    env.update(
+        {
+            "APPLIANCE_UPSTREAMS__MAIL__HOST": "localhost",
+            "APPLIANCE_UPSTREAMS__MAIL__PORT": str(dovecot.ports["imaps"]),
+            "APPLIANCE_UPSTREAMS__MAIL__CA_FILE": str(dovecot.ca_file),
+            "APPLIANCE_UPSTREAMS__MAILPOP__HOST": "localhost",
+            "APPLIANCE_UPSTREAMS__MAILPOP__PORT": str(dovecot.ports["pop3s"]),
+            "APPLIANCE_UPSTREAMS__MAILPOP__TLS": "auto",
+            "APPLIANCE_UPSTREAMS__MAILPOP__CA_FILE": str(dovecot.ca_file),
+            "APPLIANCE_LISTENERS__POP3__UPSTREAM": "mailpop",
+            "APPLIANCE_STATE_DIR": state_dir,
+        }
+    )
+    return env
+
+
+def print_instructions() -> None:
+    print(
+        f"""
+Demo Dovecot is running; the appliance listens on 127.0.0.1 (Ctrl-C stops both).
+User {DEMO_USER!r}, password {DEMO_PASSWORD!r}. Try:
+
+  curl -u {DEMO_USER}:{DEMO_PASSWORD} 'imap://127.0.0.1:1143/INBOX;UID=1'
+  curl -u {DEMO_USER}:{DEMO_PASSWORD} pop3://127.0.0.1:1110/1
+  python3 -c "import imaplib; c = imaplib.IMAP4('127.0.0.1', 1143); \\
+print(c.login('{DEMO_USER}', '{DEMO_PASSWORD}')); print(c.select('INBOX'))"
+""",
+        flush=True,
+    )
+
+
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> int:
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    with tempfile.TemporaryDirectory(prefix="appliance-demo-") as state_dir:
+        with DovecotServer(tls="both", extra_users={DEMO_USER: DEMO_PASSWORD}) as dovecot:
+            env = demo_environment(dovecot, state_dir)
+            command = [sys.executable, "-m", "appliance.cli", "run", "--config", str(QUICKSTART)]
+            print_instructions()
+            appliance = subprocess.Popen(command, cwd=REPO_ROOT, env=env)
+            try:
+                return appliance.wait()
+            except KeyboardInterrupt:
+                appliance.send_signal(signal.SIGINT)
+                return appliance.wait(30)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
