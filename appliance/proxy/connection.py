@@ -64,6 +64,8 @@ class Connection(asyncio.Protocol):
         self._peer: Connection | None = None
         # Called once the transport exists; listeners use it to start a session.
         self.on_made: Callable[[Connection], None] | None = None
+        # Implicit TLS: nothing may be read before the handshake starts.
+        self.tls_on_connect = False
 
     # asyncio.Protocol callbacks
 
@@ -71,6 +73,10 @@ class Connection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         tune_socket(transport)
+        if self.tls_on_connect:
+            # Keep the ClientHello in the kernel until start_tls hands the socket to the
+            # TLS layer; read into this buffer, it would be discarded there.
+            transport.pause_reading()
         if self.on_made is not None:
             self.on_made(self)
 
@@ -182,8 +188,11 @@ class Connection(asyncio.Protocol):
     ) -> None:
         """Upgrade to TLS; bytes still buffered from before the upgrade are discarded."""
         assert self.transport is not None
-        await self.drain()
+        # Stop reading before anything can yield, so bytes sent after this point (the peer's
+        # handshake) reach the TLS layer, and bytes already read are dropped as plaintext.
+        self.transport.pause_reading()
         self._buffer.clear()
+        await self.drain()
         loop = asyncio.get_running_loop()
         transport = await loop.start_tls(
             self.transport,

@@ -78,6 +78,7 @@ class Listener:
 
     def _new_connection(self) -> Connection:
         connection = Connection()
+        connection.tls_on_connect = self.config.tls == "implicit"
         connection.on_made = self._start_session
         return connection
 
