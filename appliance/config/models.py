@@ -67,6 +67,20 @@ def normalize_host(value: str) -> str:
     return host
 
 
+def normalize_bind(value: str) -> str:
+    """Validate a bind address, an IP address optionally in brackets, and normalize it."""
+    text = value.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is not an IP address; expected an address such as "
+            "127.0.0.1, 0.0.0.0, ::1 or ::"
+        ) from None
+
+
 def _check_readable(path: Path | None) -> Path | None:
     if path is None:
         return None
@@ -118,16 +132,7 @@ class ListenerConfig(StrictModel):
     @field_validator("bind")
     @classmethod
     def _validate_bind(cls, value: str) -> str:
-        text = value.strip()
-        if text.startswith("[") and text.endswith("]"):
-            text = text[1:-1]
-        try:
-            return str(ipaddress.ip_address(text))
-        except ValueError:
-            raise ValueError(
-                f"{value!r} is not an IP address; expected an address such as "
-                "127.0.0.1, 0.0.0.0, ::1 or ::"
-            ) from None
+        return normalize_bind(value)
 
     @field_validator("cert_file", "key_file")
     @classmethod
@@ -244,6 +249,24 @@ class KnownServer(StrictModel):
         return normalize_host(value)
 
 
+class TlsAutoConfig(StrictModel):
+    """Probing and the learned known-servers list behind `tls: auto`."""
+
+    probe_timeout: Seconds = 10.0
+    """Seconds allowed for each connection of a probe, TLS handshake and STARTTLS
+    included; the implicit-TLS and plain-port connections run in parallel."""
+
+    max_record_age: Seconds = 86400.0
+    """Seconds after which a learned record is probed again in the background, so a
+    server recorded as plain text or STARTTLS moves up once it offers more. A probe
+    never moves a record down."""
+
+    persist_known_servers: bool = True
+    """Keep learned records in `known_servers.json` under `state_dir` across restarts.
+    When false, records live in memory only and `state_dir` is not used. Read at
+    start, like `state_dir`: a reload does not change where records are kept."""
+
+
 class Limits(StrictModel):
     """Timeouts and size limits that bound what one client can cost."""
 
@@ -269,8 +292,46 @@ class Limits(StrictModel):
     max_protocol_errors: Annotated[int, Field(ge=1)] = 10
     """Invalid commands before login after which a session is closed."""
 
+    max_connections_per_address: Annotated[int, Field(ge=1)] = 50
+    """Maximum concurrent sessions from one client address, over all listeners, so
+    that a flood from one address cannot take every session or every upstream login
+    process. Clients behind one NAT share an address, so raise it for such sites.
+    Without PROXY protocol, every client behind a load balancer has its address."""
+
+    ipv6_prefix_length: Annotated[int, Field(ge=32, le=128)] = 64
+    """Length of the IPv6 prefix that counts as one client address for
+    `max_connections_per_address` and the failed-login delay, because one host
+    usually holds a whole /64; 128 counts every IPv6 address alone."""
+
+    auth_failure_delay: Annotated[float, Field(ge=0)] = 1.0
+    """Seconds that the next login from a client address waits after an
+    authentication failure from it. The delay doubles with each further failure, up to
+    `auth_failure_delay_max`, and a successful login resets it. Syntax errors do not
+    count. 0 turns the delay off."""
+
+    auth_failure_delay_max: Seconds = 15.0
+    """Upper bound in seconds of the failed-login delay."""
+
+    auth_failure_reset_after: Seconds = 900.0
+    """Seconds without an authentication failure after which the failures of a client
+    address are forgotten."""
+
     shutdown_grace_period: Annotated[float, Field(ge=0)] = 10.0
     """Seconds that running sessions get to finish after SIGTERM or SIGINT."""
+
+    drain_removed_listeners_after: Seconds | None = None
+    """Seconds that sessions on a listener removed by a reload may go on before they are
+    closed as at shutdown; unset lets them run to their natural end."""
+
+    @model_validator(mode="after")
+    def _validate_auth_failure_delay(self) -> Limits:
+        if self.auth_failure_delay > self.auth_failure_delay_max:
+            raise ValueError(
+                f"auth_failure_delay ({self.auth_failure_delay}) is larger than "
+                f"auth_failure_delay_max ({self.auth_failure_delay_max}); lower the "
+                "first or raise the second"
+            )
+        return self
 
 
 class LoggingConfig(StrictModel):
@@ -291,3 +352,27 @@ class LoggingConfig(StrictModel):
     @classmethod
     def _upper_level(cls, value: object) -> object:
         return value.strip().upper() if isinstance(value, str) else value
+
+
+class AdminConfig(StrictModel):
+    """HTTP listener for health checks and Prometheus: /healthz, /readyz, /metrics.
+
+    The endpoints have no authentication, and `/readyz` names the configured upstreams
+    and their TLS state. Bind to an address other than loopback only on a trusted
+    network, such as a pod network that Kubernetes probes and Prometheus use. Changes to
+    this section take effect at the next restart.
+    """
+
+    enabled: bool = False
+    """Start the admin listener."""
+
+    bind: str = "127.0.0.1"
+    """IPv4 or IPv6 address to listen on; `0.0.0.0` or `::` for every interface."""
+
+    port: Port = 9143
+    """TCP port to listen on."""
+
+    @field_validator("bind")
+    @classmethod
+    def _validate_bind(cls, value: str) -> str:
+        return normalize_bind(value)

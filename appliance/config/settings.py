@@ -25,10 +25,12 @@ from pydantic_settings import (
 )
 
 from appliance.config.models import (
+    AdminConfig,
     KnownServer,
     ListenerConfig,
     Limits,
     LoggingConfig,
+    TlsAutoConfig,
     UpstreamConfig,
 )
 
@@ -37,8 +39,11 @@ NESTING_DELIMITER = "__"
 DEFAULT_CONFIG_PATH = Path("/etc/appliance/appliance.yaml")
 DEFAULT_SECRETS_DIR = Path("/run/secrets")
 
-# Variables with the prefix that configure how the config is found, not the config itself.
-CONTROL_VARIABLES = frozenset({"APPLIANCE_CONFIG", "APPLIANCE_SECRETS_DIR"})
+# Variables with the prefix that the command line reads (where the config is, which
+# event loop runs it); they are not config fields.
+CONTROL_VARIABLES = frozenset(
+    {"APPLIANCE_CONFIG", "APPLIANCE_SECRETS_DIR", "APPLIANCE_EVENT_LOOP"}
+)
 
 # The file and secrets folder of the load in progress; settings_customise_sources reads them.
 _config_path: ContextVar[Path | None] = ContextVar("config_path", default=None)
@@ -66,11 +71,17 @@ class AppConfig(BaseSettings):
     known_servers: list[KnownServer] = Field(default_factory=list)
     """TLS modes fixed by the operator; they win over modes learned by probing."""
 
+    tls_auto: TlsAutoConfig = Field(default_factory=TlsAutoConfig)
+    """Probe timeout, re-probe age and persistence of the modes learned for `tls: auto`."""
+
     limits: Limits = Field(default_factory=Limits)
     """Timeouts and size limits."""
 
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     """Log level and format."""
+
+    admin: AdminConfig = Field(default_factory=AdminConfig)
+    """Optional HTTP listener for health checks and Prometheus metrics."""
 
     state_dir: Path = Path("/var/lib/appliance")
     """Folder for state that outlives a restart, such as the learned known-servers list."""
@@ -99,6 +110,7 @@ class AppConfig(BaseSettings):
                     f"configured upstream; expected one of: {_choices(self.upstreams)}"
                 )
         _check_address_conflicts(self.listeners)
+        _check_admin_address(self.admin, self.listeners)
         return self
 
     @classmethod
@@ -137,6 +149,22 @@ def _check_address_conflicts(listeners: dict[str, ListenerConfig]) -> None:
                     "port or address for one of them"
                 )
         seen.setdefault(listener.port, []).append((name, address))
+
+
+def _check_admin_address(
+    admin: AdminConfig, listeners: dict[str, ListenerConfig]
+) -> None:
+    if not admin.enabled:
+        return
+    address = ipaddress.ip_address(admin.bind)
+    for name, listener in listeners.items():
+        other = ipaddress.ip_address(listener.bind)
+        overlap = address == other or address.is_unspecified or other.is_unspecified
+        if listener.port == admin.port and overlap and address.version == other.version:
+            raise ValueError(
+                f"admin (bind {address}) and listeners.{name} (bind {other}) both use "
+                f"port {admin.port}; expected a different admin.port"
+            )
 
 
 def config_file_source(

@@ -70,8 +70,8 @@ class Connection(asyncio.Protocol):
     # asyncio.Protocol callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports do not subclass asyncio.Transport, so no isinstance check.
+        self.transport = transport  # type: ignore[assignment]
         tune_socket(transport)
         if self.tls_on_connect:
             # Keep the ClientHello in the kernel until start_tls hands the socket to the
@@ -191,9 +191,18 @@ class Connection(asyncio.Protocol):
         # Stop reading before anything can yield, so bytes sent after this point (the peer's
         # handshake) reach the TLS layer, and bytes already read are dropped as plaintext.
         self.transport.pause_reading()
+        # With implicit TLS no byte is plaintext. uvloop starts reading after
+        # connection_made even when it paused there, so the ClientHello may be buffered.
+        preface = bytes(self._buffer) if self.tls_on_connect and server_side else b""
+        # The ClientHello is not application data, which is all that bytes_received counts.
+        self.bytes_received -= len(preface)
         self._buffer.clear()
         await self.drain()
         loop = asyncio.get_running_loop()
+        if preface:
+            # Queued before start_tls queues its TLS protocol's connection_made, so the
+            # ClientHello is in that protocol's buffer before the handshake starts.
+            loop.call_soon(_feed_protocol, self.transport, preface)
         transport = await loop.start_tls(
             self.transport,
             self,
@@ -228,8 +237,7 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        if isinstance(transport, asyncio.WriteTransport):
-            transport.set_write_buffer_limits(high=RELAY_HIGH_WATER, low=RELAY_LOW_WATER)
+        transport.set_write_buffer_limits(high=RELAY_HIGH_WATER, low=RELAY_LOW_WATER)
         if self._eof:
             peer.close()
         elif not peer._write_paused:
@@ -250,6 +258,20 @@ class Connection(asyncio.Protocol):
             self.transport.abort()
         elif not self.closed.done():
             self.closed.set_result(None)
+
+
+def _feed_protocol(transport: asyncio.BaseTransport, data: bytes) -> None:
+    """Pass bytes that were read too early to the transport's current protocol."""
+    # asyncio's and uvloop's TLS protocols both have get_buffer and buffer_updated, but
+    # uvloop's does not subclass asyncio.BufferedProtocol.
+    protocol: Any = transport.get_protocol()
+    view = memoryview(data)
+    while view:
+        buffer = protocol.get_buffer(len(view))
+        size = min(len(buffer), len(view))
+        buffer[:size] = view[:size]
+        protocol.buffer_updated(size)
+        view = view[size:]
 
 
 def join(client: Connection, upstream: Connection) -> None:

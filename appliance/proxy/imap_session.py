@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-from appliance.logs import escape
+from appliance import metrics
 from appliance.protocols import capabilities, sasl
 from appliance.protocols.errors import ClientProtocolError, UpstreamProtocolError
 from appliance.protocols.imap import (
@@ -136,7 +136,7 @@ class ImapSession(Session):
                 self._protocol_error(exc.message, exc.tag, fatal=exc.fatal)
                 continue
             if isinstance(event, ContinuationRequest):
-                self.client.send(b"+ Ready for literal data\r\n")
+                self._answer_literal(event)
                 continue
             if isinstance(event, ContinuationLine):
                 self._protocol_error("Unexpected continuation line", None)
@@ -144,6 +144,26 @@ class ImapSession(Session):
             result = await self._dispatch(event)
             if result is not None:
                 return result
+
+    def _answer_literal(self, request: ContinuationRequest) -> None:
+        # "+" would invite a client that ignores LOGINDISABLED to send its password in
+        # plain text, so a login that must wait for TLS is refused before the literal.
+        if request.name in ("LOGIN", "AUTHENTICATE") and not self.client_state.login_allowed:
+            self.commands.reject_literal()
+            self._reject_before_tls(request.tag, None)
+        else:
+            self.client.send(b"+ Ready for literal data\r\n")
+
+    def _reject_before_tls(self, tag: str, user: object) -> None:
+        self.record_login("rejected", user if isinstance(user, (str, bytes)) else None)
+        self.client.send(
+            format_tagged(
+                tag,
+                "NO",
+                "Login is disabled until TLS is active; use STARTTLS first",
+                "PRIVACYREQUIRED",
+            )
+        )
 
     def _pre_auth_caps(self) -> list[str]:
         return capabilities.imap_pre_auth(self.upstream_caps, self.client_state)
@@ -171,14 +191,8 @@ class ImapSession(Session):
         elif name == "STARTTLS":
             await self._starttls(tag)
         elif name in ("LOGIN", "AUTHENTICATE") and not self.client_state.login_allowed:
-            self.client.send(
-                format_tagged(
-                    tag,
-                    "NO",
-                    "Login is disabled until TLS is active; use STARTTLS first",
-                    "PRIVACYREQUIRED",
-                )
-            )
+            user = command.args[0] if name == "LOGIN" and command.args else None
+            self._reject_before_tls(tag, user)
         elif name == "LOGIN":
             return await self._login_command(command)
         elif name == "AUTHENTICATE":
@@ -223,14 +237,17 @@ class ImapSession(Session):
                 user = sasl.decode_login_step(first)
                 password = sasl.decode_login_step(await self._challenge(LOGIN_CHALLENGES[1]))
             else:
+                self.record_login("rejected")
                 self.client.send(
                     format_tagged(tag, "NO", "Unsupported authentication mechanism", "CANNOT")
                 )
                 return None
         except _Cancelled:
+            self.record_login("cancelled")
             self.client.send(format_tagged(tag, "BAD", "Authentication cancelled"))
             return None
         except ClientProtocolError as exc:
+            self.record_login("invalid")
             self._protocol_error(exc.message, tag)
             return None
         return await self._login(tag, user, password)
@@ -248,6 +265,7 @@ class ImapSession(Session):
 
     async def _login(self, client_tag: str, user: bytes, password: bytes) -> bool | None:
         assert self.upstream is not None
+        await self.delay_login()
         self.user = user.decode("utf-8", "replace")
         caps = {cap.upper() for cap in self.upstream_caps}
         tag = next(self.tags)
@@ -261,6 +279,7 @@ class ImapSession(Session):
             else:
                 pieces = format_login(tag, user, password, literal_plus="LITERAL+" in caps)
         except ValueError:
+            self.record_login("rejected", user)
             self.client.send(format_tagged(client_tag, "NO", "Invalid characters in credentials"))
             return None
         tagged = await self._send_login(tag, pieces)
@@ -291,15 +310,15 @@ class ImapSession(Session):
             )
 
     def _finish_login(self, client_tag: str, tagged: Response) -> bool | None:
-        user = escape(self.user or "")
+        metrics.record_login(self, succeeded=tagged.status == "OK")
         if tagged.status != "OK":
-            self.log.info("login failed for user {}", user)
+            self.record_login("failed", self.user)
             code = tagged.code
             if code and code.upper().startswith("CAPABILITY"):
                 code = None
             self.client.send(format_tagged(client_tag, "NO", tagged.text or "Login failed", code))
             return None
-        self.log.info("login succeeded for user {}", user)
+        self.record_login("succeeded", self.user)
         caps = response_capabilities(tagged)
         code = tagged.code
         if caps is not None:

@@ -3,6 +3,7 @@ RFC 5034 AUTH), answered by the proxy; the login itself is re-encoded for the up
 
 from __future__ import annotations
 
+from appliance import metrics
 from appliance.logs import escape
 from appliance.protocols import capabilities, sasl
 from appliance.protocols.errors import ClientProtocolError
@@ -236,6 +237,7 @@ class Pop3Session(Session):
 
     async def _finish_login(self, event: Status) -> bool | None:
         status = event.status
+        metrics.record_login(self, succeeded=status.ok)
         if not status.ok:
             self.log.info("login failed for user {}", _escape_user(self.user))
             self.client.send(format_err(status.text or "Authentication failed", status.code))

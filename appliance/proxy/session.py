@@ -18,11 +18,13 @@ from typing import Any, ClassVar
 
 from loguru import logger
 
+from appliance import metrics
 from appliance.config import AppConfig, ListenerConfig, UpstreamConfig
 from appliance.protocols.capabilities import ClientSideState
 from appliance.protocols.errors import ClientProtocolError, UpstreamProtocolError
 from appliance.proxy.connection import Connection, ConnectionClosed, join
 from appliance.proxy.errors import UpstreamError
+from appliance.proxy.guard import ClientGuard, format_login_outcome
 from appliance.proxy.upstream import UpstreamTarget, describe_tls_error
 from appliance.tls.contexts import TlsContexts
 
@@ -45,6 +47,11 @@ class SessionEnv:
     # Returns the concrete upstream targets to try for (upstream name, protocol), in order.
     plan_upstream: Callable[[str, str], Any]
     on_finished: Callable[[Session], None] = lambda session: None
+    # Receives (protocol, target, upstream connection or None, UpstreamError or None)
+    # after each upstream setup attempt, so `tls: auto` can check its learned records.
+    report_upstream: Callable[..., None] = lambda *outcome: None
+    # The runtime passes one guard to every session; a private one suits tests only.
+    guard: ClientGuard = field(default_factory=ClientGuard)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -78,6 +85,8 @@ class Session:
         self.task: asyncio.Task[None] | None = None
         peer = client.extra("peername") or ("?", 0)
         self.client_address = f"{peer[0]}:{peer[1]}"
+        # Key of this session in the guard's count of open sessions, once counted.
+        self.address_key: str | None = None
         self.log = logger.bind(
             session=self.id, listener=env.listener_name, client=self.client_address
         )
@@ -85,6 +94,16 @@ class Session:
     @property
     def limits(self):
         return self.env.snapshot.config.limits
+
+    @property
+    def client_host(self) -> str:
+        """IP address of the client, without the port of `client_address`."""
+        host = self.client_address.rpartition(":")[0]
+        return host.strip("[]") or self.client_address
+
+    @property
+    def client_port(self) -> str:
+        return self.client_address.rpartition(":")[2]
 
     @property
     def client_state(self) -> ClientSideState:
@@ -108,7 +127,7 @@ class Session:
     # Lifecycle
 
     async def run(self) -> None:
-        self.log.info("session started")
+        self.log.info("session started: client {}", self.client_address)
         try:
             await self._run_phases()
         except asyncio.CancelledError:
@@ -119,7 +138,9 @@ class Session:
             self._say_goodbye("internal")
         finally:
             await self._close()
+            self._release_client()
             self._log_summary()
+            metrics.record_session_end(self)
             self.env.on_finished(self)
 
     async def _run_phases(self) -> None:
@@ -130,6 +151,8 @@ class Session:
             async with asyncio.timeout(self.limits.pre_auth_timeout):
                 if self.env.listener.tls == "implicit":
                     await self._client_handshake()
+                if not self._admit_client():
+                    return
                 logged_in = await self.pre_auth()
         except TimeoutError:
             self.outcome = "pre-auth timeout"
@@ -184,6 +207,7 @@ class Session:
             try:
                 async with asyncio.timeout(self.limits.connect_timeout):
                     await setup(target)
+                self.env.report_upstream(self.protocol, target, self.upstream, None)
                 return
             except TimeoutError:
                 failure = UpstreamError("timeout", f"{target.address}: setup timed out")
@@ -191,6 +215,7 @@ class Session:
                 failure = exc if isinstance(exc, UpstreamError) else UpstreamError(
                     "protocol", f"{target.address}: {exc.message}"
                 )
+            self.env.report_upstream(self.protocol, target, None, failure)
             if self.upstream is not None:
                 self.upstream.abort()
                 self.upstream = None
@@ -217,6 +242,41 @@ class Session:
             except (TimeoutError, SessionEnd):
                 return
         self._say_goodbye("busy")
+
+    def _admit_client(self) -> bool:
+        """Count the session against its client address, or say goodbye when it is full."""
+        self.address_key = self.env.guard.try_open(self.client_host, self.limits)
+        if self.address_key is not None:
+            return True
+        self.outcome = "rejected: client address at max_connections_per_address"
+        self._say_goodbye("busy")
+        return False
+
+    def _release_client(self) -> None:
+        if self.address_key is not None:
+            self.env.guard.close(self.address_key)
+            self.address_key = None
+
+    # Login outcomes
+
+    async def delay_login(self) -> None:
+        """Wait the delay that authentication failures from this client address earned."""
+        delay = self.env.guard.login_delay(self.client_host, self.limits)
+        if delay > 0:
+            self.log.debug("delaying login by {:.1f}s after failed logins", delay)
+            await asyncio.sleep(delay)
+
+    def record_login(self, result: str, user: bytes | str | None = None) -> None:
+        """Log an authentication outcome in the stable format, and count a failure.
+
+        `result` is one of `guard.LOGIN_RESULTS`; `succeeded` resets the failed-login
+        delay of the client address, and `failed` makes it grow.
+        """
+        message = format_login_outcome(result, self.client_host, self.client_port, user)
+        self.log.info("{}", message)
+        if result in ("succeeded", "failed"):
+            succeeded = result == "succeeded"
+            self.env.guard.record_login(self.client_host, self.limits, succeeded=succeeded)
 
     async def _client_handshake(self) -> None:
         context = self.env.snapshot.contexts.listeners[self.env.listener_name]

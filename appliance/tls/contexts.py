@@ -99,4 +99,8 @@ def _load_chain(
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError) and exc.reason:
         return exc.reason.lower().replace("_", " ")
-    return exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+    return (
+        exc.strerror
+        if isinstance(exc, OSError) and exc.strerror
+        else type(exc).__name__
+    )

@@ -17,7 +17,6 @@ from tests.support.certs import TestPKI
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_FILE = REPO_ROOT / "schemas" / "appliance.schema.json"
-EXAMPLE_FILES = sorted((REPO_ROOT / "examples").glob("*.yaml"))
 
 CONFIG_YAML = """\
 listeners:
@@ -279,21 +278,6 @@ def test_missing_command_exits_two(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 # Examples
-
-
-def test_examples_folder_has_yaml() -> None:
-    assert EXAMPLE_FILES
-
-
-@pytest.mark.parametrize("example", EXAMPLE_FILES, ids=[p.name for p in EXAMPLE_FILES])
-def test_example_passes_check_config(
-    example: Path, capsys: pytest.CaptureFixture[str], secrets_dir: Path
-) -> None:
-    code = check_config(example, secrets_dir)
-
-    captured = capsys.readouterr()
-    assert code == EXIT_OK, captured.err
-    assert captured.err == ""
 
 
 def test_check_config_subprocess_exits_zero(secrets_dir: Path) -> None:

@@ -1,0 +1,630 @@
+"""Hot reload: watch config and certificate files, then apply a new config atomically.
+
+A reload loads every config source again, validates it, builds every TLS context and
+binds every new listener socket before it changes anything, so a failure at any step
+leaves the running config in place. Applying it never closes a running session. Sessions
+keep the snapshot they started with, and a listener that a reload removes or rebinds
+stops accepting but keeps its sessions. The one exception is
+`limits.drain_removed_listeners_after`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from collections.abc import Coroutine, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
+from pydantic import BaseModel
+from watchfiles import Change, awatch
+
+from appliance import metrics
+from appliance.config import (
+    AppConfig,
+    ConfigError,
+    ListenerConfig,
+    LoadedConfig,
+    load_config,
+)
+from appliance.config.settings import DEFAULT_SECRETS_DIR, ENV_PREFIX
+from appliance.logs import configure_logging
+from appliance.proxy.listener import BindError, Listener
+from appliance.proxy.session import Snapshot
+from appliance.tls.contexts import TlsContextError, build_all_contexts
+
+if TYPE_CHECKING:
+    from appliance.proxy.runtime import Runtime
+
+# watchfiles ends a burst of events after WATCH_STEP_MS without a new one, or after
+# WATCH_DEBOUNCE_MS at the latest, so one editor save or volume swap gives one reload.
+WATCH_STEP_MS = 100
+WATCH_DEBOUNCE_MS = 1000
+WATCH_RETRY_SECONDS = 5.0
+
+# A change to one of these fields needs another socket or another session class.
+SOCKET_FIELDS = ("bind", "port", "protocol")
+# The diff describes these sections entry by entry and compares every other top-level
+# field as a whole.
+NAMED_SECTIONS = ("listeners", "upstreams")
+# Used once at start (the admin listener, the known-servers store), so a reload only
+# records their new value.
+RESTART_SECTIONS = ("admin", "state_dir")
+
+
+class ReloadRejected(Exception):
+    """A reload step failed. The message names the field or file and the reason.
+
+    `loaded` is the rejected config when it passed validation, so its files can be
+    watched too.
+    """
+
+    def __init__(self, message: str, loaded: LoadedConfig | None = None) -> None:
+        super().__init__(message)
+        self.loaded = loaded
+
+
+# Diff
+
+
+@dataclass(frozen=True)
+class ConfigDiff:
+    """Changes from the active config to a new one: listener actions, plus one readable
+    phrase per change for the summary line."""
+
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    rebound: tuple[str, ...] = ()
+    """Listeners whose bind address, port or protocol changed."""
+    changes: tuple[str, ...] = ()
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.changes
+
+    @property
+    def incoming(self) -> tuple[str, ...]:
+        """Listeners of the new config that need a new `Listener` object."""
+        return self.added + self.rebound
+
+    @property
+    def outgoing(self) -> tuple[str, ...]:
+        """Listeners of the old config whose `Listener` object stops accepting."""
+        return self.removed + self.rebound
+
+
+def address_of(listener: ListenerConfig) -> str:
+    host = f"[{listener.bind}]" if ":" in listener.bind else listener.bind
+    return f"{host}:{listener.port}"
+
+
+def changed_fields(old: BaseModel, new: BaseModel) -> list[str]:
+    return [
+        name
+        for name in type(old).model_fields
+        if getattr(old, name) != getattr(new, name)
+    ]
+
+
+def named_files(config: AppConfig) -> dict[str, tuple[Path, ...]]:
+    """Return the certificate, key and CA files named by each listener and upstream."""
+    files: dict[str, tuple[Path, ...]] = {}
+    for name, listener in config.listeners.items():
+        paths = (listener.cert_file, listener.key_file)
+        files[f"listeners.{name}"] = tuple(p for p in paths if p is not None)
+    for name, upstream in config.upstreams.items():
+        paths = (upstream.ca_file, upstream.client_cert_file, upstream.client_key_file)
+        files[f"upstreams.{name}"] = tuple(p for p in paths if p is not None)
+    return files
+
+
+def file_digests(paths: Iterable[Path]) -> dict[Path, str]:
+    """Return the SHA-256 of each file's content, or "unreadable"."""
+    digests = {}
+    for path in paths:
+        try:
+            digests[path] = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError:
+            digests[path] = "unreadable"
+    return digests
+
+
+def diff_configs(
+    old: AppConfig,
+    new: AppConfig,
+    old_digests: Mapping[Path, str] | None = None,
+    new_digests: Mapping[Path, str] | None = None,
+) -> ConfigDiff:
+    """Compare two configs and the digests of the files they name.
+
+    A file whose path stays the same but whose digest differs counts as a change of the
+    listener or upstream that names it, because its TLS context must be built again.
+    """
+    old_digests = old_digests or {}
+    new_digests = new_digests or {}
+    new_files = named_files(new)
+
+    def files_changed(key: str) -> bool:
+        paths = new_files.get(key, ())
+        return any(old_digests.get(p) != new_digests.get(p) for p in paths)
+
+    added, removed, rebound, changes = [], [], [], []
+    for name in old.listeners.keys() - new.listeners.keys():
+        removed.append(name)
+        changes.append(f"listeners.{name} removed")
+    for name, listener in new.listeners.items():
+        previous = old.listeners.get(name)
+        if previous is None:
+            added.append(name)
+            address = address_of(listener)
+            changes.append(f"listeners.{name} added on {address} ({listener.protocol})")
+        elif any(getattr(previous, f) != getattr(listener, f) for f in SOCKET_FIELDS):
+            rebound.append(name)
+            changes.append(
+                f"listeners.{name} rebound from {address_of(previous)} "
+                f"({previous.protocol}) to {address_of(listener)} ({listener.protocol})"
+            )
+        elif previous != listener:
+            fields = ", ".join(changed_fields(previous, listener))
+            changes.append(f"listeners.{name} changed: {fields}")
+        elif files_changed(f"listeners.{name}"):
+            changes.append(f"listeners.{name} certificate files changed")
+
+    changes += _upstream_changes(old, new, files_changed)
+    changes += _section_changes(old, new)
+    return ConfigDiff(
+        added=tuple(sorted(added)),
+        removed=tuple(sorted(removed)),
+        rebound=tuple(sorted(rebound)),
+        changes=tuple(changes),
+    )
+
+
+def _upstream_changes(old: AppConfig, new: AppConfig, files_changed) -> list[str]:
+    changes = []
+    for name in sorted(old.upstreams.keys() - new.upstreams.keys()):
+        changes.append(f"upstreams.{name} removed")
+    for name, upstream in new.upstreams.items():
+        previous = old.upstreams.get(name)
+        if previous is None:
+            changes.append(f"upstreams.{name} added")
+        elif previous != upstream:
+            fields = ", ".join(changed_fields(previous, upstream))
+            changes.append(f"upstreams.{name} changed: {fields}")
+        elif files_changed(f"upstreams.{name}"):
+            changes.append(f"upstreams.{name} CA or client certificate files changed")
+    return changes
+
+
+def _section_changes(old: AppConfig, new: AppConfig) -> list[str]:
+    changes = []
+    for section in type(new).model_fields:
+        before, after = getattr(old, section), getattr(new, section)
+        if section in NAMED_SECTIONS or before == after:
+            continue
+        change = f"{section} changed"
+        if isinstance(after, BaseModel):
+            change += f": {', '.join(changed_fields(before, after))}"
+        if section in RESTART_SECTIONS:
+            change += " (takes effect after a restart)"
+        changes.append(change)
+    return changes
+
+
+def plan_sockets(
+    old: Mapping[str, ListenerConfig],
+    new: Mapping[str, ListenerConfig],
+    diff: ConfigDiff,
+) -> dict[str, str | None]:
+    """Map each incoming listener to the outgoing one whose socket it takes over.
+
+    An outgoing socket on exactly the same address is handed over, because a second bind
+    of a listening address fails. None means that a new socket must be bound.
+    """
+    sockets = {address_of(old[name]): name for name in diff.outgoing}
+    return {name: sockets.get(address_of(new[name])) for name in diff.incoming}
+
+
+# Watched set
+
+
+@dataclass(frozen=True)
+class WatchSet:
+    """The files a reload depends on, and the watchfiles filter for their folders.
+
+    Folders are watched instead of files, because an editor that saves by rename and a
+    Kubernetes volume that swaps its `..data` symlink both leave a watched file's inode
+    behind. The watch is not recursive, because the swap shows up as `..`-prefixed
+    entries in the volume's own folder.
+
+    NOTE: a named file that is a symlink into another folder, rewritten in place there,
+    is not seen (only a replaced symlink is). SIGHUP reloads it.
+    """
+
+    files: frozenset[Path]
+    secrets_dir: Path | None = None
+
+    @property
+    def folders(self) -> frozenset[Path]:
+        folders = {path.parent for path in self.files}
+        if self.secrets_dir is not None:
+            folders.add(self.secrets_dir)
+        return frozenset(folders)
+
+    def __call__(self, change: Change, path: str) -> bool:
+        candidate = Path(path)
+        if candidate in self.files:
+            return True
+        if candidate.name.startswith(".."):
+            return candidate.parent in self.folders
+        return (
+            candidate.parent == self.secrets_dir
+            and candidate.name.upper().startswith(ENV_PREFIX)
+        )
+
+    def union(self, other: WatchSet) -> WatchSet:
+        return WatchSet(self.files | other.files, self.secrets_dir or other.secrets_dir)
+
+
+def build_watch_set(
+    config: AppConfig, config_path: Path | None, secrets_dir: Path | None
+) -> WatchSet:
+    """Return the config file and every file the config names, as absolute paths."""
+    files = {path for paths in named_files(config).values() for path in paths}
+    if config_path is not None:
+        files.add(config_path)
+    absolute = frozenset(path.absolute() for path in files)
+    folder = secrets_dir.absolute() if secrets_dir is not None else None
+    return WatchSet(absolute, folder)
+
+
+# Reloader
+
+
+@dataclass
+class Prepared:
+    """A new config checked in full, with its snapshot, ready to commit."""
+
+    loaded: LoadedConfig
+    snapshot: Snapshot
+    digests: dict[Path, str]
+    diff: ConfigDiff
+    listeners: dict[str, Listener] = field(default_factory=dict)
+    """Incoming listeners, bound or about to take over an outgoing listener's socket."""
+    handover: dict[str, str | None] = field(default_factory=dict)
+
+
+class Reloader:
+    """Runs reloads one at a time, on SIGHUP and on changes to the watched files."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        loaded: LoadedConfig,
+        *,
+        config_path: str | None,
+        secrets_dir: str | None,
+    ) -> None:
+        self.runtime = runtime
+        self.config_path = config_path
+        self.secrets_dir = secrets_dir
+        self.digests = file_digests(_all_files(loaded.config))
+        self.watch_set = self._watch_set_of(loaded)
+        self._triggers: set[str] = set()
+        self._requested = asyncio.Event()
+        self._rewatch = asyncio.Event()
+        self._stopping = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # Lifecycle
+
+    def start(self) -> None:
+        """Start serving reload requests and watching the files."""
+        self._spawn(self._serve_requests())
+        self._spawn(self._watch_files())
+
+    def request(self, trigger: str) -> None:
+        """Ask for a reload. Requests made while one runs are merged into the next."""
+        self._triggers.add(trigger)
+        self._requested.set()
+
+    async def stop(self) -> None:
+        """Stop watching, abandon a reload in progress and cancel drain deadlines."""
+        self._stopping = True
+        # Setting the stop event ends watchfiles' worker thread within one step.
+        self._rewatch.set()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve_requests(self) -> None:
+        while True:
+            await self._requested.wait()
+            self._requested.clear()
+            trigger = " and ".join(sorted(self._triggers))
+            self._triggers.clear()
+            try:
+                await self.reload(trigger)
+            except Exception:  # noqa: BLE001 - a failed reload must not stop later ones
+                logger.opt(exception=True).error(
+                    "config reload ({}) failed with an internal error; "
+                    "version {} stays active",
+                    trigger,
+                    self.runtime.snapshot.version,
+                )
+                self._record("failed", "internal error")
+
+    async def _watch_files(self) -> None:
+        restarted = False
+        while not self._stopping:
+            self._rewatch.clear()
+            watch_set = self.watch_set
+            folders = sorted(str(f) for f in watch_set.folders if f.is_dir())
+            if restarted:
+                # Changes made while no watch ran may have been missed. The reload reads
+                # the files only after awatch has set up the new watch, which happens
+                # before this task first yields, so nothing falls in between.
+                self.request("watch restart")
+            restarted = True
+            try:
+                await self._watch_folders(folders, watch_set)
+            except (OSError, RuntimeError) as exc:
+                logger.warning(
+                    "watching {} failed: {}; retrying in {}s",
+                    ", ".join(folders),
+                    exc,
+                    WATCH_RETRY_SECONDS,
+                )
+                try:
+                    async with asyncio.timeout(WATCH_RETRY_SECONDS):
+                        await self._rewatch.wait()
+                except TimeoutError:
+                    pass
+
+    async def _watch_folders(self, folders: list[str], watch_set: WatchSet) -> None:
+        if not folders:
+            await self._rewatch.wait()
+            return
+        logger.debug(
+            "watching {} for config and certificate changes", ", ".join(folders)
+        )
+        async for changes in awatch(
+            *folders,
+            watch_filter=watch_set,
+            debounce=WATCH_DEBOUNCE_MS,
+            step=WATCH_STEP_MS,
+            stop_event=self._rewatch,
+            recursive=False,
+        ):
+            paths = ", ".join(sorted(path for _, path in changes))
+            logger.debug("watched paths changed: {}", paths)
+            self.request("file change")
+
+    # One reload
+
+    async def reload(self, trigger: str) -> str:
+        """Load, check and apply the config once, and return the outcome.
+
+        The outcome is "applied", "unchanged" or "rejected". One summary line is logged
+        at INFO, or at ERROR when rejected, followed by a DEBUG line with the number of
+        asyncio tasks and open sessions, which tests use to find leaks.
+        """
+        started = time.monotonic()
+        try:
+            prepared = await asyncio.to_thread(self._load)
+            if not prepared.diff.is_empty:
+                await self._bind(prepared)
+        except ReloadRejected as exc:
+            if exc.loaded is not None:
+                # Also watch what the rejected config names, so that fixing a broken
+                # file there is seen.
+                self._watch(self.watch_set.union(self._watch_set_of(exc.loaded)))
+            outcome, detail = "rejected", str(exc)
+        else:
+            if prepared.diff.is_empty:
+                outcome, detail = "unchanged", "no changes"
+            else:
+                self._commit(prepared)
+                outcome, detail = "applied", "; ".join(prepared.diff.changes)
+            self._watch(self._watch_set_of(prepared.loaded))
+        self._record(outcome, detail)
+        self._log_summary(trigger, outcome, detail, time.monotonic() - started)
+        if outcome == "applied":
+            await _start_all(prepared.listeners.values())
+        return outcome
+
+    def _load(self) -> Prepared:
+        """Read every source, hash the named files and build the TLS contexts.
+
+        These steps block, so they run in a thread. Files are hashed before the contexts
+        load them, so a file that changes in between is newer in the context than in the
+        digest, and the next reload loads it again.
+        """
+        try:
+            loaded = load_config(self.config_path, secrets_dir=self.secrets_dir)
+        except ConfigError as exc:
+            raise ReloadRejected("; ".join(exc.problems)) from None
+        digests = file_digests(_all_files(loaded.config))
+        try:
+            contexts = build_all_contexts(loaded.config)
+        except TlsContextError as exc:
+            raise ReloadRejected(str(exc), loaded) from None
+        current = self.runtime.snapshot
+        diff = diff_configs(current.config, loaded.config, self.digests, digests)
+        snapshot = Snapshot(loaded.config, contexts, current.version + 1)
+        return Prepared(loaded, snapshot, digests, diff)
+
+    async def _bind(self, prepared: Prepared) -> None:
+        """Create the incoming listeners and bind those that take over no socket."""
+        runtime = self.runtime
+        snapshot = prepared.snapshot
+        configs = snapshot.config.listeners
+        prepared.handover = plan_sockets(
+            runtime.snapshot.config.listeners, configs, prepared.diff
+        )
+        prepared.listeners = {
+            name: runtime.create_listener(name, configs[name], snapshot)
+            for name in prepared.diff.incoming
+        }
+        try:
+            for name, listener in prepared.listeners.items():
+                if prepared.handover[name] is None:
+                    await listener.bind()
+        except BindError as exc:
+            _close_all(prepared.listeners.values())
+            raise ReloadRejected(str(exc), prepared.loaded) from None
+        except BaseException:
+            _close_all(prepared.listeners.values())
+            raise
+
+    def _commit(self, prepared: Prepared) -> None:
+        """Swap in the new snapshot and listeners.
+
+        Nothing here can fail or wait, so a reload cancelled at shutdown either has
+        committed in full or has changed nothing.
+        """
+        runtime = self.runtime
+        snapshot = prepared.snapshot
+        old_config = runtime.snapshot.config
+        old_listeners = runtime.listeners
+        listeners: dict[str, Listener] = {}
+        for name, config in snapshot.config.listeners.items():
+            listener = prepared.listeners.get(name) or old_listeners[name]
+            listener.config = config
+            listener.snapshot = snapshot
+            listeners[name] = listener
+        for name, previous in prepared.handover.items():
+            if previous is not None:
+                listeners[name].adopt_socket(old_listeners[previous])
+        outgoing = [old_listeners[name] for name in prepared.diff.outgoing]
+        for listener in outgoing:
+            listener.stop_accepting()
+        runtime.retired = [r for r in runtime.retired if r.sessions] + outgoing
+        runtime.listeners = listeners
+        runtime.snapshot = snapshot
+        self.digests = prepared.digests
+        if old_config.logging != snapshot.config.logging:
+            configure_logging(
+                snapshot.config.logging.level, snapshot.config.logging.json_output
+            )
+        removed = [old_listeners[name] for name in prepared.diff.removed]
+        deadline = snapshot.config.limits.drain_removed_listeners_after
+        if deadline is not None and any(listener.sessions for listener in removed):
+            self._spawn(_drain(removed, deadline))
+
+    # Bookkeeping
+
+    def _secrets_folder(self) -> Path | None:
+        folder = Path(
+            self.secrets_dir
+            or os.environ.get("APPLIANCE_SECRETS_DIR")
+            or DEFAULT_SECRETS_DIR
+        )
+        return folder if folder.is_dir() else None
+
+    def _watch_set_of(self, loaded: LoadedConfig) -> WatchSet:
+        return build_watch_set(loaded.config, loaded.path, self._secrets_folder())
+
+    def _watch(self, watch_set: WatchSet) -> None:
+        """Restart the watch when `watch_set` differs from the one being watched."""
+        if watch_set != self.watch_set:
+            self.watch_set = watch_set
+            self._rewatch.set()
+
+    def _record(self, outcome: str, detail: str) -> None:
+        metrics.record_reload(outcome)
+        now = time.time()
+        status = replace(
+            self.runtime.status, outcome=outcome, detail=detail, last_reload_at=now
+        )
+        if outcome == "applied":
+            status = replace(
+                status, version=self.runtime.snapshot.version, loaded_at=now
+            )
+        self.runtime.status = status
+
+    def _log_summary(
+        self, trigger: str, outcome: str, detail: str, seconds: float
+    ) -> None:
+        version = self.runtime.snapshot.version
+        if outcome == "applied":
+            logger.info(
+                "config reload ({}) applied version {}: {}; took {:.3f}s",
+                trigger,
+                version,
+                detail,
+                seconds,
+            )
+        elif outcome == "unchanged":
+            logger.info(
+                "config reload ({}) found no changes; version {} stays active; "
+                "took {:.3f}s",
+                trigger,
+                version,
+                seconds,
+            )
+        else:
+            logger.error(
+                "config reload ({}) rejected: {}; version {} stays active; "
+                "took {:.3f}s",
+                trigger,
+                detail,
+                version,
+                seconds,
+            )
+        logger.debug(
+            "after reload: {} asyncio tasks, {} sessions open, {} retired listeners",
+            len(asyncio.all_tasks()),
+            len(self.runtime.sessions),
+            len(self.runtime.retired),
+        )
+
+
+def _all_files(config: AppConfig) -> set[Path]:
+    return {path for paths in named_files(config).values() for path in paths}
+
+
+async def _start_all(listeners: Iterable[Listener]) -> None:
+    for listener in listeners:
+        try:
+            await listener.start()
+        except OSError as exc:
+            # Binding succeeded, so only a socket that started listening on the same
+            # address in between makes listen() fail here.
+            logger.error(
+                "listener {} could not start accepting on {}: {}",
+                listener.name,
+                listener.address,
+                exc.strerror or exc,
+            )
+
+
+def _close_all(listeners: Iterable[Listener]) -> None:
+    for listener in listeners:
+        listener.stop_accepting()
+
+
+async def _drain(listeners: list[Listener], deadline: float) -> None:
+    """Close the removed listeners' sessions that outlive `deadline`, as at shutdown."""
+    await asyncio.sleep(deadline)
+    sessions = [session for listener in listeners for session in listener.sessions]
+    for session in sessions:
+        session.shutdown(final=True)
+    if sessions:
+        names = ", ".join(listener.name for listener in listeners)
+        logger.info(
+            "closed {} sessions of removed listeners {} at the {}s drain deadline",
+            len(sessions),
+            names,
+            deadline,
+        )
