@@ -69,6 +69,10 @@ class ApplianceProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.write_config()
         env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+        # APPLIANCE_TEST_EVENT_LOOP runs every appliance of a test run on one loop.
+        loop = os.environ.get("APPLIANCE_TEST_EVENT_LOOP")
+        if loop:
+            env["APPLIANCE_EVENT_LOOP"] = loop
         env.update(self.extra_env)
         env["PYTHONUNBUFFERED"] = "1"
         with open(self.log_file, "ab") as log:
