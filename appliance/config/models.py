@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    IPvAnyNetwork,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -25,6 +26,8 @@ from pydantic import (
 Protocol = Literal["imap", "pop3"]
 ListenerTls = Literal["none", "implicit", "starttls"]
 UpstreamTls = Literal["none", "implicit", "starttls", "auto"]
+ClientAddressMode = Literal["none", "proxy_v2", "imap_id"]
+LoginSeparator = Literal["@", "#", "%"]
 KnownMode = Literal["implicit", "starttls", "none"]
 TlsVersion = Literal["1.2", "1.3"]
 LogLevel = Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"]
@@ -67,6 +70,36 @@ def normalize_host(value: str) -> str:
     return host
 
 
+def is_host_name(value: str) -> bool:
+    """Return whether `value` is a DNS host name and not an IP address in any spelling.
+
+    A final label of digits only is refused as well, because resolvers read names such
+    as `127.1` or `2130706433` as IPv4 addresses.
+    """
+    labels = value.split(".")
+    if not value or len(value) > 253:
+        return False
+    if not all(_HOSTNAME_LABEL.match(label) for label in labels):
+        return False
+    return not labels[-1].isdigit()
+
+
+def normalize_route_host(value: str) -> str:
+    """Validate a routing host, which is a host name or `*.` and a host name.
+
+    Returns the host lower-cased without a final dot.
+    """
+    host = value.strip().rstrip(".").lower()
+    name = host[2:] if host.startswith("*.") else host
+    if not is_host_name(name):
+        raise ValueError(
+            f"{value!r} is not a host name or pattern; expected a name such as "
+            "mail.example.org or a pattern such as *.example.org, where * stands for "
+            "one label (IP addresses are not allowed)"
+        )
+    return host
+
+
 def normalize_bind(value: str) -> str:
     """Validate a bind address, an IP address optionally in brackets, and normalize it."""
     text = value.strip()
@@ -97,6 +130,86 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
+class LoginRoute(StrictModel):
+    """An allow-list entry of `route_by_login`: where logins with a server part go."""
+
+    upstream: str
+    """Name of a configured upstream. Without `host`, a login whose server part is this
+    name, compared case-insensitively, goes to this upstream."""
+
+    host: str | None = None
+    """Host name (`mail.example.org`) or pattern whose `*` stands for exactly one label
+    (`*.example.org`). A matching server part is reached with the settings of `upstream`
+    (port, TLS mode, CA file, client certificate) and its host replaced by the server
+    part, which is also the name checked in the server's certificate. IP addresses and
+    a bare `*` are not accepted."""
+
+    @field_validator("host")
+    @classmethod
+    def _validate_host(cls, value: str | None) -> str | None:
+        return None if value is None else normalize_route_host(value)
+
+
+class RouteByLoginConfig(StrictModel):
+    """Routing by login: a client logs in as `user@server`, and the appliance logs in to
+    `server` as `user`. A login whose server part is not on the allow-list fails like a
+    wrong password and opens no connection."""
+
+    separator: LoginSeparator = "@"
+    """Character between the user and the server part. A login is split at its last
+    separator, so with `@` the login `alice@example.org@mail` is user
+    `alice@example.org` on server `mail`. A login with an empty part between
+    separators, such as `alice@@mail`, `@mail` or `alice@`, fails."""
+
+    allow: list[LoginRoute] = Field(min_length=1)
+    """Server parts that may be reached, tried in order; the first match wins."""
+
+
+class ProxyProtocolConfig(StrictModel):
+    """PROXY protocol headers (version 1 or 2) from load balancers before a listener.
+
+    The header names the real client, which then appears in the logs and counts toward
+    the per-address limits in place of the load balancer.
+    """
+
+    accept: bool = False
+    """Read a PROXY protocol header first on connections from `trusted_networks`."""
+
+    trusted_networks: list[IPvAnyNetwork] = Field(default_factory=list)
+    """Networks of the load balancers, such as `10.0.0.0/8` or `2001:db8::/48`; only
+    their headers are believed. A connection from elsewhere that starts with a header
+    is closed."""
+
+    required: bool = True
+    """Close connections without a header: every connection from outside
+    `trusted_networks`, and a trusted one whose header does not arrive within
+    `timeout`. When false, clients outside `trusted_networks` are served directly, and a
+    trusted connection without a header gets its greeting only after `timeout`, because
+    IMAP and POP3 clients send nothing before the greeting."""
+
+    timeout: Seconds = 3.0
+    """Seconds allowed for the header to arrive after the connection is accepted."""
+
+    @model_validator(mode="after")
+    def _validate_networks(self) -> ProxyProtocolConfig:
+        if self.accept and not self.trusted_networks:
+            raise ValueError(
+                "accept is true but trusted_networks is empty; list the networks of "
+                "the load balancers, such as [10.0.0.0/8]"
+            )
+        return self
+
+    def trusts(self, host: str) -> bool:
+        """Return whether a peer address lies in `trusted_networks`."""
+        try:
+            address = ipaddress.ip_address(host.partition("%")[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.trusted_networks)
+
+
 class ListenerConfig(StrictModel):
     """A local address where mail clients connect."""
 
@@ -123,7 +236,14 @@ class ListenerConfig(StrictModel):
     """Lowest TLS version accepted from clients."""
 
     upstream: str | None = None
-    """Name of the upstream (a key of `upstreams`) that sessions on this listener reach."""
+    """Name of the upstream (a key of `upstreams`) that sessions on this listener reach;
+    a listener sets either this or `route_by_login`."""
+
+    route_by_login: RouteByLoginConfig | None = None
+    """Choose the upstream from each login instead of a fixed `upstream`."""
+
+    proxy_protocol: ProxyProtocolConfig = Field(default_factory=ProxyProtocolConfig)
+    """PROXY protocol headers from load balancers; off by default."""
 
     allow_plaintext_login: bool = False
     """Accept logins without TLS on the client side: on a `starttls` listener before the
@@ -193,6 +313,16 @@ class UpstreamConfig(StrictModel):
 
     client_key_file: Path | None = None
     """PEM private key of `client_cert_file`."""
+
+    send_client_address: ClientAddressMode = "none"
+    """How the server learns the real client address, so that its per-address limits
+    and authentication penalties hit that client and not every user of the appliance:
+    `none`; `proxy_v2`, a PROXY protocol version 2 header right after connecting and
+    before any TLS (Dovecot: `haproxy = yes` on the listener and the appliance in
+    `haproxy_trusted_networks`); or `imap_id`, for IMAP only, an ID command with
+    `x-originating-ip` and `x-originating-port` before login (Dovecot: the appliance in
+    `login_trusted_networks`). Probes for `tls: auto` send no header, so combine
+    `proxy_v2` with a fixed `tls` mode or a `known_servers` entry."""
 
     @field_validator("host")
     @classmethod
@@ -301,7 +431,7 @@ class Limits(StrictModel):
     ipv6_prefix_length: Annotated[int, Field(ge=32, le=128)] = 64
     """Length of the IPv6 prefix that counts as one client address for
     `max_connections_per_address` and the failed-login delay, because one host
-    usually holds a whole /64; 128 counts every IPv6 address alone."""
+    usually gets a whole /64. 128 counts every IPv6 address alone."""
 
     auth_failure_delay: Annotated[float, Field(ge=0)] = 1.0
     """Seconds that the next login from a client address waits after an

@@ -38,6 +38,7 @@ def render_reference() -> str:
         model = _item_model(schema["properties"][key], definitions)
         if model is not None:
             lines += _section(f"`{key}` entries", definitions[model], definitions, prefix)
+            lines += _nested_sections(definitions[model], definitions, prefix)
     for key, value in schema["properties"].items():
         model = _ref_name(value)
         if model is not None and key not in ("listeners", "upstreams", "known_servers"):
@@ -63,12 +64,36 @@ def _section(
         variable = "`" + ENV_PREFIX + NESTING_DELIMITER.join((*prefix, key)).upper() + "`"
         if "N" in prefix:
             # Lists have no per-item variables; the whole list is one JSON value.
-            variable = f"in `{ENV_PREFIX}{prefix[0].upper()}` (JSON list)"
+            list_path = NESTING_DELIMITER.join(prefix[: prefix.index("N")]).upper()
+            variable = f"in `{ENV_PREFIX}{list_path}` (JSON list)"
         lines.append(
             f"| `{key}` | {_type_of(field, definitions)} | {default} | {variable} | "
             f"{_one_line(field.get('description', ''))} |"
         )
     lines.append("")
+    return lines
+
+
+def _nested_sections(
+    model: dict[str, Any], definitions: dict[str, Any], prefix: tuple[str, ...]
+) -> list[str]:
+    """Return sections for the fields of an entry that are sections or lists of them."""
+    lines: list[str] = []
+    for key, field in model.get("properties", {}).items():
+        options = field.get("anyOf", [field])
+        for option in options:
+            name = _ref_name(option)
+            path = (*prefix, key)
+            if name is None and isinstance(option.get("items"), dict):
+                name = _ref_name(option["items"])
+                path = (*path, "N")
+            if name is None:
+                continue
+            title = ".".join(part for part in path if part != "N")
+            suffix = " entries" if path[-1] == "N" else ""
+            heading = f"`{title}`{suffix}"
+            lines += _section(heading, definitions[name], definitions, path)
+            lines += _nested_sections(definitions[name], definitions, path)
     return lines
 
 
@@ -89,7 +114,8 @@ def _type_of(field: dict[str, Any], definitions: dict[str, Any]) -> str:
     if kind == "object" and "additionalProperties" in field:
         return "map of entries"
     if kind == "array":
-        return "list of entries"
+        item_kind = field.get("items", {}).get("type")
+        return f"list of {item_kind}s" if item_kind == "string" else "list of entries"
     bounds = []
     if "minimum" in field:
         bounds.append(f">= {field['minimum']}")

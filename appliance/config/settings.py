@@ -99,16 +99,7 @@ class AppConfig(BaseSettings):
     @model_validator(mode="after")
     def _validate_references(self) -> AppConfig:
         for name, listener in self.listeners.items():
-            if listener.upstream is None:
-                raise ValueError(
-                    f"listeners.{name}.upstream is missing; expected the name of an "
-                    f"upstream ({_choices(self.upstreams)})"
-                )
-            if listener.upstream not in self.upstreams:
-                raise ValueError(
-                    f"listeners.{name}.upstream is {listener.upstream!r}, which is not a "
-                    f"configured upstream; expected one of: {_choices(self.upstreams)}"
-                )
+            _check_listener_upstreams(name, listener, self.upstreams)
         _check_address_conflicts(self.listeners)
         _check_admin_address(self.admin, self.listeners)
         return self
@@ -134,6 +125,50 @@ class AppConfig(BaseSettings):
 
 def _choices(names: dict[str, Any]) -> str:
     return ", ".join(sorted(names)) or "none configured"
+
+
+def _check_listener_upstreams(
+    name: str, listener: ListenerConfig, upstreams: dict[str, UpstreamConfig]
+) -> None:
+    """Check that a listener has one upstream, or routes by login to known upstreams."""
+    where = f"listeners.{name}"
+    routes = listener.route_by_login
+    if listener.upstream is None and routes is None:
+        raise ValueError(
+            f"{where}.upstream is missing; expected the name of an upstream "
+            f"({_choices(upstreams)}) or a route_by_login section"
+        )
+    if listener.upstream is not None and routes is not None:
+        raise ValueError(
+            f"{where} sets both upstream and route_by_login; expected only one of them"
+        )
+    if routes is None:
+        references = [(f"{where}.upstream", listener.upstream, None)]
+    else:
+        references = [
+            (f"{where}.route_by_login.allow[{index}].upstream", route.upstream, route)
+            for index, route in enumerate(routes.allow)
+        ]
+    for field, upstream_name, route in references:
+        upstream = upstreams.get(upstream_name or "")
+        if upstream is None:
+            raise ValueError(
+                f"{field} is {upstream_name!r}, which is not a configured upstream; "
+                f"expected one of: {_choices(upstreams)}"
+            )
+        if route is not None and route.host is not None and upstream.server_name:
+            raise ValueError(
+                f"{field} names {upstream_name!r} as the template for host "
+                f"{route.host!r}, but that upstream sets server_name; a routed server "
+                "is checked against its own name, so remove server_name or use "
+                "another upstream"
+            )
+        if listener.protocol == "pop3" and upstream.send_client_address == "imap_id":
+            raise ValueError(
+                f"{field} is {upstream_name!r}, whose send_client_address is "
+                f"'imap_id', but {where} speaks POP3, which has no ID command; use "
+                "'proxy_v2' or 'none', or a separate upstream entry for POP3"
+            )
 
 
 def _check_address_conflicts(listeners: dict[str, ListenerConfig]) -> None:

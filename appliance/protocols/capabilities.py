@@ -38,6 +38,12 @@ POP3_PRE_AUTH_ALLOWED = frozenset(
 # SASL mechanisms the proxy accepts from clients (RFC 4616 PLAIN and the LOGIN mechanism).
 PROXY_SASL_MECHANISMS = ("PLAIN", "LOGIN")
 
+# Capabilities that a listener which routes by login shows in place of an upstream's
+# list, because it chooses the upstream only at login. They name only what the proxy's
+# own parser and replies support.
+ROUTING_IMAP_BASE = ("IMAP4rev1", "SASL-IR", "ID", "LITERAL+")
+ROUTING_POP3_BASE = ("RESP-CODES", "AUTH-RESP-CODE")
+
 
 @dataclass(frozen=True)
 class ClientSideState:

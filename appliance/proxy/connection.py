@@ -1,9 +1,11 @@
 """One side of a session: an asyncio protocol with a pre-login read API and a fast relay.
 
 Before login the session pulls bytes with `read_some` and feeds them to a sans-IO parser.
-After login `relay` joins two connections: each `data_received` writes straight into the
-peer's transport, and flow control pauses the reading side while the peer's write buffer is
-above its high-water mark, so a slow reader never makes the proxy buffer a whole message.
+After login `join` relays between two connections. Two plain TCP connections are joined
+by `SpliceRelay`, which moves bytes inside the kernel. Otherwise each `data_received`
+writes straight into the peer's transport, and flow control pauses the reading side while
+the peer's write buffer is above its high-water mark. Either way a slow reader never makes
+the proxy buffer a whole message.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import ssl
 import time
 from collections.abc import Callable
 from typing import Any
+
+from appliance.proxy.splice import SpliceRelay, can_splice, splice_supported
 
 # Bytes the connection holds before login while nobody reads; reading pauses above this.
 PRE_AUTH_BUFFER_LIMIT = 64 * 1024
@@ -66,6 +70,8 @@ class Connection(asyncio.Protocol):
         self.on_made: Callable[[Connection], None] | None = None
         # Implicit TLS: nothing may be read before the handshake starts.
         self.tls_on_connect = False
+        # Set while a SpliceRelay moves this connection's bytes instead of the transport.
+        self.splice: SpliceRelay | None = None
 
     # asyncio.Protocol callbacks
 
@@ -145,6 +151,10 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
         return data
 
+    def push_back(self, data: bytes) -> None:
+        """Put bytes that a reader took but did not use back in front of the buffer."""
+        self._buffer[:0] = data
+
     @property
     def buffered(self) -> int:
         return len(self._buffer)
@@ -158,6 +168,8 @@ class Connection(asyncio.Protocol):
     def send(self, data: bytes) -> None:
         if self.transport is None or self.transport.is_closing():
             return
+        if self.splice is not None:
+            raise RuntimeError("send() on a spliced connection would reorder bytes")
         self.bytes_sent += len(data)
         self.last_activity = time.monotonic()
         self.transport.write(data)
@@ -247,14 +259,19 @@ class Connection(asyncio.Protocol):
 
     def close(self) -> None:
         """Close after flushing bytes already written."""
-        if self.transport is not None and not self.transport.is_closing():
+        if self.splice is not None:
+            # Closes both sides once the bytes already read are written.
+            self.splice.close()
+        elif self.transport is not None and not self.transport.is_closing():
             self.transport.close()
         elif self.transport is None and not self.closed.done():
             self.closed.set_result(None)
 
     def abort(self) -> None:
         """Close at once, dropping unsent bytes."""
-        if self.transport is not None:
+        if self.splice is not None:
+            self.splice.abort()
+        elif self.transport is not None:
             self.transport.abort()
         elif not self.closed.done():
             self.closed.set_result(None)
@@ -275,6 +292,14 @@ def _feed_protocol(transport: asyncio.BaseTransport, data: bytes) -> None:
 
 
 def join(client: Connection, upstream: Connection) -> None:
-    """Relay both directions between two connections whose pre-login bytes are flushed."""
+    """Relay both directions between two connections whose pre-login bytes are flushed.
+
+    Two plain TCP connections are joined by splice(2) where Linux offers it; TLS on
+    either side needs the bytes in Python, so those use the transports.
+    """
+    if splice_supported() and can_splice(client) and can_splice(upstream):
+        client._peer, upstream._peer = upstream, client
+        SpliceRelay(client, upstream).start()
+        return
     client.relay_to(upstream)
     upstream.relay_to(client)

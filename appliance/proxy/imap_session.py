@@ -23,6 +23,7 @@ from appliance.protocols.imap import (
     ResponseReader,
     format_authenticate_plain,
     format_capability,
+    format_id,
     format_login,
     format_tagged,
     format_untagged,
@@ -50,6 +51,7 @@ class _Cancelled(Exception):
 
 class ImapSession(Session):
     protocol = "imap"
+    pre_auth_state = ("commands", "responses", "tags", "greeting", "upstream_caps")
 
     def goodbye(self, kind: str) -> bytes:
         code, text = GOODBYES[kind]
@@ -58,7 +60,9 @@ class ImapSession(Session):
     # Upstream setup
 
     async def _setup_upstream(self, target: UpstreamTarget) -> None:
-        self.upstream = await open_upstream(target, self.limits.connect_timeout)
+        self.upstream = await open_upstream(
+            target, self.limits.connect_timeout, self.upstream_preface(target)
+        )
         self.responses = ResponseReader(
             max_line_length=self.limits.max_line_length,
             max_literal_size=self.limits.max_literal_size,
@@ -80,6 +84,36 @@ class ImapSession(Session):
             await upgrade_upstream(self.upstream, target, self.limits.connect_timeout)
             caps = await self._capability()
         self.upstream_caps = caps
+        if self.upstream_config(target).send_client_address == "imap_id":
+            await self._send_client_id(target)
+
+    async def _send_client_id(self, target: UpstreamTarget) -> None:
+        """Send the client's address in the ID fields that Dovecot reads from
+        `login_trusted_networks`: `x-originating-ip` and `x-originating-port`."""
+        if not capabilities.has_capability(self.upstream_caps, "ID"):
+            self.log.warning(
+                "upstream {} does not offer ID, so the client address is not sent",
+                target.name,
+            )
+            return
+        tag = next(self.tags)
+        assert self.upstream is not None
+        self.upstream.send(
+            format_id(
+                tag,
+                {
+                    "x-originating-ip": self.client_ip,
+                    "x-originating-port": self.client_port,
+                },
+            )
+        )
+        tagged, _ = await self._tagged_reply(tag)
+        if tagged.status != "OK":
+            self.log.warning(
+                "upstream {} responded {} to the ID command with the client address",
+                target.name,
+                tagged.status,
+            )
 
     @staticmethod
     def _check_greeting(greeting: Response, target: UpstreamTarget) -> None:
@@ -99,6 +133,9 @@ class ImapSession(Session):
         assert self.upstream is not None
         tag = next(self.tags)
         self.upstream.send(tag.encode() + b" " + command + b"\r\n")
+        return await self._tagged_reply(tag)
+
+    async def _tagged_reply(self, tag: str) -> tuple[Response, list[Response]]:
         untagged = []
         while True:
             response = await self.next_upstream_event(self.responses)
@@ -124,10 +161,17 @@ class ImapSession(Session):
             max_literal_size=self.limits.max_literal_size,
         )
         self.errors = 0
-        await self.connect_upstream(self._setup_upstream)
+        if self.routes_by_login:
+            # The upstream is chosen at login, so the proxy greets on its own.
+            greeting_text = "IMAP proxy ready"
+        else:
+            await self.connect_upstream(self._setup_upstream)
+            greeting_text = self.greeting.text
         pre_auth_caps = self._pre_auth_caps()
         self.client.send(
-            format_untagged("OK", self.greeting.text, "CAPABILITY " + " ".join(pre_auth_caps))
+            format_untagged(
+                "OK", greeting_text, "CAPABILITY " + " ".join(pre_auth_caps)
+            )
         )
         while True:
             try:
@@ -148,9 +192,15 @@ class ImapSession(Session):
     def _answer_literal(self, request: ContinuationRequest) -> None:
         # "+" would invite a client that ignores LOGINDISABLED to send its password in
         # plain text, so a login that must wait for TLS is refused before the literal.
-        if request.name in ("LOGIN", "AUTHENTICATE") and not self.client_state.login_allowed:
+        is_login = request.name in ("LOGIN", "AUTHENTICATE")
+        if is_login and not self.client_state.login_allowed:
             self.commands.reject_literal()
             self._reject_before_tls(request.tag, None)
+            if self.commands.buffered_size or self.client.buffered:
+                # Bytes that came before the client could see the NO are a literal
+                # sent without waiting, likely a password; they are never parsed.
+                message = "literal sent without waiting for a continuation"
+                raise ClientProtocolError(message, fatal=True)
         else:
             self.client.send(b"+ Ready for literal data\r\n")
 
@@ -166,7 +216,11 @@ class ImapSession(Session):
         )
 
     def _pre_auth_caps(self) -> list[str]:
-        return capabilities.imap_pre_auth(self.upstream_caps, self.client_state)
+        if self.routes_by_login:
+            base: Sequence[str] = capabilities.ROUTING_IMAP_BASE
+        else:
+            base = self.upstream_caps
+        return capabilities.imap_pre_auth(base, self.client_state)
 
     def _protocol_error(self, message: str, tag: str | None, *, fatal: bool = False) -> None:
         self.errors += 1
@@ -215,7 +269,7 @@ class ImapSession(Session):
             self._protocol_error("LOGIN needs a user name and a password", command.tag)
             return None
         user, password = (_to_bytes(a) for a in command.args)
-        return await self._login(command.tag, user, password)
+        return await self._start_login(command.tag, user, password)
 
     async def _authenticate(self, command: Command) -> bool | None:
         tag = command.tag
@@ -231,7 +285,11 @@ class ImapSession(Session):
                 else:
                     # RFC 4959: "=" stands for an empty initial response.
                     response = b"" if initial == b"=" else initial
-                _, user, password = sasl.decode_plain(response)
+                authzid, user, password = sasl.decode_plain(response)
+                if authzid and authzid != user:
+                    # A request to act as another user is rejected, never dropped.
+                    await self._reject_login(tag, user)
+                    return None
             elif mechanism == "LOGIN":
                 first = initial if initial is not None else await self._challenge(LOGIN_CHALLENGES[0])
                 user = sasl.decode_login_step(first)
@@ -250,7 +308,7 @@ class ImapSession(Session):
             self.record_login("invalid")
             self._protocol_error(exc.message, tag)
             return None
-        return await self._login(tag, user, password)
+        return await self._start_login(tag, user, password)
 
     async def _challenge(self, text: str) -> bytes:
         self.client.send(b"+ " + text.encode("ascii") + b"\r\n")
@@ -263,9 +321,39 @@ class ImapSession(Session):
 
     # Login toward the upstream
 
+    async def _start_login(
+        self, client_tag: str, login: bytes, password: bytes
+    ) -> bool | None:
+        """Log in upstream, first choosing and connecting the upstream when routing."""
+        await self.delay_login()
+        if not self.routes_by_login:
+            return await self._login(client_tag, login, password)
+        if not self.choose_route(login):
+            self._reply_login_failed(client_tag, login)
+            return None
+        assert self.route is not None
+        await self.connect_upstream(self._setup_upstream)
+        result = await self._login(client_tag, self.route.user, password)
+        if result is None:
+            self.drop_route()
+        return result
+
+    async def _reject_login(self, client_tag: str, login: bytes) -> None:
+        await self.delay_login()
+        self._reply_login_failed(client_tag, login)
+
+    def _reply_login_failed(self, client_tag: str, login: bytes) -> None:
+        """Fail a login that the appliance does not forward, like a wrong password."""
+        metrics.record_login(self, succeeded=False)
+        self.record_login("failed", login)
+        self.client.send(
+            format_tagged(
+                client_tag, "NO", "Authentication failed.", "AUTHENTICATIONFAILED"
+            )
+        )
+
     async def _login(self, client_tag: str, user: bytes, password: bytes) -> bool | None:
         assert self.upstream is not None
-        await self.delay_login()
         self.user = user.decode("utf-8", "replace")
         caps = {cap.upper() for cap in self.upstream_caps}
         tag = next(self.tags)

@@ -4,7 +4,6 @@ RFC 5034 AUTH), answered by the proxy; the login itself is re-encoded for the up
 from __future__ import annotations
 
 from appliance import metrics
-from appliance.logs import escape
 from appliance.protocols import capabilities, sasl
 from appliance.protocols.errors import ClientProtocolError
 from appliance.protocols.pop3 import (
@@ -40,6 +39,7 @@ LOGIN_CHALLENGES = (b"VXNlcm5hbWU6", b"UGFzc3dvcmQ6")  # base64 "Username:", "Pa
 
 class Pop3Session(Session):
     protocol = "pop3"
+    pre_auth_state = ("commands", "responses", "greeting", "upstream_caps")
 
     def goodbye(self, kind: str) -> bytes:
         code, text = GOODBYES[kind]
@@ -48,7 +48,9 @@ class Pop3Session(Session):
     # Upstream setup
 
     async def _setup_upstream(self, target: UpstreamTarget) -> None:
-        self.upstream = await open_upstream(target, self.limits.connect_timeout)
+        self.upstream = await open_upstream(
+            target, self.limits.connect_timeout, self.upstream_preface(target)
+        )
         self.responses = ResponseReader(max_line_length=self.limits.max_line_length)
         greeting = await self._status()
         if not greeting.ok:
@@ -90,8 +92,13 @@ class Pop3Session(Session):
         self.commands = CommandReader(max_line_length=self.limits.max_line_length)
         self.pending_user: bytes | None = None
         self.errors = 0
-        await self.connect_upstream(self._setup_upstream)
-        self.client.send(format_ok(self.greeting.text))
+        if self.routes_by_login:
+            # The upstream is chosen at login, so the proxy greets on its own, and
+            # without the APOP timestamp that only the upstream could supply.
+            self.client.send(format_ok("POP3 proxy ready"))
+        else:
+            await self.connect_upstream(self._setup_upstream)
+            self.client.send(format_ok(self.greeting.text))
         while True:
             try:
                 event = await self.next_client_event(self.commands)
@@ -114,7 +121,11 @@ class Pop3Session(Session):
     async def _dispatch(self, command: Command) -> bool | None:
         name = command.name
         if name == "CAPA":
-            lines = capabilities.pop3_pre_auth(self.upstream_caps, self.client_state)
+            if self.routes_by_login:
+                base: list[str] = list(capabilities.ROUTING_POP3_BASE)
+            else:
+                base = self.upstream_caps
+            lines = capabilities.pop3_pre_auth(base, self.client_state)
             self.client.send(format_multiline("Capability list follows", lines))
         elif name == "STLS":
             await self._stls()
@@ -124,6 +135,8 @@ class Pop3Session(Session):
         elif name == "NOOP":
             self.client.send(format_err("NOOP is not valid before login"))
         elif name in ("USER", "PASS", "AUTH", "APOP") and not self.client_state.login_allowed:
+            names_user = name in ("USER", "APOP") and command.args
+            self.record_login("rejected", command.args[0] if names_user else None)
             self.client.send(
                 format_err("Login is disabled until TLS is active; use STLS first", "AUTH")
             )
@@ -160,7 +173,7 @@ class Pop3Session(Session):
             self.client.send(format_err("Send USER first"))
             return None
         user, self.pending_user = self.pending_user, None
-        return await self._login(user, command.argument)
+        return await self._start_login(user, command.argument)
 
     async def _auth(self, command: Command) -> bool | None:
         if not command.args:
@@ -175,22 +188,30 @@ class Pop3Session(Session):
                 else:
                     # RFC 5034: "=" stands for an empty initial response.
                     response = b"" if initial == b"=" else initial
-                _, user, password = sasl.decode_plain(response)
+                authzid, user, password = sasl.decode_plain(response)
+                if authzid and authzid != user:
+                    # A request to act as another user is rejected, never dropped.
+                    await self.delay_login()
+                    self._reply_login_failed(user)
+                    return None
             elif mechanism == b"LOGIN":
                 user = sasl.decode_login_step(
                     initial if initial is not None else await self._challenge(LOGIN_CHALLENGES[0])
                 )
                 password = sasl.decode_login_step(await self._challenge(LOGIN_CHALLENGES[1]))
             else:
+                self.record_login("rejected")
                 self.client.send(format_err("Unsupported authentication mechanism"))
                 return None
         except _Cancelled:
+            self.record_login("cancelled")
             self.client.send(format_err("Authentication cancelled"))
             return None
         except ClientProtocolError as exc:
+            self.record_login("invalid")
             self._protocol_error(exc.message)
             return None
-        return await self._login(user, password)
+        return await self._start_login(user, password)
 
     async def _challenge(self, data: bytes) -> bytes:
         self.client.send(format_continuation(data))
@@ -206,11 +227,36 @@ class Pop3Session(Session):
             self.client.send(format_err("APOP needs a user name and a digest"))
             return None
         user, digest = command.args
+        if self.routes_by_login:
+            self.client.send(format_err("APOP is not available here; use USER or AUTH"))
+            return None
+        await self.delay_login()
         self.user = user.decode("utf-8", "replace")
         self.upstream.send(format_command("APOP", user, digest))
         return await self._finish_login(await self._status_event())
 
     # Login toward the upstream
+
+    async def _start_login(self, login: bytes, password: bytes) -> bool | None:
+        """Log in upstream, first choosing and connecting the upstream when routing."""
+        await self.delay_login()
+        if not self.routes_by_login:
+            return await self._login(login, password)
+        if not self.choose_route(login):
+            self._reply_login_failed(login)
+            return None
+        assert self.route is not None
+        await self.connect_upstream(self._setup_upstream)
+        result = await self._login(self.route.user, password)
+        if result is None:
+            self.drop_route()
+        return result
+
+    def _reply_login_failed(self, login: bytes) -> None:
+        """Fail a login that the appliance does not forward, like a wrong password."""
+        metrics.record_login(self, succeeded=False)
+        self.record_login("failed", login)
+        self.client.send(format_err("Authentication failed.", "AUTH"))
 
     async def _login(self, user: bytes, password: bytes) -> bool | None:
         assert self.upstream is not None
@@ -239,10 +285,10 @@ class Pop3Session(Session):
         status = event.status
         metrics.record_login(self, succeeded=status.ok)
         if not status.ok:
-            self.log.info("login failed for user {}", _escape_user(self.user))
+            self.record_login("failed", self.user)
             self.client.send(format_err(status.text or "Authentication failed", status.code))
             return None
-        self.log.info("login succeeded for user {}", _escape_user(self.user))
+        self.record_login("succeeded", self.user)
         self.client.send(event.raw)
         self._flush_pipelined()
         return True
@@ -260,7 +306,3 @@ class Pop3Session(Session):
 
 class _Cancelled(Exception):
     """The client cancelled a SASL exchange with `*`."""
-
-
-def _escape_user(user: str | None) -> str:
-    return escape(user or "")

@@ -13,7 +13,7 @@ from loguru import logger
 from appliance.admin import AdminServer
 from appliance.config import ListenerConfig, LoadedConfig
 from appliance.logs import configure_logging
-from appliance.proxy.guard import ClientGuard, raise_open_files_limit
+from appliance.proxy.guard import ClientGuard, MemoryReleaser, raise_open_files_limit
 from appliance.proxy.imap_session import ImapSession
 from appliance.proxy.listener import BindError, Listener
 from appliance.proxy.pop3_session import Pop3Session
@@ -54,7 +54,8 @@ class Runtime:
         self.planner = UpstreamPlanner(snapshot, store)
         self.status = ReloadStatus(version=snapshot.version, loaded_at=time.time())
         # Sessions and failed logins per client address, over all listeners.
-        self.guard = ClientGuard()
+        self.memory = MemoryReleaser()
+        self.guard = ClientGuard(on_drained=self.memory.request)
         self.stopping = asyncio.Event()
 
     @property
@@ -68,11 +69,16 @@ class Runtime:
         """Return the env of a new session, with the active snapshot by default."""
         snapshot = snapshot or self.snapshot
 
-        async def plan_upstream(name: str, protocol: str):
-            return await self.planner.plan(snapshot, name, protocol)
+        # A session routed by login passes the snapshot with its routed upstream.
+        async def plan_upstream(
+            name: str, protocol: str, routed: Snapshot | None = None
+        ):
+            return await self.planner.plan(routed or snapshot, name, protocol)
 
-        def report_upstream(protocol, target, connection, error) -> None:
-            self.planner.report(snapshot, protocol, target, connection, error)
+        def report_upstream(
+            protocol, target, connection, error, routed: Snapshot | None = None
+        ) -> None:
+            self.planner.report(routed or snapshot, protocol, target, connection, error)
 
         return SessionEnv(
             listener_name=listener_name,
@@ -120,6 +126,7 @@ class Runtime:
         if remaining:
             await asyncio.wait([s.task for s in remaining], timeout=10)
         logger.info("shutdown complete; {} sessions were closed at the deadline", len(remaining))
+        self.memory.cancel()
 
 
 def build_snapshot(loaded: LoadedConfig, version: int = 1) -> Snapshot:

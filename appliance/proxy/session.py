@@ -9,6 +9,7 @@ config snapshot that it started with, whatever reloads happen meanwhile.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 import ssl
 import time
@@ -22,9 +23,18 @@ from appliance import metrics
 from appliance.config import AppConfig, ListenerConfig, UpstreamConfig
 from appliance.protocols.capabilities import ClientSideState
 from appliance.protocols.errors import ClientProtocolError, UpstreamProtocolError
+from appliance.protocols.proxy_header import (
+    ProxyHeader,
+    ProxyHeaderError,
+    build_v2_header,
+    canonical_ip,
+    starts_like_header,
+)
 from appliance.proxy.connection import Connection, ConnectionClosed, join
 from appliance.proxy.errors import UpstreamError
 from appliance.proxy.guard import ClientGuard, format_login_outcome
+from appliance.proxy.proxy_protocol import read_proxy_header
+from appliance.proxy.routing import Route, resolve_route, routed_config
 from appliance.proxy.upstream import UpstreamTarget, describe_tls_error
 from appliance.tls.contexts import TlsContexts
 
@@ -44,8 +54,9 @@ class SessionEnv:
 
     listener_name: str
     snapshot: Snapshot
-    # Returns the concrete upstream targets to try for (upstream name, protocol), in order.
-    plan_upstream: Callable[[str, str], Any]
+    # Returns the concrete upstream targets to try for (upstream name, protocol), in
+    # order. A session routed by login passes its routed snapshot as a third argument.
+    plan_upstream: Callable[..., Any]
     on_finished: Callable[[Session], None] = lambda session: None
     # Receives (protocol, target, upstream connection or None, UpstreamError or None)
     # after each upstream setup attempt, so `tls: auto` can check its learned records.
@@ -71,6 +82,8 @@ class Session:
     """Base class of the IMAP and POP3 sessions."""
 
     protocol: ClassVar[str]
+    # Attributes that only the login phase reads; the relay drops them.
+    pre_auth_state: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, env: SessionEnv, client: Connection) -> None:
         self.env = env
@@ -84,7 +97,17 @@ class Session:
         self.started = time.monotonic()
         self.task: asyncio.Task[None] | None = None
         peer = client.extra("peername") or ("?", 0)
-        self.client_address = f"{peer[0]}:{peer[1]}"
+        # The TCP peer, which is a load balancer when a PROXY header names the client.
+        self.peer_address = f"{peer[0]}:{peer[1]}"
+        # The real client: the TCP peer, or the source of an accepted PROXY header.
+        self.client_address = self.peer_address
+        # Address that the client connected to, for the PROXY header sent upstream.
+        self.client_destination: tuple[str, int] | None = client.extra("sockname")
+        # A listener that accepts PROXY headers closes an untrusted peer that sends one.
+        self.close_on_proxy_header = False
+        # Set for a listener that routes by login, once a login names its server.
+        self.route: Route | None = None
+        self.route_snapshot: Snapshot = env.snapshot
         # Key of this session in the guard's count of open sessions, once counted.
         self.address_key: str | None = None
         self.log = logger.bind(
@@ -144,6 +167,8 @@ class Session:
             self.env.on_finished(self)
 
     async def _run_phases(self) -> None:
+        if not await self._accept_proxy_header():
+            return
         if self.env.extra.get("over_limit"):
             await self._reject_over_limit()
             return
@@ -186,6 +211,8 @@ class Session:
 
     async def next_client_event(self, reader: Any) -> Any:
         """Return the next event of a sans-IO client reader, reading as needed."""
+        if self.close_on_proxy_header:
+            await self._check_unexpected_proxy_header()
         return await _next_event(reader, self.client)
 
     async def next_upstream_event(self, reader: Any) -> Any:
@@ -198,16 +225,23 @@ class Session:
 
     async def connect_upstream(self, setup: Callable[[UpstreamTarget], Any]) -> None:
         """Try the planned targets in order until `setup` succeeds on one."""
-        name = self.env.listener.upstream
+        if self.route is not None:
+            name = self.route.upstream
+            routed: tuple[Snapshot, ...] = (self.route_snapshot,)
+        else:
+            name = self.env.listener.upstream
+            routed = ()
         assert name is not None
-        targets = await self.env.plan_upstream(name, self.protocol)
+        targets = await self.env.plan_upstream(name, self.protocol, *routed)
         failure: UpstreamError | None = None
         for target in targets:
             self.upstream_target = target
             try:
                 async with asyncio.timeout(self.limits.connect_timeout):
                     await setup(target)
-                self.env.report_upstream(self.protocol, target, self.upstream, None)
+                self.env.report_upstream(
+                    self.protocol, target, self.upstream, None, *routed
+                )
                 return
             except TimeoutError:
                 failure = UpstreamError("timeout", f"{target.address}: setup timed out")
@@ -215,7 +249,7 @@ class Session:
                 failure = exc if isinstance(exc, UpstreamError) else UpstreamError(
                     "protocol", f"{target.address}: {exc.message}"
                 )
-            self.env.report_upstream(self.protocol, target, None, failure)
+            self.env.report_upstream(self.protocol, target, None, failure, *routed)
             if self.upstream is not None:
                 self.upstream.abort()
                 self.upstream = None
@@ -223,6 +257,142 @@ class Session:
                 self.log.debug("upstream attempt {} failed: {}", target.mode, failure.detail)
         assert failure is not None
         raise failure
+
+    def upstream_config(self, target: UpstreamTarget) -> UpstreamConfig:
+        """Return the config of `target`, with the routed host for a host rule."""
+        return self.route_snapshot.config.upstreams[target.name]
+
+    def upstream_preface(self, target: UpstreamTarget) -> bytes:
+        """Return the bytes to send before anything else: a PROXY v2 header or none."""
+        if self.upstream_config(target).send_client_address != "proxy_v2":
+            return b""
+        source = (self.client_host, int(self.client_port))
+        destination = self.client_destination or source
+        try:
+            return build_v2_header(source, (destination[0], destination[1]))
+        except ValueError as exc:
+            raise UpstreamError(
+                "connect", f"cannot build a PROXY header for {target.name}: {exc}"
+            ) from None
+
+    @property
+    def client_ip(self) -> str:
+        """Client IP address in standard form, IPv4-mapped IPv6 as IPv4."""
+        try:
+            return canonical_ip(self.client_host)
+        except ValueError:
+            return self.client_host
+
+    # Routing by login
+
+    @property
+    def routes_by_login(self) -> bool:
+        return self.env.listener.route_by_login is not None
+
+    def choose_route(self, login: bytes) -> bool:
+        """Set the route of a login; return False when the allow-list rejects it."""
+        routing = self.env.listener.route_by_login
+        assert routing is not None
+        config = self.env.snapshot.config
+        route = resolve_route(login, routing, config.upstreams)
+        if route is None:
+            self.log.debug("login names no server on the allow-list; not connecting")
+            return False
+        self.route = route
+        self.route_snapshot = dataclasses.replace(
+            self.env.snapshot, config=routed_config(config, route)
+        )
+        self.log.info(
+            "routing login to upstream {} (server {})", route.upstream, route.server
+        )
+        return True
+
+    def drop_route(self) -> None:
+        """Close the upstream of a failed routed login; the next login starts anew."""
+        if self.upstream is not None:
+            self.upstream.abort()
+            self.upstream = None
+        self.upstream_target = None
+        self.route = None
+        self.route_snapshot = self.env.snapshot
+
+    # PROXY protocol from load balancers
+
+    async def _accept_proxy_header(self) -> bool:
+        """Read the PROXY header that the listener expects; False closes the session."""
+        settings = self.env.listener.proxy_protocol
+        if not settings.accept:
+            return True
+        if not settings.trusts(self.client_host):
+            if not settings.required:
+                self.close_on_proxy_header = True
+                return True
+            self.outcome = "rejected: not from a trusted PROXY network"
+            self.log.warning(
+                "closing connection from {}: this listener requires a PROXY header, "
+                "which only proxy_protocol.trusted_networks may send",
+                self.peer_address,
+            )
+            return False
+        try:
+            header = await read_proxy_header(self.client, settings)
+        except TimeoutError:
+            self.outcome = "rejected: no PROXY header"
+            self.log.warning(
+                "closing connection from {}: no PROXY header within {:g}s",
+                self.peer_address,
+                settings.timeout,
+            )
+            return False
+        except ProxyHeaderError as exc:
+            self.outcome = "rejected: invalid PROXY header"
+            self.log.warning(
+                "closing connection from {}: {}", self.peer_address, exc.message
+            )
+            return False
+        except (ConnectionClosed, ConnectionError):
+            self.outcome = "client disconnected before login"
+            return False
+        if header is not None:
+            self._use_proxy_header(header)
+        return True
+
+    def _use_proxy_header(self, header: ProxyHeader) -> None:
+        # The header is not application data, which is all that bytes_received counts.
+        self.client.bytes_received -= header.size
+        if header.source is None:
+            self.log.info(
+                "PROXY v{} {} header from {} names no client address; using {}",
+                header.version,
+                header.command,
+                self.peer_address,
+                self.peer_address,
+            )
+            return
+        host, port = header.source
+        self.client_address = f"{canonical_ip(host)}:{port}"
+        self.client_destination = header.destination
+        self.log = logger.bind(
+            session=self.id, listener=self.env.listener_name, client=self.client_address
+        )
+        self.log.info(
+            "PROXY v{} header from {}: client {}",
+            header.version,
+            self.peer_address,
+            self.client_address,
+        )
+
+    async def _check_unexpected_proxy_header(self) -> None:
+        self.close_on_proxy_header = False
+        data = await self.client.read_some()
+        self.client.push_back(data)
+        if starts_like_header(data):
+            self.log.warning(
+                "closing connection from {}: it sent a PROXY header but is not in "
+                "proxy_protocol.trusted_networks",
+                self.peer_address,
+            )
+            raise SessionEnd("rejected: PROXY header from an untrusted address")
 
     def check_no_pending(self, reader: Any, what: str) -> None:
         """Fail when the upstream sent bytes after its STARTTLS/STLS reply."""
@@ -296,12 +466,12 @@ class Session:
         self.phase = "relay"
         self.outcome = "logged out"
         join(self.client, self.upstream)
+        # An idle session then holds no parser, greeting or capability list.
+        for name in self.pre_auth_state:
+            self.__dict__.pop(name, None)
         idle = IdleTimer(self, self.limits.idle_timeout)
         try:
-            await asyncio.wait(
-                [self.client.closed, self.upstream.closed],
-                return_when=asyncio.FIRST_COMPLETED,
-            )
+            await _first_closed(self.client, self.upstream)
         finally:
             idle.cancel()
 
@@ -362,6 +532,27 @@ class Session:
             self.client.bytes_received,
             self.client.bytes_sent,
         )
+
+
+async def _first_closed(*connections: Connection) -> None:
+    """Wait until one of the connections is closed.
+
+    One future and one callback per connection: asyncio.wait would hold a set, a
+    waiter and a counter for every idle session.
+    """
+    ended = asyncio.get_running_loop().create_future()
+
+    def set_ended(_: asyncio.Future[None]) -> None:
+        if not ended.done():
+            ended.set_result(None)
+
+    for connection in connections:
+        connection.closed.add_done_callback(set_ended)
+    try:
+        await ended
+    finally:
+        for connection in connections:
+            connection.closed.remove_done_callback(set_ended)
 
 
 async def _next_event(reader: Any, connection: Connection) -> Any:

@@ -39,10 +39,15 @@ def describe_tls_error(exc: BaseException) -> str:
     return f"TLS handshake failed: {type(exc).__name__}: {exc}"
 
 
-async def open_upstream(target: UpstreamTarget, timeout: float) -> Connection:
-    """Connect to the target; with implicit TLS the handshake is part of the connect."""
+async def open_upstream(
+    target: UpstreamTarget, timeout: float, preface: bytes = b""
+) -> Connection:
+    """Connect to the target; with implicit TLS the handshake is part of the connect.
+
+    `preface`, a PROXY protocol header, is sent first, before any TLS handshake.
+    """
     loop = asyncio.get_running_loop()
-    implicit = target.mode == "implicit"
+    implicit = target.mode == "implicit" and not preface
     try:
         async with asyncio.timeout(timeout):
             _, connection = await loop.create_connection(
@@ -60,6 +65,10 @@ async def open_upstream(target: UpstreamTarget, timeout: float) -> Connection:
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise UpstreamError("connect", f"{target.address}: connect failed: {reason}") from None
+    if preface:
+        connection.send(preface)
+        if target.mode == "implicit":
+            await upgrade_upstream(connection, target, timeout)
     return connection
 
 

@@ -61,7 +61,15 @@ class Command:
 
 @dataclass(frozen=True)
 class ContinuationRequest:
-    """Announcement of a synchronizing literal, so the session must send "+" next."""
+    """Announcement of a synchronizing literal, so the session must send "+" next.
+
+    A session that refuses the literal calls CommandReader.reject_literal() and
+    replies with a tagged NO or BAD instead.
+    """
+
+    # The command that announced the literal. Events compare without them.
+    tag: str = field(default="", compare=False)
+    name: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -244,6 +252,17 @@ class CommandReader:
         self._clear_command()
         return data
 
+    def reject_literal(self) -> None:
+        """Drop the command whose synchronizing literal was announced last.
+
+        Call it instead of sending "+". The client then sends no literal (RFC 3501
+        section 7.5), so the next line is read as a new command. Raises RuntimeError
+        unless the last event was a ContinuationRequest.
+        """
+        if not self._literal_announced:
+            raise RuntimeError("reject_literal() called without a literal announcement")
+        self._clear_command()
+
     def expect_continuation_line(self) -> None:
         """Make next_event() return the next line raw, as a ContinuationLine.
 
@@ -301,6 +320,7 @@ class CommandReader:
         self._literal_binary = False
         self._discard_tag: str | None = None
         self._discard_tail = b""
+        self._literal_announced = False
 
     def _take_line(self) -> bytes | None:
         # The LF of a line within the limit sits at most at index remaining + 1.
@@ -363,9 +383,11 @@ class CommandReader:
         self._state = _State.LITERAL
         if marker.non_synchronizing:
             return None
-        return ContinuationRequest()
+        self._literal_announced = True
+        return ContinuationRequest(self._command.tag, self._command.name)
 
     def _read_literal(self) -> bool:
+        self._literal_announced = False
         chunk_size = min(self._literal_remaining, len(self._buffer))
         self._literal += self._buffer[:chunk_size]
         del self._buffer[:chunk_size]
