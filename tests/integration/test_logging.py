@@ -338,7 +338,8 @@ def test_failed_login_logged_in_session(log_run):
     failed = [
         line
         for line in log_run.lines
-        if line.message == f"login failed for user {TRACE_USER}"
+        if line.message.startswith("login failed: client ")
+        and line.message.endswith(f'user "{TRACE_USER}"')
     ]
     assert len(failed) == 1
     assert failed[0].session is not None

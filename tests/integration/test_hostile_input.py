@@ -1,0 +1,674 @@
+"""Hostile clients against the real appliance: limits, timeouts and malformed input.
+
+The upstream is `PasswordServer`, a small fake IMAP and POP3 server that accepts the
+password `right` for any user and rejects every other. Dovecot would do, but it delays
+logins from an address after failed ones by seconds, which would blur the appliance's own
+failed-login delay. No test here needs Dovecot.
+
+Each client binds its own loopback source address, so per-address limits and the
+failed-login delay of one test never reach another.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import re
+import socket
+import socketserver
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from typing import Any, Self
+
+import pytest
+
+from tests.support.appliance import ApplianceProcess, free_port
+from tests.support.certs import TestPKI
+from tests.support.scripted_server import LineClient, Step, converse
+
+HOST = "127.0.0.1"
+TIMEOUT = 20.0
+LOG_TIMEOUT = 15.0
+RIGHT_PASSWORD = b"right"
+STRICT_LIMITS = {
+    "max_connections": 4,
+    "max_connections_per_address": 2,
+    "pre_auth_timeout": 3,
+    "max_protocol_errors": 4,
+    "max_line_length": 1024,
+    "auth_failure_delay": 0,
+}
+DELAY_LIMITS = {"auth_failure_delay": 1, "auth_failure_delay_max": 4}
+SOURCES = (f"127.0.{high}.{low}" for high in range(10, 250) for low in range(1, 255))
+
+
+def next_source() -> str:
+    return next(SOURCES)
+
+
+# Fake upstream
+
+
+class PasswordServer(socketserver.ThreadingTCPServer):
+    """IMAP or POP3 on loopback that accepts SASL PLAIN with the password `right`.
+
+    `received` collects every byte that clients sent, to check what reached the server.
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, protocol: str) -> None:
+        self.protocol = protocol
+        self.received = bytearray()
+        self.lock = threading.Lock()
+        super().__init__((HOST, 0), _PasswordHandler)
+        self.port = self.server_address[1]
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+        self.server_close()
+
+    def check(self, response: bytes) -> bool:
+        try:
+            _, _, password = base64.b64decode(response, validate=True).split(b"\0")
+        except ValueError:
+            return False
+        return password == RIGHT_PASSWORD
+
+
+class _PasswordHandler(socketserver.StreamRequestHandler):
+    server: PasswordServer
+
+    def handle(self) -> None:
+        self.request.settimeout(TIMEOUT)
+        try:
+            if self.server.protocol == "imap":
+                self._serve_imap()
+            else:
+                self._serve_pop3()
+        except OSError:
+            pass
+
+    def _line(self) -> bytes:
+        line = self.rfile.readline(65536)
+        with self.server.lock:
+            self.server.received += line
+        return line
+
+    def _serve_imap(self) -> None:
+        self.wfile.write(b"* OK Fake IMAP ready\r\n")
+        while line := self._line():
+            tag, _, rest = line.rstrip(b"\r\n").partition(b" ")
+            name, _, argument = rest.partition(b" ")
+            name = name.upper()
+            if name == b"CAPABILITY":
+                self.wfile.write(b"* CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN ID\r\n")
+                self.wfile.write(tag + b" OK done\r\n")
+            elif name == b"AUTHENTICATE":
+                response = argument.partition(b" ")[2]
+                if self.server.check(response):
+                    self.wfile.write(tag + b" OK [CAPABILITY IMAP4rev1] Logged in\r\n")
+                else:
+                    self.wfile.write(tag + b" NO [AUTHENTICATIONFAILED] Failed\r\n")
+            elif name == b"LOGOUT":
+                self.wfile.write(b"* BYE Logging out\r\n" + tag + b" OK done\r\n")
+                return
+            else:
+                self.wfile.write(tag + b" OK done\r\n")
+
+    def _serve_pop3(self) -> None:
+        self.wfile.write(b"+OK Fake POP3 ready\r\n")
+        while line := self._line():
+            words = line.rstrip(b"\r\n").split(b" ")
+            name = words[0].upper()
+            if name == b"CAPA":
+                self.wfile.write(b"+OK\r\nSASL PLAIN\r\nUSER\r\n.\r\n")
+            elif name == b"AUTH" and len(words) == 3:
+                if self.server.check(words[2]):
+                    self.wfile.write(b"+OK Logged in\r\n")
+                else:
+                    self.wfile.write(b"-ERR [AUTH] Authentication failed\r\n")
+            elif name == b"QUIT":
+                self.wfile.write(b"+OK Bye\r\n")
+                return
+            else:
+                self.wfile.write(b"+OK\r\n")
+
+
+# Appliances
+
+
+@pytest.fixture(scope="module")
+def upstreams() -> Iterator[dict[str, PasswordServer]]:
+    with PasswordServer("imap") as imap, PasswordServer("pop3") as pop3:
+        yield {"imap": imap, "pop3": pop3}
+
+
+def listener(protocol: str, tls: str = "none", cert: Any = None) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "protocol": protocol,
+        "port": free_port(),
+        "tls": tls,
+        "upstream": protocol,
+    }
+    if cert is not None:
+        entry["cert_file"] = str(cert.cert_file)
+        entry["key_file"] = str(cert.key_file)
+    return entry
+
+
+def appliance_config(
+    upstreams: dict[str, PasswordServer],
+    listeners: dict[str, dict[str, Any]],
+    limits: dict[str, Any],
+) -> dict[str, Any]:
+    return {
+        "listeners": listeners,
+        "upstreams": {
+            name: {"host": HOST, "port": server.port, "tls": "none"}
+            for name, server in upstreams.items()
+        },
+        "limits": limits,
+        "logging": {"level": "DEBUG"},
+    }
+
+
+@pytest.fixture(scope="module")
+def strict(upstreams, pki: TestPKI, tmp_path_factory) -> Iterator[ApplianceProcess]:
+    """An appliance with tight limits and no failed-login delay."""
+    cert = pki.issue_server_cert("hostile-input")
+    listeners = {
+        "imap": listener("imap"),
+        "pop3": listener("pop3"),
+        "imap_starttls": listener("imap", "starttls", cert),
+        "pop3_starttls": listener("pop3", "starttls", cert),
+        "imap_full": listener("imap"),
+        "pop3_full": listener("pop3"),
+        "imap_flood": listener("imap"),
+    }
+    config = appliance_config(upstreams, listeners, STRICT_LIMITS)
+    workdir = tmp_path_factory.mktemp("hostile-strict")
+    with ApplianceProcess(config, workdir) as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def delayed(upstreams, tmp_path_factory) -> Iterator[ApplianceProcess]:
+    """An appliance with a failed-login delay of 1 s, doubling up to 4 s."""
+    listeners = {"imap": listener("imap"), "pop3": listener("pop3")}
+    config = appliance_config(upstreams, listeners, DELAY_LIMITS)
+    workdir = tmp_path_factory.mktemp("hostile-delayed")
+    with ApplianceProcess(config, workdir) as process:
+        yield process
+
+
+# Clients
+
+
+class SourceClient(LineClient):
+    """A LineClient whose socket is bound to a chosen loopback source address."""
+
+    def __init__(self, port: int, source: str | None = None) -> None:
+        self.source = source or next_source()
+        self.sock = socket.create_connection(
+            (HOST, port), timeout=TIMEOUT, source_address=(self.source, 0)
+        )
+        self.buffer = bytearray()
+
+
+def connect(
+    proxy: ApplianceProcess, name: str, source: str | None = None
+) -> SourceClient:
+    """Connect to listener `name` and read an OK greeting."""
+    client = SourceClient(proxy.port(name), source)
+    greeting = client.read_line()
+    assert greeting.startswith((b"* OK", b"+OK")), greeting
+    return client
+
+
+def plain(user: bytes, password: bytes) -> bytes:
+    return base64.b64encode(b"\0" + user + b"\0" + password)
+
+
+def imap_login(client: LineClient, tag: bytes, password: bytes) -> bytes:
+    """Log in as `user` with AUTHENTICATE PLAIN and return the tagged reply."""
+    client.send(tag + b" AUTHENTICATE PLAIN " + plain(b"user", password) + b"\r\n")
+    return client.read_until_tagged(tag)[-1]
+
+
+def pop3_login(client: LineClient, password: bytes) -> bytes:
+    client.send(b"AUTH PLAIN " + plain(b"user", password) + b"\r\n")
+    return client.read_line()
+
+
+def login(protocol: str, client: LineClient, password: bytes) -> bytes:
+    if protocol == "imap":
+        return imap_login(client, b"L1", password)
+    return pop3_login(client, password)
+
+
+def succeeded(protocol: str, reply: bytes) -> bool:
+    return reply.startswith(b"L1 OK" if protocol == "imap" else b"+OK")
+
+
+def wait_for_log(proxy: ApplianceProcess, text: str) -> str:
+    """Return the first log line that contains `text`, waiting for it."""
+    deadline = time.monotonic() + LOG_TIMEOUT
+    while time.monotonic() < deadline:
+        for line in proxy.log_text().splitlines():
+            if text in line:
+                return line
+        time.sleep(0.05)
+    raise AssertionError(f"no log line contains {text!r}:\n{proxy.log_text()}")
+
+
+# Maximum connections per listener
+
+BUSY = {"imap": b"* BYE [UNAVAILABLE]", "pop3": b"-ERR [SYS/TEMP]"}
+
+
+@pytest.mark.parametrize("protocol", ["imap", "pop3"])
+def test_listener_full_rejects_excess(strict, protocol):
+    name = f"{protocol}_full"
+    with ExitStack() as stack:
+        for _ in range(STRICT_LIMITS["max_connections"]):
+            stack.enter_context(connect(strict, name))
+        with SourceClient(strict.port(name)) as excess:
+            reply = excess.read_until_closed()
+    assert reply.startswith(BUSY[protocol]), reply
+    assert reply.count(b"\n") == 1, reply
+
+
+def test_listener_accepts_again_after_close(strict):
+    sources = [next_source() for _ in range(STRICT_LIMITS["max_connections"])]
+    with ExitStack() as stack:
+        for source in sources:
+            stack.enter_context(connect(strict, "imap_full", source))
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        with SourceClient(strict.port("imap_full")) as client:
+            if client.read_line().startswith(b"* OK"):
+                break
+        assert time.monotonic() < deadline, (
+            "listener stayed full after its clients left"
+        )
+        time.sleep(0.1)
+
+
+# Maximum connections per client address
+
+
+def test_address_flood_gets_busy_reply(strict):
+    source = next_source()
+    with ExitStack() as stack:
+        for _ in range(STRICT_LIMITS["max_connections_per_address"]):
+            stack.enter_context(connect(strict, "imap_flood", source))
+        with SourceClient(strict.port("imap"), source) as excess:
+            reply = excess.read_until_closed()
+    assert reply.startswith(BUSY["imap"]), reply
+
+
+def test_address_flood_spares_other_address(strict):
+    with ExitStack() as stack:
+        for _ in range(STRICT_LIMITS["max_connections_per_address"]):
+            stack.enter_context(connect(strict, "imap_flood", "127.0.0.2"))
+        with connect(strict, "imap_flood", "127.0.0.3") as other:
+            reply = imap_login(other, b"L1", RIGHT_PASSWORD)
+    assert reply.startswith(b"L1 OK"), reply
+
+
+def test_address_limit_counts_all_listeners(strict):
+    source = next_source()
+    with (
+        connect(strict, "imap", source),
+        connect(strict, "pop3", source),
+        SourceClient(strict.port("pop3_full"), source) as excess,
+    ):
+        reply = excess.read_until_closed()
+    assert reply.startswith(BUSY["pop3"]), reply
+
+
+def test_address_limit_spares_upstream(strict, upstreams):
+    source = next_source()
+    before = len(upstreams["imap"].received)
+    with ExitStack() as stack:
+        for _ in range(STRICT_LIMITS["max_connections_per_address"]):
+            stack.enter_context(connect(strict, "imap_flood", source))
+        during = len(upstreams["imap"].received)
+        for _ in range(5):
+            with SourceClient(strict.port("imap_flood"), source) as excess:
+                excess.read_until_closed()
+        after = len(upstreams["imap"].received)
+    assert during > before
+    assert after == during
+
+
+# Pre-authentication timeout
+
+TIMED_OUT = {
+    "imap": b"* BYE [UNAVAILABLE] Timed out",
+    "pop3": b"-ERR [SYS/TEMP] Timed out",
+}
+
+
+@pytest.mark.parametrize("protocol", ["imap", "pop3"])
+def test_silent_client_timed_out(strict, protocol):
+    started = time.monotonic()
+    with connect(strict, protocol) as client:
+        reply = client.read_until_closed()
+    elapsed = time.monotonic() - started
+    assert reply.startswith(TIMED_OUT[protocol]), reply
+    assert elapsed >= STRICT_LIMITS["pre_auth_timeout"] - 0.5
+
+
+@pytest.mark.parametrize("protocol", ["imap", "pop3"])
+def test_one_byte_per_second_timed_out(strict, protocol):
+    stop = threading.Event()
+    with connect(strict, protocol) as client:
+
+        def trickle() -> None:
+            # One byte a second of a line that never ends: a slowloris client.
+            for byte in itertools.islice(itertools.cycle(b"a1 LOGIN user "), 30):
+                if stop.wait(1.0):
+                    return
+                try:
+                    client.sock.send(bytes([byte]))
+                except OSError:
+                    return
+
+        sender = threading.Thread(target=trickle, daemon=True)
+        sender.start()
+        started = time.monotonic()
+        try:
+            reply = client.read_until_closed()
+        finally:
+            stop.set()
+            sender.join(5)
+    assert TIMED_OUT[protocol] in reply, reply
+    assert time.monotonic() - started < TIMEOUT
+
+
+# Line and literal limits
+
+
+def test_overlong_imap_line_bad_then_in_sync(strict):
+    with connect(strict, "imap") as client:
+        client.send(b"a1 NOOP " + b"x" * 3000 + b"\r\n")
+        reply = client.read_line()
+        converse(client, [Step(b"a2 NOOP\r\n", b"a2 OK")])
+    assert reply.startswith(b"a1 BAD"), reply
+
+
+def test_overlong_pop3_line_err_then_in_sync(strict):
+    with connect(strict, "pop3") as client:
+        client.send(b"USER " + b"x" * 3000 + b"\r\n")
+        reply = client.read_line()
+        login_reply = pop3_login(client, RIGHT_PASSWORD)
+    assert reply.startswith(b"-ERR"), reply
+    assert login_reply.startswith(b"+OK"), login_reply
+
+
+@pytest.mark.parametrize("size", [b"4000000000", b"18446744073709551617"])
+def test_oversize_literal_bad_without_continuation(strict, size):
+    with connect(strict, "imap") as client:
+        client.send(b"a1 LOGIN {" + size + b"}\r\n")
+        reply = client.read_line()
+        replies = converse(client, [Step(b"a2 NOOP\r\n", b"a2 OK")])
+    assert reply.startswith(b"a1 BAD"), reply
+    assert not any(line.startswith(b"+") for line in replies), replies
+
+
+@pytest.mark.parametrize("size", [b"4000000000", b"18446744073709551617"])
+def test_oversize_nonsync_literal_closes(strict, size):
+    with connect(strict, "imap") as client:
+        client.send(b"a1 LOGIN {" + size + b"+}\r\n" + b"x" * 4096)
+        reply = client.read_until_closed()
+    assert reply.startswith(b"* BYE"), reply
+    assert b"+ " not in reply
+
+
+# Protocol error budget
+
+
+def test_imap_error_budget_closes(strict):
+    budget = STRICT_LIMITS["max_protocol_errors"]
+    with connect(strict, "imap") as client:
+        replies = []
+        for number in range(budget - 1):
+            client.send(b"e%d FROB\r\n" % number)
+            replies.append(client.read_line())
+        client.send(b"last FROB\r\n")
+        final = client.read_until_closed()
+    assert all(reply.startswith(b"e") and b" BAD " in reply for reply in replies)
+    assert final.startswith(b"* BYE"), final
+
+
+def test_pop3_error_budget_closes(strict):
+    budget = STRICT_LIMITS["max_protocol_errors"]
+    with connect(strict, "pop3") as client:
+        replies = []
+        for _ in range(budget - 1):
+            client.send(b"FROB\r\n")
+            replies.append(client.read_line())
+        client.send(b"FROB\r\n")
+        final = client.read_until_closed()
+    assert all(reply.startswith(b"-ERR") for reply in replies), replies
+    assert final.startswith(b"-ERR"), final
+    assert final.count(b"\n") == 1, final
+
+
+# Failed-login delay
+
+
+def timed_login(proxy: ApplianceProcess, protocol: str, source: str, password: bytes):
+    """Return (reply, seconds) of one login on a new connection."""
+    with connect(proxy, protocol, source) as client:
+        started = time.monotonic()
+        reply = login(protocol, client, password)
+        return reply, time.monotonic() - started
+
+
+@pytest.mark.parametrize("protocol", ["imap", "pop3"])
+def test_failed_login_delay_grows_and_resets(delayed, protocol):
+    source = next_source()
+    first, _ = timed_login(delayed, protocol, source, b"wrong")
+    second, second_time = timed_login(delayed, protocol, source, b"wrong")
+    third, third_time = timed_login(delayed, protocol, source, b"wrong")
+    success, success_time = timed_login(delayed, protocol, source, RIGHT_PASSWORD)
+    after, after_time = timed_login(delayed, protocol, source, b"wrong")
+
+    assert not succeeded(protocol, first), first
+    assert not succeeded(protocol, second), second
+    assert not succeeded(protocol, third), third
+    assert succeeded(protocol, success), success
+    assert not succeeded(protocol, after), after
+    assert second_time >= 0.9
+    assert third_time >= 1.8
+    assert success_time >= 3.6
+    assert after_time < third_time
+
+
+def test_failed_login_delay_per_address(delayed):
+    noisy = next_source()
+    for _ in range(3):
+        timed_login(delayed, "imap", noisy, b"wrong")
+    reply, seconds = timed_login(delayed, "imap", next_source(), RIGHT_PASSWORD)
+    assert reply.startswith(b"L1 OK"), reply
+    assert seconds < 1.8
+
+
+def test_syntax_errors_earn_no_delay(delayed):
+    source = next_source()
+    with connect(delayed, "imap", source) as client:
+        for number in range(5):
+            converse(
+                client,
+                [Step(b'b%d LOGIN "unterminated\r\n' % number, b"b%d BAD" % number)],
+            )
+        started = time.monotonic()
+        reply = imap_login(client, b"L1", RIGHT_PASSWORD)
+        seconds = time.monotonic() - started
+    assert reply.startswith(b"L1 OK"), reply
+    assert seconds < 0.9
+
+
+# Malformed IMAP input keeps the session in sync
+
+IMAP_MALFORMED = {
+    "unterminated-quoted": [Step(b'a1 LOGIN "user\r\n', b"a1 BAD")],
+    "invalid-escape": [Step(b'a1 LOGIN "us\\er" "x"\r\n', b"a1 BAD")],
+    "empty-literal-count": [Step(b"a1 LOGIN {}\r\n", b"a1 BAD")],
+    "negative-literal-count": [Step(b"a1 LOGIN {-1}\r\n", b"a1 BAD")],
+    "non-numeric-literal-count": [Step(b"a1 LOGIN {abc}\r\n", b"a1 BAD")],
+    "nul-byte": [Step(b"a1 NOOP\0\r\n", b"a1 BAD")],
+    "nul-in-literal": [
+        Step(b"a1 LOGIN {3}\r\n", b"+"),
+        Step(b"u\0r pw\r\n", b"a1 BAD"),
+    ],
+    "bare-cr": [Step(b"a1 NOOP\rx\r\n", b"a1 BAD")],
+    "bare-lf": [Step(b"a1 NOOP\n", b"a1 BAD")],
+    "unbalanced-parenthesis": [Step(b"a1 ID (\r\n", b"a1 BAD")],
+    "missing-command": [Step(b"a1\r\n", b"a1 BAD")],
+    "literal-in-unknown-command": [
+        Step(b"a1 FROB {20}\r\n", b"+"),
+        Step(b"a2 LOGOUT\r\na3 NOOP\r\n\r\n", b"a1 BAD"),
+    ],
+    "nonsync-literal-in-unknown-command": [
+        Step(b"a1 FROB {20+}\r\na2 LOGOUT\r\na3 NOOP\r\n\r\n", b"a1 BAD"),
+    ],
+    "authenticate-invalid-base64": [
+        Step(b"a1 AUTHENTICATE PLAIN\r\n", b"+"),
+        Step(b"not*base64!\r\n", b"a1 BAD"),
+    ],
+    "authenticate-initial-invalid-base64": [
+        Step(b"a1 AUTHENTICATE PLAIN %%%%\r\n", b"a1 BAD"),
+    ],
+    "authenticate-plain-without-nul": [
+        Step(
+            b"a1 AUTHENTICATE PLAIN " + base64.b64encode(b"userpw") + b"\r\n", b"a1 BAD"
+        ),
+    ],
+    "authenticate-cancel": [
+        Step(b"a1 AUTHENTICATE PLAIN\r\n", b"+"),
+        Step(b"*\r\n", b"a1 BAD"),
+    ],
+    "authenticate-login-cancel": [
+        Step(b"a1 AUTHENTICATE LOGIN\r\n", b"+"),
+        Step(base64.b64encode(b"user") + b"\r\n", b"+"),
+        Step(b"*\r\n", b"a1 BAD"),
+    ],
+    "authenticate-unknown-mechanism": [
+        Step(b"a1 AUTHENTICATE X-FROB\r\n", b"a1 NO"),
+    ],
+    "eight-bit-atom-user": [Step(b"a1 LOGIN us\xe9r x\r\n", b"a1 BAD")],
+    "eight-bit-quoted-user": [Step(b'a1 LOGIN "us\xc3\xa9r" "x"\r\n', b"a1 NO")],
+    "invalid-utf8-quoted-user": [Step(b'a1 LOGIN "us\xffr" "x"\r\n', b"a1 NO")],
+}
+
+
+@pytest.mark.parametrize("case", IMAP_MALFORMED, ids=list(IMAP_MALFORMED))
+def test_imap_malformed_input_stays_in_sync(strict, case):
+    with connect(strict, "imap") as client:
+        bad = converse(client, IMAP_MALFORMED[case])
+        noop = converse(client, [Step(b"z1 NOOP\r\n", b"z1 OK")])
+        reply = imap_login(client, b"L1", RIGHT_PASSWORD)
+    assert not any(b"LOGOUT" in line or b"BYE" in line for line in bad + noop)
+    assert not any(line.startswith((b"a2 ", b"a3 ")) for line in bad + noop)
+    assert reply.startswith(b"L1 OK"), reply
+
+
+def test_eight_bit_user_escaped_in_log(strict):
+    source = next_source()
+    with connect(strict, "imap", source) as client:
+        converse(client, [Step(b'a1 LOGIN "us\xc3\xa9r\\"x" "x"\r\n', b"a1 NO")])
+    line = wait_for_log(strict, f"login failed: client {source} ")
+    assert line.endswith('user "us\\xc3\\xa9r\\x22x"'), line
+
+
+# Malformed POP3 input keeps the session in sync
+
+POP3_MALFORMED = {
+    "nul-byte": [b"USER us\0er\r\n"],
+    "bare-cr": [b"USER us\rer\r\n"],
+    "bare-lf": [b"USER user\n"],
+    "empty-line": [b"\r\n"],
+    "invalid-keyword": [b"US3R user\r\n"],
+    "unknown-command": [b"FROB\r\n"],
+    "pass-without-user": [b"PASS x\r\n"],
+    "auth-invalid-base64": [b"AUTH PLAIN not*base64!\r\n"],
+    "auth-continuation-invalid-base64": [b"AUTH PLAIN\r\n", b"not*base64!\r\n"],
+    "auth-cancel": [b"AUTH PLAIN\r\n", b"*\r\n"],
+    "auth-login-cancel": [b"AUTH LOGIN\r\n", b"*\r\n"],
+    "auth-unknown-mechanism": [b"AUTH X-FROB\r\n"],
+    "eight-bit-user": [b"USER us\xe9r\r\n", b"PASS x\r\n"],
+}
+
+
+@pytest.mark.parametrize("case", POP3_MALFORMED, ids=list(POP3_MALFORMED))
+def test_pop3_malformed_input_stays_in_sync(strict, case):
+    with connect(strict, "pop3") as client:
+        replies = []
+        for line in POP3_MALFORMED[case]:
+            client.send(line)
+            replies.append(client.read_line())
+        reply = pop3_login(client, RIGHT_PASSWORD)
+    assert replies[-1].startswith(b"-ERR"), replies
+    assert reply.startswith(b"+OK"), reply
+
+
+# No "+" for a login before TLS
+
+PRE_TLS_LITERALS = [
+    b"a1 LOGIN {4}\r\n",
+    b"a1 LOGIN user {5}\r\n",
+    b"a1 AUTHENTICATE {5}\r\n",
+]
+
+
+@pytest.mark.parametrize("command", PRE_TLS_LITERALS, ids=["user", "password", "sasl"])
+def test_login_literal_before_tls_no_continuation(strict, upstreams, command):
+    before = len(upstreams["imap"].received)
+    with connect(strict, "imap_starttls") as client:
+        client.send(command)
+        reply = client.read_line()
+        converse(client, [Step(b"a2 NOOP\r\n", b"a2 OK")])
+    received = bytes(upstreams["imap"].received[before:])
+    assert reply.startswith(b"a1 NO [PRIVACYREQUIRED]"), reply
+    assert b"LOGIN" not in received
+    assert b"AUTHENTICATE" not in received
+
+
+def test_literal_before_tls_other_command_continues(strict):
+    with connect(strict, "imap_starttls") as client:
+        converse(client, [Step(b"a1 ID ({4}\r\n", b"+")])
+        converse(client, [Step(b'name "x")\r\n', b"a1 OK")])
+
+
+def test_pop3_user_before_tls_rejected(strict, upstreams):
+    before = len(upstreams["pop3"].received)
+    with connect(strict, "pop3_starttls") as client:
+        client.send(b"USER user\r\n")
+        reply = client.read_line()
+    assert reply.startswith(b"-ERR [AUTH]"), reply
+    assert b"USER" not in bytes(upstreams["pop3"].received[before:])
+
+
+# Process limits
+
+
+def test_open_files_limit_logged(strict):
+    line = wait_for_log(strict, "open files limit")
+    figures = re.search(
+        r"open files limit(?: raised from (\d+) to the hard limit|: soft (\d+), hard)"
+        r" (\d+|unlimited)$",
+        line,
+    )
+    assert figures is not None, line
