@@ -1,59 +1,42 @@
-"""Hot reload: watch config and certificate files, then apply a new config atomically.
-
-A reload loads every config source again, validates it, builds every TLS context and
-binds every new listener socket before it changes anything, so a failure at any step
-leaves the running config in place. Applying it never closes a running session. Sessions
-keep the snapshot they started with, and a listener that a reload removes or rebinds
-stops accepting but keeps its sessions. The one exception is
-`limits.drain_removed_listeners_after`.
-"""
+"""The reload itself: load, check, bind, then commit or reject as a whole."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import time
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
-from pydantic import BaseModel
-from watchfiles import Change, awatch
+from watchfiles import awatch
 
 from appliance import metrics
-from appliance.config import (
-    AppConfig,
-    ConfigError,
-    ListenerConfig,
-    LoadedConfig,
-    load_config,
-)
-from appliance.config.settings import DEFAULT_SECRETS_DIR, ENV_PREFIX
+from appliance.config import AppConfig, ConfigError, LoadedConfig, load_config
+from appliance.config.settings import DEFAULT_SECRETS_DIR
 from appliance.logs import configure_logging
 from appliance.proxy.listener import BindError, Listener
 from appliance.proxy.session import Snapshot
+from appliance.reload.diff import (
+    ConfigDiff,
+    diff_configs,
+    file_digests,
+    named_files,
+    plan_sockets,
+)
+from appliance.reload.watch import (
+    WATCH_DEBOUNCE_MS,
+    WATCH_RETRY_SECONDS,
+    WATCH_STEP_MS,
+    WatchSet,
+    build_watch_set,
+)
 from appliance.tls.contexts import TlsContextError, build_all_contexts
 
 if TYPE_CHECKING:
     from appliance.proxy.runtime import Runtime
-
-# watchfiles ends a burst of events after WATCH_STEP_MS without a new one, or after
-# WATCH_DEBOUNCE_MS at the latest, so one editor save or volume swap gives one reload.
-WATCH_STEP_MS = 100
-WATCH_DEBOUNCE_MS = 1000
-WATCH_RETRY_SECONDS = 5.0
-
-# A change to one of these fields needs another socket or another session class.
-SOCKET_FIELDS = ("bind", "port", "protocol")
-# The diff describes these sections entry by entry and compares every other top-level
-# field as a whole.
-NAMED_SECTIONS = ("listeners", "upstreams")
-# Used once at start (the admin listener, the known-servers store), so a reload only
-# records their new value.
-RESTART_SECTIONS = ("admin", "state_dir")
 
 
 class ReloadRejected(Exception):
@@ -66,223 +49,6 @@ class ReloadRejected(Exception):
     def __init__(self, message: str, loaded: LoadedConfig | None = None) -> None:
         super().__init__(message)
         self.loaded = loaded
-
-
-# Diff
-
-
-@dataclass(frozen=True)
-class ConfigDiff:
-    """Changes from the active config to a new one: listener actions, plus one readable
-    phrase per change for the summary line."""
-
-    added: tuple[str, ...] = ()
-    removed: tuple[str, ...] = ()
-    rebound: tuple[str, ...] = ()
-    """Listeners whose bind address, port or protocol changed."""
-    changes: tuple[str, ...] = ()
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.changes
-
-    @property
-    def incoming(self) -> tuple[str, ...]:
-        """Listeners of the new config that need a new `Listener` object."""
-        return self.added + self.rebound
-
-    @property
-    def outgoing(self) -> tuple[str, ...]:
-        """Listeners of the old config whose `Listener` object stops accepting."""
-        return self.removed + self.rebound
-
-
-def address_of(listener: ListenerConfig) -> str:
-    host = f"[{listener.bind}]" if ":" in listener.bind else listener.bind
-    return f"{host}:{listener.port}"
-
-
-def changed_fields(old: BaseModel, new: BaseModel) -> list[str]:
-    return [
-        name
-        for name in type(old).model_fields
-        if getattr(old, name) != getattr(new, name)
-    ]
-
-
-def named_files(config: AppConfig) -> dict[str, tuple[Path, ...]]:
-    """Return the certificate, key and CA files named by each listener and upstream."""
-    files: dict[str, tuple[Path, ...]] = {}
-    for name, listener in config.listeners.items():
-        paths = (listener.cert_file, listener.key_file)
-        files[f"listeners.{name}"] = tuple(p for p in paths if p is not None)
-    for name, upstream in config.upstreams.items():
-        paths = (upstream.ca_file, upstream.client_cert_file, upstream.client_key_file)
-        files[f"upstreams.{name}"] = tuple(p for p in paths if p is not None)
-    return files
-
-
-def file_digests(paths: Iterable[Path]) -> dict[Path, str]:
-    """Return the SHA-256 of each file's content, or "unreadable"."""
-    digests = {}
-    for path in paths:
-        try:
-            digests[path] = hashlib.sha256(path.read_bytes()).hexdigest()
-        except OSError:
-            digests[path] = "unreadable"
-    return digests
-
-
-def diff_configs(
-    old: AppConfig,
-    new: AppConfig,
-    old_digests: Mapping[Path, str] | None = None,
-    new_digests: Mapping[Path, str] | None = None,
-) -> ConfigDiff:
-    """Compare two configs and the digests of the files they name.
-
-    A file whose path stays the same but whose digest differs counts as a change of the
-    listener or upstream that names it, because its TLS context must be built again.
-    """
-    old_digests = old_digests or {}
-    new_digests = new_digests or {}
-    new_files = named_files(new)
-
-    def files_changed(key: str) -> bool:
-        paths = new_files.get(key, ())
-        return any(old_digests.get(p) != new_digests.get(p) for p in paths)
-
-    added, removed, rebound, changes = [], [], [], []
-    for name in old.listeners.keys() - new.listeners.keys():
-        removed.append(name)
-        changes.append(f"listeners.{name} removed")
-    for name, listener in new.listeners.items():
-        previous = old.listeners.get(name)
-        if previous is None:
-            added.append(name)
-            address = address_of(listener)
-            changes.append(f"listeners.{name} added on {address} ({listener.protocol})")
-        elif any(getattr(previous, f) != getattr(listener, f) for f in SOCKET_FIELDS):
-            rebound.append(name)
-            changes.append(
-                f"listeners.{name} rebound from {address_of(previous)} "
-                f"({previous.protocol}) to {address_of(listener)} ({listener.protocol})"
-            )
-        elif previous != listener:
-            fields = ", ".join(changed_fields(previous, listener))
-            changes.append(f"listeners.{name} changed: {fields}")
-        elif files_changed(f"listeners.{name}"):
-            changes.append(f"listeners.{name} certificate files changed")
-
-    changes += _upstream_changes(old, new, files_changed)
-    changes += _section_changes(old, new)
-    return ConfigDiff(
-        added=tuple(sorted(added)),
-        removed=tuple(sorted(removed)),
-        rebound=tuple(sorted(rebound)),
-        changes=tuple(changes),
-    )
-
-
-def _upstream_changes(old: AppConfig, new: AppConfig, files_changed) -> list[str]:
-    changes = []
-    for name in sorted(old.upstreams.keys() - new.upstreams.keys()):
-        changes.append(f"upstreams.{name} removed")
-    for name, upstream in new.upstreams.items():
-        previous = old.upstreams.get(name)
-        if previous is None:
-            changes.append(f"upstreams.{name} added")
-        elif previous != upstream:
-            fields = ", ".join(changed_fields(previous, upstream))
-            changes.append(f"upstreams.{name} changed: {fields}")
-        elif files_changed(f"upstreams.{name}"):
-            changes.append(f"upstreams.{name} CA or client certificate files changed")
-    return changes
-
-
-def _section_changes(old: AppConfig, new: AppConfig) -> list[str]:
-    changes = []
-    for section in type(new).model_fields:
-        before, after = getattr(old, section), getattr(new, section)
-        if section in NAMED_SECTIONS or before == after:
-            continue
-        change = f"{section} changed"
-        if isinstance(after, BaseModel):
-            change += f": {', '.join(changed_fields(before, after))}"
-        if section in RESTART_SECTIONS:
-            change += " (takes effect after a restart)"
-        changes.append(change)
-    return changes
-
-
-def plan_sockets(
-    old: Mapping[str, ListenerConfig],
-    new: Mapping[str, ListenerConfig],
-    diff: ConfigDiff,
-) -> dict[str, str | None]:
-    """Map each incoming listener to the outgoing one whose socket it takes over.
-
-    An outgoing socket on exactly the same address is handed over, because a second bind
-    of a listening address fails. None means that a new socket must be bound.
-    """
-    sockets = {address_of(old[name]): name for name in diff.outgoing}
-    return {name: sockets.get(address_of(new[name])) for name in diff.incoming}
-
-
-# Watched set
-
-
-@dataclass(frozen=True)
-class WatchSet:
-    """The files a reload depends on, and the watchfiles filter for their folders.
-
-    Folders are watched instead of files, because an editor that saves by rename and a
-    Kubernetes volume that swaps its `..data` symlink both leave a watched file's inode
-    behind. The watch is not recursive, because the swap shows up as `..`-prefixed
-    entries in the volume's own folder.
-
-    NOTE: a named file that is a symlink into another folder, rewritten in place there,
-    is not seen (only a replaced symlink is). SIGHUP reloads it.
-    """
-
-    files: frozenset[Path]
-    secrets_dir: Path | None = None
-
-    @property
-    def folders(self) -> frozenset[Path]:
-        folders = {path.parent for path in self.files}
-        if self.secrets_dir is not None:
-            folders.add(self.secrets_dir)
-        return frozenset(folders)
-
-    def __call__(self, change: Change, path: str) -> bool:
-        candidate = Path(path)
-        if candidate in self.files:
-            return True
-        if candidate.name.startswith(".."):
-            return candidate.parent in self.folders
-        return (
-            candidate.parent == self.secrets_dir
-            and candidate.name.upper().startswith(ENV_PREFIX)
-        )
-
-    def union(self, other: WatchSet) -> WatchSet:
-        return WatchSet(self.files | other.files, self.secrets_dir or other.secrets_dir)
-
-
-def build_watch_set(
-    config: AppConfig, config_path: Path | None, secrets_dir: Path | None
-) -> WatchSet:
-    """Return the config file and every file the config names, as absolute paths."""
-    files = {path for paths in named_files(config).values() for path in paths}
-    if config_path is not None:
-        files.add(config_path)
-    absolute = frozenset(path.absolute() for path in files)
-    folder = secrets_dir.absolute() if secrets_dir is not None else None
-    return WatchSet(absolute, folder)
-
-
-# Reloader
 
 
 @dataclass

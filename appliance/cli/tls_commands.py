@@ -1,188 +1,20 @@
-"""Command line: `appliance run`, `check-config`, `schema`, `healthcheck`, `probe` and
-`known-servers`."""
+"""`appliance probe` and `appliance known-servers`: the TLS modes of mail servers."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
-import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-from appliance.config import AppConfig, ConfigError, LoadedConfig, load_config
-from appliance.config.render import render_effective_config
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_CONFIG_ERROR = 2
-EVENT_LOOP_VARIABLE = "APPLIANCE_EVENT_LOOP"
-EVENT_LOOP_CHOICES = ("auto", "asyncio", "uvloop")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="appliance",
-        description="IMAP and POP3 proxy that adds TLS toward mail servers.",
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    run = commands.add_parser("run", help="serve the configured listeners until stopped")
-    _add_config_options(run)
-
-    check = commands.add_parser(
-        "check-config", help="validate the config and print the effective values"
-    )
-    _add_config_options(check)
-
-    schema = commands.add_parser("schema", help="print the JSON Schema of the config file")
-    schema.add_argument(
-        "--format",
-        choices=("json", "markdown"),
-        default="json",
-        help="json: the JSON Schema; markdown: the config reference page",
-    )
-
-    healthcheck = commands.add_parser(
-        "healthcheck",
-        help="ask the running appliance whether it is healthy; exit 0 if so, else 1",
-    )
-    _add_config_options(healthcheck)
-    healthcheck.add_argument(
-        "--timeout",
-        type=float,
-        default=3.0,
-        metavar="SECONDS",
-        help="seconds to wait for each connection (default: 3)",
-    )
-    _add_probe_command(commands)
-    _add_known_servers_command(commands)
-    return parser
-
-
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config",
-        metavar="PATH",
-        help="config file, .yaml/.yml/.toml/.json (default: $APPLIANCE_CONFIG or "
-        "/etc/appliance/appliance.yaml)",
-    )
-    parser.add_argument(
-        "--secrets-dir",
-        metavar="DIR",
-        help="folder of one-value secret files (default: $APPLIANCE_SECRETS_DIR or /run/secrets)",
-    )
-
-
-def config_schema() -> dict:
-    """Return the JSON Schema of the config file."""
-    schema = AppConfig.model_json_schema(by_alias=True)
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["title"] = "Mail proxy appliance config"
-    return schema
-
-
-def _load(args: argparse.Namespace) -> LoadedConfig | None:
-    try:
-        loaded = load_config(args.config, secrets_dir=args.secrets_dir)
-    except ConfigError as exc:
-        print("config is invalid:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  - {problem}", file=sys.stderr)
-        return None
-    for warning in loaded.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    return loaded
-
-
-def command_check_config(args: argparse.Namespace) -> int:
-    loaded = _load(args)
-    if loaded is None:
-        return EXIT_CONFIG_ERROR
-    from appliance.tls.contexts import TlsContextError, build_all_contexts
-
-    try:
-        build_all_contexts(loaded.config)
-    except TlsContextError as exc:
-        print("config is invalid:", file=sys.stderr)
-        print(f"  - {exc}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    sys.stdout.write(render_effective_config(loaded))
-    return EXIT_OK
-
-
-def command_schema(args: argparse.Namespace) -> int:
-    if args.format == "markdown":
-        from appliance.config.reference import render_reference
-
-        sys.stdout.write(render_reference())
-    else:
-        sys.stdout.write(json.dumps(config_schema(), indent=2, sort_keys=False) + "\n")
-    return EXIT_OK
-
-
-def event_loop_factory(
-    choice: str | None,
-) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """Return the event loop factory for an APPLIANCE_EVENT_LOOP value.
-
-    None means asyncio's default loop. `auto` (also an unset or empty value) picks
-    uvloop when it is installed. Raises ValueError for an unknown value, or for `uvloop`
-    when uvloop is missing.
-    """
-    name = (choice or "auto").strip().lower() or "auto"
-    if name not in EVENT_LOOP_CHOICES:
-        raise ValueError(
-            f"{EVENT_LOOP_VARIABLE}={choice!r} is invalid; expected one of: "
-            f"{', '.join(EVENT_LOOP_CHOICES)}"
-        )
-    if name == "asyncio":
-        return None
-    try:
-        import uvloop
-    except ImportError:
-        if name == "uvloop":
-            raise ValueError(
-                f"{EVENT_LOOP_VARIABLE}=uvloop, but uvloop is not installed; install it "
-                "(pip install 'appliance[fast]') or set "
-                f"{EVENT_LOOP_VARIABLE}=asyncio"
-            ) from None
-        return None
-    return uvloop.new_event_loop
-
-
-def command_run(args: argparse.Namespace) -> int:
-    try:
-        loop_factory = event_loop_factory(os.environ.get(EVENT_LOOP_VARIABLE))
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    loaded = _load(args)
-    if loaded is None:
-        return EXIT_CONFIG_ERROR
-    from appliance.proxy.runtime import serve
-
-    return serve(
-        loaded,
-        config_arg=args.config,
-        secrets_dir_arg=args.secrets_dir,
-        loop_factory=loop_factory,
-    )
-
-
-def command_healthcheck(args: argparse.Namespace) -> int:
-    """Print one line and return 0 when the appliance is healthy, else 1."""
-    try:
-        loaded = load_config(args.config, secrets_dir=args.secrets_dir)
-    except ConfigError as exc:
-        print(f"unhealthy: config is invalid: {exc.problems[0]}")
-        return EXIT_FAILURE
-    from appliance.admin import check_health
-
-    healthy, reason = check_health(loaded.config, timeout=args.timeout)
-    print(reason)
-    return EXIT_OK if healthy else EXIT_FAILURE
+from appliance.cli.common import (
+    EXIT_CONFIG_ERROR,
+    EXIT_FAILURE,
+    EXIT_OK,
+    _add_config_options,
+    _load,
+)
 
 
 def _add_probe_command(commands: argparse._SubParsersAction) -> None:
@@ -373,22 +205,3 @@ def _pin_known_server(store, args: argparse.Namespace) -> int:
         store.pin(key, args.mode, port)
         print(f"pinned {key} to {args.mode} (port {port})")
     return EXIT_OK
-
-
-COMMANDS = {
-    "run": command_run,
-    "check-config": command_check_config,
-    "schema": command_schema,
-    "probe": command_probe,
-    "known-servers": command_known_servers,
-    "healthcheck": command_healthcheck,
-}
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return COMMANDS[args.command](args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

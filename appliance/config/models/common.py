@@ -1,0 +1,117 @@
+"""Field types, host and address checks, and the base model of every config section."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Protocol = Literal["imap", "pop3"]
+ListenerTls = Literal["none", "implicit", "starttls"]
+UpstreamTls = Literal["none", "implicit", "starttls", "auto"]
+ClientAddressMode = Literal["none", "proxy_v2", "imap_id"]
+LoginSeparator = Literal["@", "#", "%"]
+KnownMode = Literal["implicit", "starttls", "none"]
+TlsVersion = Literal["1.2", "1.3"]
+LogLevel = Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"]
+LOG_LEVELS = get_args(LogLevel)
+Port = Annotated[int, Field(ge=1, le=65535)]
+Seconds = Annotated[float, Field(gt=0)]
+
+# Ports from RFC 3501/1939 (plain, STARTTLS) and RFC 8314 (implicit TLS).
+DEFAULT_PORTS: dict[tuple[str, str], int] = {
+    ("imap", "plain"): 143,
+    ("imap", "implicit"): 993,
+    ("pop3", "plain"): 110,
+    ("pop3", "implicit"): 995,
+}
+
+_HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def default_port(protocol: str, tls: str) -> int:
+    """Return the standard port for a protocol and upstream TLS mode."""
+    kind = "implicit" if tls == "implicit" else "plain"
+    return DEFAULT_PORTS[(protocol, kind)]
+
+
+def normalize_host(value: str) -> str:
+    """Validate a host name or IP address and return it lower-cased without a final dot."""
+    host = value.strip().rstrip(".").lower()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    labels = host.split(".")
+    if not host or len(host) > 253 or not all(_HOSTNAME_LABEL.match(x) for x in labels):
+        raise ValueError(
+            f"{value!r} is not a valid host name or IP address; "
+            "expected a name such as mail.example.org or an address such as 192.0.2.10"
+        )
+    return host
+
+
+def is_host_name(value: str) -> bool:
+    """Return whether `value` is a DNS host name and not an IP address in any spelling.
+
+    A final label of digits only is refused as well, because resolvers read names such
+    as `127.1` or `2130706433` as IPv4 addresses.
+    """
+    labels = value.split(".")
+    if not value or len(value) > 253:
+        return False
+    if not all(_HOSTNAME_LABEL.match(label) for label in labels):
+        return False
+    return not labels[-1].isdigit()
+
+
+def normalize_route_host(value: str) -> str:
+    """Validate a routing host, which is a host name or `*.` and a host name.
+
+    Returns the host lower-cased without a final dot.
+    """
+    host = value.strip().rstrip(".").lower()
+    name = host[2:] if host.startswith("*.") else host
+    if not is_host_name(name):
+        raise ValueError(
+            f"{value!r} is not a host name or pattern; expected a name such as "
+            "mail.example.org or a pattern such as *.example.org, where * stands for "
+            "one label (IP addresses are not allowed)"
+        )
+    return host
+
+
+def normalize_bind(value: str) -> str:
+    """Validate a bind address, an IP address optionally in brackets, and normalize it."""
+    text = value.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is not an IP address; expected an address such as "
+            "127.0.0.1, 0.0.0.0, ::1 or ::"
+        ) from None
+
+
+def _check_readable(path: Path | None) -> Path | None:
+    if path is None:
+        return None
+    if not path.exists():
+        raise ValueError(f"file {str(path)!r} does not exist; expected a readable PEM file")
+    if not path.is_file():
+        raise ValueError(f"{str(path)!r} is not a regular file; expected a PEM file")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"file {str(path)!r} is not readable by this process")
+    return path
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)

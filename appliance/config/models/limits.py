@@ -1,0 +1,76 @@
+"""Timeouts and size limits."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, model_validator
+
+from appliance.config.models.common import Seconds, StrictModel
+
+
+class Limits(StrictModel):
+    """Timeouts and size limits that bound what one client can cost."""
+
+    connect_timeout: Seconds = 10.0
+    """Seconds allowed for connecting to an upstream, TLS handshake included."""
+
+    pre_auth_timeout: Seconds = 60.0
+    """Seconds a client may take from connecting to a successful login."""
+
+    idle_timeout: Annotated[float, Field(ge=1800)] = 1860.0
+    """Seconds without traffic after which an authenticated session is closed; at least
+    1800, because RFC 3501 lets IMAP clients sit in IDLE for 30 minutes."""
+
+    max_line_length: Annotated[int, Field(ge=512, le=1 << 20)] = 8192
+    """Maximum length in bytes of one command or response line before login."""
+
+    max_literal_size: Annotated[int, Field(ge=0, le=1 << 24)] = 65536
+    """Maximum size in bytes of one IMAP literal before login."""
+
+    max_connections: Annotated[int, Field(ge=1)] = 1000
+    """Maximum concurrent sessions on one listener."""
+
+    max_protocol_errors: Annotated[int, Field(ge=1)] = 10
+    """Invalid commands before login after which a session is closed."""
+
+    max_connections_per_address: Annotated[int, Field(ge=1)] = 50
+    """Maximum concurrent sessions from one client address, over all listeners, so
+    that a flood from one address cannot take every session or every upstream login
+    process. Clients behind one NAT share an address, so raise it for such sites.
+    Without PROXY protocol, every client behind a load balancer has its address."""
+
+    ipv6_prefix_length: Annotated[int, Field(ge=32, le=128)] = 64
+    """Length of the IPv6 prefix that counts as one client address for
+    `max_connections_per_address` and the failed-login delay, because one host
+    usually gets a whole /64. 128 counts every IPv6 address alone."""
+
+    auth_failure_delay: Annotated[float, Field(ge=0)] = 1.0
+    """Seconds that the next login from a client address waits after an
+    authentication failure from it. The delay doubles with each further failure, up to
+    `auth_failure_delay_max`, and a successful login resets it. Syntax errors do not
+    count. 0 turns the delay off."""
+
+    auth_failure_delay_max: Seconds = 15.0
+    """Upper bound in seconds of the failed-login delay."""
+
+    auth_failure_reset_after: Seconds = 900.0
+    """Seconds without an authentication failure after which the failures of a client
+    address are forgotten."""
+
+    shutdown_grace_period: Annotated[float, Field(ge=0)] = 10.0
+    """Seconds that running sessions get to finish after SIGTERM or SIGINT."""
+
+    drain_removed_listeners_after: Seconds | None = None
+    """Seconds that sessions on a listener removed by a reload may go on before they are
+    closed as at shutdown; unset lets them run to their natural end."""
+
+    @model_validator(mode="after")
+    def _validate_auth_failure_delay(self) -> Limits:
+        if self.auth_failure_delay > self.auth_failure_delay_max:
+            raise ValueError(
+                f"auth_failure_delay ({self.auth_failure_delay}) is larger than "
+                f"auth_failure_delay_max ({self.auth_failure_delay_max}); lower the "
+                "first or raise the second"
+            )
+        return self

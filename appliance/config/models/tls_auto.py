@@ -1,0 +1,53 @@
+"""`tls: auto`: fixed TLS modes per server, probing and the learned records."""
+
+from __future__ import annotations
+
+from pydantic import field_validator
+
+from appliance.config.models.common import (
+    KnownMode,
+    Port,
+    Protocol,
+    Seconds,
+    StrictModel,
+    normalize_host,
+)
+
+
+class KnownServer(StrictModel):
+    """An operator's fixed TLS mode for a server, which overrides probing."""
+
+    host: str
+    """Host name or IP address, compared case-insensitively."""
+
+    port: Port | None = None
+    """Port the entry applies to; unset means the standard port of `mode`."""
+
+    protocol: Protocol | None = None
+    """Protocol the entry applies to; unset means both."""
+
+    mode: KnownMode
+    """TLS mode to use for this server."""
+
+    @field_validator("host")
+    @classmethod
+    def _validate_host(cls, value: str) -> str:
+        return normalize_host(value)
+
+
+class TlsAutoConfig(StrictModel):
+    """Probing and the learned known-servers list behind `tls: auto`."""
+
+    probe_timeout: Seconds = 10.0
+    """Seconds allowed for each connection of a probe, TLS handshake and STARTTLS
+    included; the implicit-TLS and plain-port connections run in parallel."""
+
+    max_record_age: Seconds = 86400.0
+    """Seconds after which a learned record is probed again in the background, so a
+    server recorded as plain text or STARTTLS moves up once it offers more. A probe
+    never moves a record down."""
+
+    persist_known_servers: bool = True
+    """Keep learned records in `known_servers.json` under `state_dir` across restarts.
+    When false, records live in memory only and `state_dir` is not used. Read at
+    start, like `state_dir`: a reload does not change where records are kept."""
