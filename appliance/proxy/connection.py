@@ -70,6 +70,7 @@ class Connection(asyncio.Protocol):
         self.on_made: Callable[[Connection], None] | None = None
         # Implicit TLS: nothing may be read before the handshake starts.
         self.tls_on_connect = False
+        self._tls_info: tuple[str, str] | None = None
         # Set while a SpliceRelay moves this connection's bytes instead of the transport.
         self.splice: SpliceRelay | None = None
 
@@ -230,13 +231,18 @@ class Connection(asyncio.Protocol):
     @property
     def tls_info(self) -> tuple[str, str] | None:
         """Return the negotiated (TLS version, cipher name), or None on plain text."""
-        if self.transport is None:
-            return None
+        if self._tls_info is not None or self.transport is None:
+            return self._tls_info
         ssl_object = self.transport.get_extra_info("ssl_object")
         if ssl_object is None:
             return None
         cipher = ssl_object.cipher()
-        return ssl_object.version() or "?", cipher[0] if cipher else "?"
+        version = ssl_object.version()
+        info = (version or "?", cipher[0] if cipher else "?")
+        if version:
+            # Cached because the SSL object forgets the version once the connection closes.
+            self._tls_info = info
+        return info
 
     def extra(self, name: str) -> Any:
         return None if self.transport is None else self.transport.get_extra_info(name)
@@ -248,6 +254,11 @@ class Connection(asyncio.Protocol):
         self._peer = peer
         transport = self.transport
         if transport is None:
+            return
+        if transport.is_closing():
+            # The peer left between its last command and the relay; uvloop raises on any
+            # call to a closed transport, so only pass the close on.
+            peer.close()
             return
         transport.set_write_buffer_limits(high=RELAY_HIGH_WATER, low=RELAY_LOW_WATER)
         if self._eof:
@@ -298,8 +309,14 @@ def join(client: Connection, upstream: Connection) -> None:
     either side needs the bytes in Python, so those use the transports.
     """
     if splice_supported() and can_splice(client) and can_splice(upstream):
-        client._peer, upstream._peer = upstream, client
-        SpliceRelay(client, upstream).start()
-        return
+        try:
+            relay = SpliceRelay(client, upstream)
+        except OSError:
+            # Out of descriptors for the duplicates: the transports can still relay.
+            relay = None
+        if relay is not None:
+            client._peer, upstream._peer = upstream, client
+            relay.start()
+            return
     client.relay_to(upstream)
     upstream.relay_to(client)

@@ -474,6 +474,10 @@ class Session:
             await _first_closed(self.client, self.upstream)
         finally:
             idle.cancel()
+        # After LOGOUT or QUIT the server closes first; a client that closes first dropped
+        # the connection without logging out.
+        if self.outcome == "logged out" and not self.upstream.closed.done():
+            self.outcome = "client disconnected"
 
     # Ending
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import imaplib
 import poplib
+import socket
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +35,7 @@ def appliance(request, dovecot, pki, tmp_path_factory) -> Iterator[ApplianceProc
                      "upstream": "imap_implicit", **tls_files},
             "pop3s": {"protocol": "pop3", "port": free_port(), "tls": "implicit",
                       "upstream": "pop3_starttls", **tls_files},
+            "plain": {"protocol": "imap", "port": free_port(), "upstream": "imap_implicit"},
         },
         "upstreams": {
             "imap_starttls": upstream_config(dovecot, "starttls", "imap"),
@@ -90,3 +93,25 @@ def test_implicit_pop3_retrieves_large_message(appliance, dovecot, client_contex
     expected = dovecot.message_bytes("alice", LARGE_INDEX)
 
     assert b"\r\n".join(lines) + b"\r\n" == expected
+
+
+def test_client_gone_after_login_is_clean(appliance, dovecot) -> None:
+    """A client that closes right after sending LOGIN ends its session without an error."""
+    password = dovecot.users["alice"].encode()
+    for _ in range(5):
+        with socket.create_connection(("127.0.0.1", appliance.port("plain")), 10) as sock:
+            sock.recv(4096)
+            sock.sendall(b"a1 LOGIN alice " + password + b"\r\n")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        ended = [
+            line
+            for line in appliance.log_text().splitlines()
+            if "listener=plain]" in line and "session ended" in line
+        ]
+        if len(ended) >= 5:
+            break
+        time.sleep(0.2)
+
+    assert len(ended) >= 5
+    assert "internal error" not in appliance.log_text()
