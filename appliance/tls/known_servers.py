@@ -254,16 +254,23 @@ class KnownServerStore:
             return
         with self._lock:
             self._signature = None
-            kept = len(self._records)
+            records = dict(self._records)
         logger.error(
-            "known-servers file {} is unreadable or corrupt ({}); moved it to {} and "
-            "continuing with {} records from memory; the file is rewritten with the next "
-            "learned record",
+            "known-servers file {} is unreadable or corrupt ({}); moved it to {}; {} "
+            "records in memory are written to a new file",
             self.path,
             reason,
             target,
-            kept,
+            len(records),
         )
+        if not records:
+            return
+        # Written at once, so a restart before the next learned record keeps the records
+        # and their downgrade protection.
+        try:
+            self._persist(records)
+        except StoreWriteError as exc:
+            logger.error("{}", exc)
 
     def _report_load_failure(self, message: str) -> None:
         if message != self._load_failure:

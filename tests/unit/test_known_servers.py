@@ -328,6 +328,16 @@ def test_corrupt_file_is_rebuilt_on_write(store: KnownServerStore) -> None:
     assert len(reopened.records()) == 2
 
 
+def test_corrupt_file_rewritten_from_memory(store: KnownServerStore) -> None:
+    store.learn(make_record("implicit"))
+    store.path.write_text("not json")
+
+    store.get(KEY)
+
+    assert store.path.is_file()
+    assert KnownServerStore(store.state_dir).get(KEY).mode == "implicit"
+
+
 def test_directory_in_place_of_file(
     store: KnownServerStore, log_lines: list[str]
 ) -> None:
