@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
+from pathlib import Path
 
 from appliance.cli.common import EXIT_CONFIG_ERROR, EXIT_OK, _load
 from appliance.config import AppConfig
@@ -31,8 +33,37 @@ def command_check_config(args: argparse.Namespace) -> int:
         print("config is invalid:", file=sys.stderr)
         print(f"  - {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    problem = state_dir_problem(loaded.config)
+    if problem is not None:
+        print("config is invalid:", file=sys.stderr)
+        print(f"  - {problem}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     sys.stdout.write(render_effective_config(loaded))
     return EXIT_OK
+
+
+def state_dir_problem(config: AppConfig) -> str | None:
+    """Return why `run` could not use state_dir, without creating anything."""
+    if not config.tls_auto.persist_known_servers:
+        return None
+    folder = Path(config.state_dir).absolute()
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"state_dir: {str(existing)!r} is not a folder, so {str(folder)!r} cannot be used"
+    # A temporary file tells more than os.access, which says yes to root even in /proc.
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        action = "written" if existing == folder else "created"
+        return (
+            f"state_dir: {str(folder)!r} cannot be {action} by this process "
+            f"({exc.strerror or exc}); choose a writable folder or set "
+            "tls_auto.persist_known_servers: false"
+        )
+    return None
 
 
 def command_schema(args: argparse.Namespace) -> int:

@@ -93,7 +93,16 @@ def load_config(
         _secrets_dir.reset(secrets_token)
 
     sources = _collect_sources(config.model_dump(by_alias=True), layers)
-    return LoadedConfig(config, path, sources, unknown_variable_warnings())
+    warnings = unknown_variable_warnings()
+    if not config.listeners:
+        warnings.append(
+            "no listeners are configured, so the appliance accepts no connections; "
+            f"config file: {path or 'none found'}"
+        )
+    named_secrets = secrets_dir or os.environ.get("APPLIANCE_SECRETS_DIR")
+    if named_secrets and not secrets.is_dir():
+        warnings.append(f"secrets folder {str(secrets)!r} does not exist and is ignored")
+    return LoadedConfig(config, path, sources, warnings)
 
 
 def _read_layers(
@@ -116,14 +125,52 @@ def _read_layers(
     return layers
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that rejects a key given twice in one mapping.
+
+    PyYAML keeps the last of duplicate keys, so a listener written twice would silently
+    lose its first definition.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} on line {line} repeats the key on line {seen[key]}; "
+                    "merge the two entries or rename one",
+                    key_node.start_mark,
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _check_top_level_mapping(path: Path) -> None:
-    """Reject a file whose top level is a list or a scalar, before pydantic-settings sees it."""
+    """Reject a file whose top level is not a mapping, or that repeats a YAML key.
+
+    This runs before pydantic-settings reads the file, which accepts neither case
+    gracefully.
+    """
     suffix = path.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".toml", ".json"):
+        raise ConfigError(
+            [
+                f"config file {str(path)!r} has an unknown extension; expected .yaml, "
+                ".yml, .toml or .json"
+            ]
+        )
     if suffix == ".toml":
-        return  # a TOML document is always a table
+        return  # a TOML document is always a table, and TOML rejects repeated keys
     try:
         text = path.read_text(encoding="utf-8")
-        document = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
+        if suffix == ".json":
+            document = json.loads(text)
+        else:
+            document = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader
     except (OSError, ValueError, yaml.YAMLError) as exc:
         raise ConfigError(
             [f"config file {str(path)!r} could not be parsed: {_short(exc)}"]
@@ -248,6 +295,14 @@ def _describe_error(
         if os.environ.get(variable) == "":
             hint = f"; {variable} is set but empty, and an empty variable counts as unset"
         return f"{where}: required value is missing{hint}"
+    if error["type"] in ("model_type", "dict_type", "model_attributes_type"):
+        source = _source_of(path, layers)
+        origin = f" (from {source})" if source else ""
+        shown = "" if _is_secret(path) else f" value {error.get('input')!r}:"
+        return (
+            f"{where}:{shown} expected a mapping of keys to values here, such as "
+            f"'key: value' lines in YAML{origin}; see the config reference"
+        )
     if error["type"] == "extra_forbidden":
         source = _source_of(path, layers)
         origin = f" (from {source})" if source else ""

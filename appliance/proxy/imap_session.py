@@ -265,10 +265,12 @@ class ImapSession(Session):
         await self.start_client_tls()
 
     async def _login_command(self, command: Command) -> bool | None:
-        if len(command.args) != 2 or not all(_is_string(a) for a in command.args):
+        # The reader turns the atom NIL into None, but for LOGIN it is the astring "NIL".
+        args = [b"NIL" if arg is None else arg for arg in command.args]
+        if len(args) != 2 or not all(_is_string(a) for a in args):
             self._protocol_error("LOGIN needs a user name and a password", command.tag)
             return None
-        user, password = (_to_bytes(a) for a in command.args)
+        user, password = (_to_bytes(a) for a in args)
         return await self._start_login(command.tag, user, password)
 
     async def _authenticate(self, command: Command) -> bool | None:

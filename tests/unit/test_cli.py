@@ -354,3 +354,17 @@ def test_schema_accepts_lower_case_level() -> None:
     validator = jsonschema.Draft202012Validator(config_schema())
 
     assert validator.is_valid({"logging": {"level": "info"}})
+
+
+def test_check_config_unusable_state_dir(
+    capsys: pytest.CaptureFixture[str],
+    config_file: Path,
+    secrets_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("APPLIANCE_STATE_DIR", "/proc/appliance-state")
+
+    code = check_config(config_file, secrets_dir)
+
+    assert code == EXIT_CONFIG_ERROR
+    assert "state_dir: '/proc/appliance-state' cannot be created" in capsys.readouterr().err

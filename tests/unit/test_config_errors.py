@@ -598,3 +598,27 @@ def test_any_mapping_loads_or_fails_cleanly(
         load_config(path, secrets_dir=secrets_dir)
     except ConfigError as exc:
         assert exc.problems
+
+
+def test_repeated_yaml_key_rejected(tmp_path: Path, secrets_dir: Path) -> None:
+    text = (
+        "listeners:\n"
+        "  imap: {protocol: imap, port: 1143, upstream: mail}\n"
+        "  imap: {protocol: imap, port: 1144, upstream: mail}\n"
+        "upstreams:\n"
+        "  mail: {host: mail.example.org}\n"
+    )
+    path = write_config(tmp_path, text)
+
+    problem = only_problem(path, secrets_dir)
+
+    assert "key 'imap' on line 3 repeats the key on line 2" in problem
+
+
+def test_unknown_extension_named(tmp_path: Path, secrets_dir: Path) -> None:
+    path = tmp_path / "appliance.ini"
+    path.write_text("[listeners]\n")
+
+    problem = only_problem(path, secrets_dir)
+
+    assert "unknown extension" in problem

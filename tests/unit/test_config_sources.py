@@ -463,7 +463,7 @@ def test_unknown_variable_warned(
 
     loaded = load(None, secrets_dir)
 
-    [warning] = loaded.warnings
+    [warning] = [w for w in loaded.warnings if "environment variable" in w]
     assert "APPLIANCE_LISTNERS__IMAP__PORT" in warning
     assert "listeners" in warning
 
@@ -478,7 +478,15 @@ def test_known_and_control_variables_not_warned(
 
     loaded = load_config(None)
 
-    assert loaded.warnings == []
+    assert [w for w in loaded.warnings if "environment variable" in w] == []
+
+
+def test_no_listeners_warned(tmp_path: Path, secrets_dir: Path) -> None:
+    path = write_file(tmp_path, "appliance.yaml", "{}\n")
+
+    loaded = load(path, secrets_dir)
+
+    assert any("no listeners are configured" in w for w in loaded.warnings)
 
 
 @pytest.mark.parametrize(
