@@ -47,16 +47,20 @@ def demo_environment(dovecot: DovecotServer, state_dir: str) -> dict[str, str]:
     return env
 
 
-def print_instructions() -> None:
+def print_instructions(dovecot: DovecotServer, state_dir: str) -> None:
+    ports = ", ".join(f"{name} {port}" for name, port in dovecot.enabled_ports.items())
     print(
         f"""
-Demo Dovecot is running; the appliance listens on 127.0.0.1 (Ctrl-C stops both).
-User {DEMO_USER!r}, password {DEMO_PASSWORD!r}. Try:
+Demo Dovecot is running on localhost ({ports}); its CA file is {dovecot.ca_file}.
+The appliance listens on 127.0.0.1 and keeps its state in {state_dir}.
+Ctrl-C stops both. User {DEMO_USER!r}, password {DEMO_PASSWORD!r}. Try:
 
   curl -u {DEMO_USER}:{DEMO_PASSWORD} 'imap://127.0.0.1:1143/INBOX;UID=1'
   curl -u {DEMO_USER}:{DEMO_PASSWORD} pop3://127.0.0.1:1110/1
   python3 -c "import imaplib; c = imaplib.IMAP4('127.0.0.1', 1143); \\
 print(c.login('{DEMO_USER}', '{DEMO_PASSWORD}')); print(c.select('INBOX'))"
+  appliance known-servers list --state-dir {state_dir}
+  appliance probe localhost --port {dovecot.ports["imaps"]} --ca-file {dovecot.ca_file}
 """,
         flush=True,
     )
@@ -72,7 +76,7 @@ def main() -> int:
         with DovecotServer(tls="both", extra_users={DEMO_USER: DEMO_PASSWORD}) as dovecot:
             env = demo_environment(dovecot, state_dir)
             command = [sys.executable, "-m", "appliance.cli", "run", "--config", str(QUICKSTART)]
-            print_instructions()
+            print_instructions(dovecot, state_dir)
             appliance = subprocess.Popen(command, cwd=REPO_ROOT, env=env)
             try:
                 return appliance.wait()
