@@ -54,7 +54,6 @@ SESSION_PHASES = ("pre-auth", "relay", "closing")
 # Outcomes that carry details, such as a client's TLS error, are matched by prefix below.
 OUTCOME_LABELS = {
     "logged out": "logged_out",
-    "client disconnected": "client_disconnected",
     "logged out before login": "logged_out_before_login",
     "idle timeout": "idle_timeout",
     "pre-auth timeout": "pre_auth_timeout",

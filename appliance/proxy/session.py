@@ -464,6 +464,8 @@ class Session:
     async def _relay(self) -> None:
         assert self.upstream is not None
         self.phase = "relay"
+        # NOTE: the relay does not parse LOGOUT or QUIT, so a client that drops the
+        # connection after login is also summarized as "logged out".
         self.outcome = "logged out"
         join(self.client, self.upstream)
         # An idle session then holds no parser, greeting or capability list.
@@ -474,10 +476,6 @@ class Session:
             await _first_closed(self.client, self.upstream)
         finally:
             idle.cancel()
-        # After LOGOUT or QUIT the server closes first; a client that closes first dropped
-        # the connection without logging out.
-        if self.outcome == "logged out" and not self.upstream.closed.done():
-            self.outcome = "client disconnected"
 
     # Ending
 

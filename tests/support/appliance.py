@@ -13,14 +13,13 @@ from typing import Any
 
 import yaml
 
+from tests.support.ports import pick_free_port
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    return pick_free_port(host)
 
 
 def wait_for_port(host: str, port: int, timeout: float = 15.0) -> None:

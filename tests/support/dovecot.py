@@ -39,6 +39,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from tests.support.certs import SERVER_CERT_KINDS, TestPKI
+from tests.support.ports import pick_free_port
 
 TLS_MODES = ("both", "starttls", "implicit", "none")
 BACKENDS = ("local", "docker")
@@ -77,21 +78,8 @@ def numbered_users(count: int, prefix: str = "load") -> dict[str, str]:
 
 
 def find_free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """Return `count` distinct TCP ports that were free on `host` a moment ago.
-
-    The sockets stay bound until all ports are chosen, so the ports differ, but
-    another process may take one before Dovecot binds it.
-    """
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind((host, 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+    """Return `count` distinct TCP ports that were free on `host` a moment ago."""
+    return [pick_free_port(host) for _ in range(count)]
 
 
 def small_message(user: str, index: int) -> bytes:
