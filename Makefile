@@ -9,7 +9,7 @@ VENV_PYTHON := $(VENV)/bin/python
 # Rebuilt when pyproject.toml changes, so new dependencies get installed.
 VENV_STAMP := $(VENV)/.installed
 
-.PHONY: test demo deps venv clean
+.PHONY: test demo bench deps venv clean
 
 test: deps venv
 	@status=0; $(VENV_PYTHON) -m pytest -q $(PYTEST_ARGS) || status=$$?; \
@@ -21,6 +21,14 @@ test: deps venv
 # Runs the appliance with examples/quickstart.yaml in front of a throwaway demo Dovecot.
 demo: deps venv
 	$(VENV_PYTHON) -m examples.demo
+
+# Measures the appliance against direct Dovecot, nginx's mail proxy and Dovecot's proxy
+# (about 15 minutes; BENCH_ARGS=--quick for a smoke run) and rewrites the results in
+# docs/benchmarks.md. Needs root; nginx rows need nginx and libnginx-mod-mail.
+BENCH_ARGS ?=
+bench: deps venv
+	$(VENV_PYTHON) -m pip install --quiet -e '.[test,fast]'
+	$(VENV_PYTHON) -m benchmarks.run $(BENCH_ARGS)
 
 venv: $(VENV_STAMP)
 

@@ -95,17 +95,17 @@ class _Pump:
 
     # Every idle spliced session has two pumps, so they carry no __dict__.
     __slots__ = (
-        "relay",
-        "loop",
-        "source",
         "destination",
-        "source_fd",
         "destination_fd",
-        "pipe",
-        "pending",
-        "reading",
-        "writing",
         "finished",
+        "loop",
+        "pending",
+        "pipe",
+        "reading",
+        "relay",
+        "source",
+        "source_fd",
+        "writing",
     )
 
     def __init__(
@@ -141,7 +141,9 @@ class _Pump:
         if self.pipe is None:
             self.pipe = _take_pipe()
         try:
-            size = os.splice(self.source_fd, self.pipe[1], PIPE_SIZE, flags=SPLICE_FLAGS)
+            size = os.splice(
+                self.source_fd, self.pipe[1], PIPE_SIZE, flags=SPLICE_FLAGS
+            )
         except BlockingIOError:
             self._flush()
             return
@@ -219,7 +221,7 @@ class SpliceRelay:
     both transports. An error or `Connection.abort` closes both at once.
     """
 
-    __slots__ = ("loop", "client", "upstream", "closing", "released", "pumps")
+    __slots__ = ("client", "closing", "loop", "pumps", "released", "upstream")
 
     def __init__(self, client: Connection, upstream: Connection) -> None:
         self.loop = asyncio.get_running_loop()
