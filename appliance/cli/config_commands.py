@@ -52,7 +52,7 @@ def state_dir_problem(config: AppConfig) -> str | None:
         existing = existing.parent
     if not existing.is_dir():
         return f"state_dir: {str(existing)!r} is not a folder, so {str(folder)!r} cannot be used"
-    # A temporary file tells more than os.access, which says yes to root even in /proc.
+    # A temporary file detects more than os.access, which returns True for root even in /proc.
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass

@@ -20,7 +20,7 @@ IMAP_PRE_AUTH_ALLOWED = frozenset(
 )
 IMAP_POST_AUTH_REMOVED = frozenset({"STARTTLS", "LOGINDISABLED"})
 
-# POP3 CAPA tags (RFC 2449) safe before login; the proxy answers USER, SASL and STLS itself.
+# POP3 CAPA tags (RFC 2449) safe before login; the proxy handles USER, SASL and STLS itself.
 POP3_PRE_AUTH_ALLOWED = frozenset(
     {
         "TOP",

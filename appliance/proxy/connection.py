@@ -19,7 +19,7 @@ from typing import Any
 
 from appliance.proxy.splice import SpliceRelay, can_splice, splice_supported
 
-# Bytes the connection holds before login while nobody reads; reading pauses above this.
+# Bytes buffered before login while no reader takes them; reading pauses above this.
 PRE_AUTH_BUFFER_LIMIT = 64 * 1024
 # Transport write buffer watermarks for the relay (bytes); reading pauses above the high mark.
 RELAY_HIGH_WATER = 256 * 1024
