@@ -20,6 +20,8 @@ from tests.support.dovecot import DovecotServer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO_ROOT / "examples" / "quickstart.yaml"
+# The console script installed next to this interpreter, as in .venv/bin/appliance.
+APPLIANCE_COMMAND = str(Path(sys.executable).parent / "appliance")
 DEMO_USER = "demo"
 DEMO_PASSWORD = "demo"
 
@@ -59,8 +61,8 @@ Ctrl-C stops both. User {DEMO_USER!r}, password {DEMO_PASSWORD!r}. Try:
   curl -u {DEMO_USER}:{DEMO_PASSWORD} pop3://127.0.0.1:1110/1
   python3 -c "import imaplib; c = imaplib.IMAP4('127.0.0.1', 1143); \\
 print(c.login('{DEMO_USER}', '{DEMO_PASSWORD}')); print(c.select('INBOX'))"
-  appliance known-servers list --state-dir {state_dir}
-  appliance probe localhost --port {dovecot.ports["imaps"]} --ca-file {dovecot.ca_file}
+  {APPLIANCE_COMMAND} known-servers list --state-dir {state_dir}
+  {APPLIANCE_COMMAND} probe localhost --port {dovecot.ports["imaps"]} --ca-file {dovecot.ca_file}
 """,
         flush=True,
     )
