@@ -1,7 +1,7 @@
 """What every session does, whatever the protocol: setup, timeouts, relay, goodbye, logs.
 
 A session runs in three phases. Before login the protocol subclass parses both sides and
-answers the client itself. After a successful login both connections are joined into a byte
+replies to the client itself. After a successful login both connections are joined into a byte
 relay. At the end both sides are closed and one summary line is logged. A session keeps the
 config snapshot that it started with, whatever reloads happen meanwhile.
 """
@@ -414,7 +414,7 @@ class Session:
         self._say_goodbye("busy")
 
     def _admit_client(self) -> bool:
-        """Count the session against its client address, or say goodbye when it is full."""
+        """Count the session against its client address, or send the goodbye when the address is at its limit."""
         self.address_key = self.env.guard.try_open(self.client_host, self.limits)
         if self.address_key is not None:
             return True
@@ -468,7 +468,7 @@ class Session:
         # connection after login is also summarized as "logged out".
         self.outcome = "logged out"
         join(self.client, self.upstream)
-        # An idle session then holds no parser, greeting or capability list.
+        # An idle session then keeps no parser, greeting or capability list.
         for name in self.pre_auth_state:
             self.__dict__.pop(name, None)
         idle = IdleTimer(self, self.limits.idle_timeout)
