@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -307,7 +308,9 @@ def _describe_error(
         source = _source_of(path, layers)
         origin = f" (from {source})" if source else ""
         return f"{where}: unknown key{origin}; check the spelling against the config reference"
-    source = _source_of(path, layers) if path else None
+    # Checks across sections report at the top level and name the field in the message.
+    named = path or _field_named_in(message)
+    source = _source_of(named, layers) if named else None
     origin = f" (from {source})" if source else ""
     shown = ""
     # Our own value errors already quote the value; pydantic's built-in ones do not.
@@ -320,6 +323,15 @@ def _describe_error(
     ):
         shown = f" value {error['input']!r}:"
     return f"{where}:{shown} {message}{origin}"
+
+
+_FIELD_IN_MESSAGE = re.compile(r"^((?:listeners|upstreams)\.[\w-]+\.\w+)\b")
+
+
+def _field_named_in(message: str) -> tuple[str, ...]:
+    """Return the field path that a top-level validation message starts with, if any."""
+    match = _FIELD_IN_MESSAGE.match(message)
+    return tuple(match.group(1).split(".")) if match else ()
 
 
 def _is_secret(path: tuple[str, ...]) -> bool:

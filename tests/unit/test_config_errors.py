@@ -622,3 +622,21 @@ def test_unknown_extension_named(tmp_path: Path, secrets_dir: Path) -> None:
     problem = only_problem(path, secrets_dir)
 
     assert "unknown extension" in problem
+
+
+def test_unknown_upstream_names_env_variable(
+    tmp_path: Path, secrets_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = (
+        "listeners:\n"
+        "  imap: {protocol: imap, port: 1143, upstream: mail}\n"
+        "upstreams:\n"
+        "  mail: {host: mail.example.org}\n"
+    )
+    path = write_config(tmp_path, text)
+    monkeypatch.setenv("APPLIANCE_LISTENERS__IMAP__UPSTREAM", "mial")
+
+    problem = only_problem(path, secrets_dir)
+
+    assert "'mial'" in problem
+    assert "(from env APPLIANCE_LISTENERS__IMAP__UPSTREAM)" in problem
