@@ -6,11 +6,11 @@ as their own user, select INBOX and fetch a message while all the others stay op
 appliance must serve every good session, and once all sessions close its resident memory
 (VmRSS of /proc/PID/status) must come back near its earlier level.
 
-The earlier level is measured after a first load of the same size. CPython's small-object
+The earlier level is measured after two loads of the same size. CPython's small-object
 allocator keeps an arena for as long as one object in it lives, so the first burst
 raises the resident size for good. In local runs it went from about 56 MiB to about
-72 MiB after a peak near 79 MiB. A second burst that does not come back to that level
-leaks.
+72 MiB after a peak near 79 MiB; in one CI run the second burst left 4 MiB more. A
+later burst that does not come back to that level leaks.
 
 Dovecot's defaults (100 login processes, 10 connections per user and address) would
 refuse this load, so its fixture gets a higher connection limit and one user per good
@@ -283,6 +283,9 @@ def test_load_serves_good_sessions_and_frees_memory(proxy):
     users = list(numbered_users(LOAD.good).items())
     run_and_close(proxy, WARMUP, users)
     first = run_and_close(proxy, LOAD, users)
+    # A second full load before the baseline: a CI run once ended 40 KiB over the bound
+    # after only one, because heap fragmentation still grew a little in the second load.
+    run_and_close(proxy, LOAD, users)
     baseline = stable_resident_bytes(pid)
 
     second = run_and_close(proxy, LOAD, users)
