@@ -237,7 +237,7 @@ def _lookup(values: Any, path: tuple[str, ...]) -> int | None:
 def _label(source: str, path: tuple[str, ...]) -> str:
     if source != "env":
         return source
-    # The variable may name the field itself or a section that holds it as JSON.
+    # The variable may name the field itself or a section that contains it as JSON.
     for depth in range(len(path), 0, -1):
         variable = ENV_PREFIX + NESTING_DELIMITER.join(path[:depth]).upper()
         if os.environ.get(variable):

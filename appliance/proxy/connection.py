@@ -240,7 +240,7 @@ class Connection(asyncio.Protocol):
         version = ssl_object.version()
         info = (version or "?", cipher[0] if cipher else "?")
         if version:
-            # Cached because the SSL object forgets the version once the connection closes.
+            # Cached because the SSL object no longer reports the version once the connection closes.
             self._tls_info = info
         return info
 

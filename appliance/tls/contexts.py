@@ -53,7 +53,7 @@ def client_context(upstream: UpstreamConfig, where: str) -> ssl.SSLContext:
                 context.load_default_certs(ssl.Purpose.SERVER_AUTH)
         except (ssl.SSLError, OSError) as exc:
             raise TlsContextError(
-                f"{where}.ca_file: {str(upstream.ca_file)!r} holds no usable CA "
+                f"{where}.ca_file: {str(upstream.ca_file)!r} contains no usable CA "
                 f"certificate ({_reason(exc)}); expected PEM certificates"
             ) from None
     else:

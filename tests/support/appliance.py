@@ -16,6 +16,7 @@ import yaml
 from tests.support.ports import pick_free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+WILDCARD_TO_LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -87,7 +88,8 @@ class ApplianceProcess:
             try:
                 for listener in self.config.get("listeners", {}).values():
                     host = listener.get("bind", "127.0.0.1")
-                    host = "127.0.0.1" if host == "0.0.0.0" else "::1" if host == "::" else host
+                    # A wildcard bind is reached through the loopback address of its family.
+                    host = WILDCARD_TO_LOOPBACK.get(host, host)
                     wait_for_port(host, listener["port"])
             except TimeoutError:
                 self.stop()
