@@ -84,6 +84,9 @@ class Backend:
             pki=pki,
             extra_users=self.users,
             connection_limit=connection_limit,
+            # Dovecot's advice for its high-performance login mode: at least one login
+            # process per core. With one, a single process encrypts every TLS session.
+            login_processes=os.cpu_count() or 1,
             # The fixture checks IDLE mailboxes every second, which would wake 1,000
             # idle mail processes each second during the memory workload.
             extra_config="mailbox_idle_check_interval = 30 secs\n",

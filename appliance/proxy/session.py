@@ -35,7 +35,11 @@ from appliance.proxy.errors import UpstreamError
 from appliance.proxy.guard import ClientGuard, format_login_outcome
 from appliance.proxy.proxy_protocol import read_proxy_header
 from appliance.proxy.routing import Route, resolve_route, routed_config
-from appliance.proxy.upstream import UpstreamTarget, describe_tls_error
+from appliance.proxy.upstream import (
+    UpstreamTarget,
+    describe_tls_error,
+    remember_tls_session,
+)
 from appliance.tls.contexts import TlsContexts
 
 
@@ -467,6 +471,8 @@ class Session:
         # NOTE: the relay does not parse LOGOUT or QUIT, so a client that drops the
         # connection after login is also summarized as "logged out".
         self.outcome = "logged out"
+        if self.upstream_target is not None:
+            remember_tls_session(self.upstream, self.upstream_target)
         join(self.client, self.upstream)
         # An idle session then keeps no parser, greeting or capability list.
         for name in self.pre_auth_state:

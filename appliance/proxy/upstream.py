@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from appliance.proxy.connection import Connection
 from appliance.proxy.errors import UpstreamError
+from appliance.tls.contexts import UpstreamContext
 
 
 @dataclass(frozen=True)
@@ -83,3 +84,10 @@ async def upgrade_upstream(connection: Connection, target: UpstreamTarget, timeo
         )
     except (ssl.SSLError, TimeoutError, ConnectionError) as exc:
         raise UpstreamError("tls", f"{target.address}: {describe_tls_error(exc)}") from None
+
+
+def remember_tls_session(connection: Connection, target: UpstreamTarget) -> None:
+    """Keep the upstream's TLS session for resumption by the next connection."""
+    ssl_object = connection.extra("ssl_object")
+    if ssl_object is not None and isinstance(target.context, UpstreamContext):
+        target.context.remember_session(ssl_object)

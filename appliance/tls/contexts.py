@@ -6,11 +6,15 @@ key or CA file is reported with the field that named it and nothing running is t
 
 from __future__ import annotations
 
+import collections
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.config import AppConfig, ListenerConfig, UpstreamConfig
+
+# Sessions kept per upstream server name for resumption; the newest are offered first.
+SESSIONS_PER_SERVER_NAME = 64
 
 TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
@@ -23,7 +27,7 @@ class TlsContextError(Exception):
 class TlsContexts:
     listeners: dict[str, ssl.SSLContext] = field(default_factory=dict)
     """Server-side context per TLS listener; listeners with `tls: none` have none."""
-    upstreams: dict[str, ssl.SSLContext] = field(default_factory=dict)
+    upstreams: dict[str, UpstreamContext] = field(default_factory=dict)
     """Client-side context per upstream, used for implicit TLS and STARTTLS alike."""
 
 
@@ -36,9 +40,68 @@ def server_context(listener: ListenerConfig, where: str) -> ssl.SSLContext:
     return context
 
 
-def client_context(upstream: UpstreamConfig, where: str) -> ssl.SSLContext:
+class UpstreamContext(ssl.SSLContext):
+    """A client-side context that resumes TLS sessions of earlier connections.
+
+    Resuming skips the server's signature and the certificate checks. Only sessions from
+    handshakes made with this context, and so verified under its policy, are offered
+    again, and only to the server name they were verified for. Each session is offered
+    once (RFC 8446, appendix C.4), so concurrent connections never share a ticket and
+    servers that accept a ticket only once still resume. A reload builds new contexts, so
+    changed CA files or verification settings start with no sessions.
+    """
+
+    resume_sessions: bool
+    _sessions: dict[str, collections.deque[ssl.SSLSession]]
+
+    def __new__(cls, *, resume_sessions: bool = True) -> UpstreamContext:
+        context = super().__new__(cls, ssl.PROTOCOL_TLS_CLIENT)
+        context.resume_sessions = resume_sessions
+        context._sessions = {}
+        return context
+
+    def wrap_bio(  # type: ignore[override]
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        # asyncio and uvloop both create their TLS objects through this method.
+        if session is None and self.resume_sessions and server_hostname is not None:
+            kept = self._sessions.get(server_hostname)
+            if kept:
+                session = kept.pop()
+        return super().wrap_bio(
+            incoming, outgoing, server_side, server_hostname, session
+        )
+
+    def remember_session(self, ssl_object: ssl.SSLObject) -> None:
+        """Keep the connection's session for a later connection to the same name.
+
+        Call it once the server has accepted a login: by then a TLS 1.3 server has sent
+        its session tickets, which arrive after the handshake.
+        """
+        name = ssl_object.server_hostname
+        if not self.resume_sessions or name is None:
+            return
+        session = ssl_object.session
+        if session is not None and (session.has_ticket or session.id):
+            kept = self._sessions.get(name)
+            if kept is None:
+                kept = self._sessions[name] = collections.deque(
+                    maxlen=SESSIONS_PER_SERVER_NAME
+                )
+            kept.append(session)
+
+    def kept_sessions(self, server_hostname: str) -> int:
+        return len(self._sessions.get(server_hostname, ()))
+
+
+def client_context(upstream: UpstreamConfig, where: str) -> UpstreamContext:
     """Build the context for connections to an upstream, verifying by default."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context = UpstreamContext(resume_sessions=upstream.session_resumption)
     context.minimum_version = TLS_VERSIONS[upstream.min_version]
     context.options |= ssl.OP_NO_COMPRESSION
     if upstream.verify:

@@ -203,6 +203,7 @@ class DovecotServer:
         login_trusted_networks: Sequence[str] = (),
         auth_failure_delay: int = 0,
         connection_limit: int = 1000,
+        login_processes: int = 1,
         pki: TestPKI | None = None,
         docker_image: str | None = None,
         start_timeout: float = 20.0,
@@ -226,6 +227,7 @@ class DovecotServer:
         self.login_trusted_networks = tuple(login_trusted_networks)
         self.auth_failure_delay = auth_failure_delay
         self.connection_limit = connection_limit
+        self.login_processes = login_processes
         self.docker_image = docker_image or os.environ.get(
             "APPLIANCE_TEST_DOVECOT_IMAGE", DEFAULT_DOCKER_IMAGE
         )
@@ -460,6 +462,7 @@ class DovecotServer:
             login_trusted_networks=self.login_trusted_networks,
             auth_failure_delay=self.auth_failure_delay,
             connection_limit=self.connection_limit,
+            login_processes=self.login_processes,
             extra_config=self.extra_config,
         )
 
@@ -577,6 +580,7 @@ def render_config(
     auth_failure_delay: int,
     connection_limit: int,
     extra_config: str,
+    login_processes: int = 1,
 ) -> str:
     """Render a self-contained dovecot.conf for Dovecot 2.3."""
     ssl_lines = (
@@ -622,14 +626,17 @@ mailbox_idle_check_interval = 1 secs
 mail_max_userip_connections = {connection_limit}
 
 default_client_limit = {connection_limit + 100}
-{_login_service("imap", ports, connection_limit)}
-{_login_service("pop3", ports, connection_limit)}
+{_login_service("imap", ports, connection_limit, login_processes)}
+{_login_service("pop3", ports, connection_limit, login_processes)}
 {extra_config}
 """
 
 
 def _login_service(
-    protocol: str, ports: Mapping[str, int | None], connection_limit: int
+    protocol: str,
+    ports: Mapping[str, int | None],
+    connection_limit: int,
+    login_processes: int,
 ) -> str:
     # service_count = 0 lets one login process serve many clients, which
     # Dovecot calls high-performance mode. Port 0 disables a listener; leaving
@@ -645,8 +652,8 @@ service {protocol}-login {{
   }}
   service_count = 0
   client_limit = {connection_limit}
-  process_min_avail = 1
-  process_limit = {LOGIN_PROCESS_LIMIT}
+  process_min_avail = {login_processes}
+  process_limit = {max(LOGIN_PROCESS_LIMIT, login_processes)}
 }}
 service {protocol} {{
   process_limit = {connection_limit}

@@ -47,6 +47,11 @@ class UpstreamConfig(StrictModel):
     min_version: TlsVersion = "1.2"
     """Lowest TLS version accepted from the server."""
 
+    session_resumption: bool = True
+    """Offer the TLS session of the last connection to this upstream again, so the
+    server skips its signature and the appliance skips certificate checks already made
+    for the same server name. Sessions live in memory only and are dropped on reload."""
+
     client_cert_file: Path | None = None
     """PEM client certificate presented to the server (TLS client authentication)."""
 
