@@ -109,6 +109,9 @@ class Session:
         self.client_destination: tuple[str, int] | None = client.extra("sockname")
         # A listener that accepts PROXY headers closes an untrusted peer that sends one.
         self.close_on_proxy_header = False
+        # A TLS ClientHello as the first client bytes on a plaintext port ends the
+        # session at once instead of at the pre-auth timeout.
+        self.check_for_client_hello = env.listener.tls != "implicit"
         # Set for a listener that routes by login, once a login names its server.
         self.route: Route | None = None
         self.route_snapshot: Snapshot = env.snapshot
@@ -217,6 +220,8 @@ class Session:
         """Return the next event of a sans-IO client reader, reading as needed."""
         if self.close_on_proxy_header:
             await self._check_unexpected_proxy_header()
+        if self.check_for_client_hello:
+            await self._check_unexpected_client_hello()
         return await _next_event(reader, self.client)
 
     async def next_upstream_event(self, reader: Any) -> Any:
@@ -385,6 +390,21 @@ class Session:
             self.peer_address,
             self.client_address,
         )
+
+    async def _check_unexpected_client_hello(self) -> None:
+        self.check_for_client_hello = False
+        data = await self.client.read_some()
+        self.client.push_back(data)
+        # A TLS handshake record: content type 22, then major version 3. Neither byte
+        # can start an IMAP tag or a POP3 command.
+        if data[:2] == b"\x16\x03":
+            self.log.warning(
+                "closing connection from {}: it started a TLS handshake on a plaintext "
+                "port; the client expects implicit TLS (tls: implicit on the listener, "
+                "or STARTTLS in the client)",
+                self.peer_address,
+            )
+            raise SessionEnd("rejected: TLS handshake on a plaintext port")
 
     async def _check_unexpected_proxy_header(self) -> None:
         self.close_on_proxy_header = False

@@ -16,6 +16,7 @@ import itertools
 import re
 import socket
 import socketserver
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -394,6 +395,25 @@ def test_one_byte_per_second_timed_out(strict, protocol):
             sender.join(5)
     assert TIMED_OUT[protocol] in reply, reply
     assert time.monotonic() - started < TIMEOUT
+
+
+
+@pytest.mark.parametrize("protocol", ["imap", "pop3"])
+def test_tls_client_on_plaintext_port_closed_at_once(strict, protocol):
+    # A mail client set to implicit TLS sends a ClientHello and waits; the appliance
+    # closes without waiting for the pre-auth timeout.
+    context = ssl.create_default_context()
+    client_hello = ssl.MemoryBIO()
+    tls = context.wrap_bio(ssl.MemoryBIO(), client_hello, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    started = time.monotonic()
+    with connect(strict, protocol) as client:
+        client.sock.sendall(client_hello.read())
+        client.read_until_closed()
+    assert time.monotonic() - started < STRICT_LIMITS["pre_auth_timeout"] - 0.5
+    line = wait_for_log(strict, "started a TLS handshake on a plaintext port")
+    assert "expects implicit TLS" in line
 
 
 # Line and literal limits
