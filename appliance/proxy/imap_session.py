@@ -19,6 +19,7 @@ from appliance.protocols.imap import (
     ContinuationLine,
     ContinuationRequest,
     CommandReader,
+    Literal8,
     Response,
     ResponseReader,
     format_authenticate_plain,
@@ -279,6 +280,9 @@ class ImapSession(Session):
             self._protocol_error("AUTHENTICATE needs a mechanism name", tag)
             return None
         mechanism = command.args[0].upper()
+        if len(command.args) > 1 and not _is_string(command.args[1]):
+            self._protocol_error("AUTHENTICATE takes its initial response as a string", tag)
+            return None
         initial = _to_bytes(command.args[1]) if len(command.args) > 1 else None
         try:
             if mechanism == "PLAIN":
@@ -429,7 +433,8 @@ class ImapSession(Session):
 
 
 def _is_string(value: object) -> bool:
-    return isinstance(value, (str, bytes))
+    # A literal8 carries binary data; LOGIN and SASL arguments are strings (RFC 3516).
+    return isinstance(value, (str, bytes)) and not isinstance(value, Literal8)
 
 
 def _to_bytes(value: object) -> bytes:

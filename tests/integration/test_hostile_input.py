@@ -672,6 +672,25 @@ def test_literal_before_tls_other_command_continues(strict):
         converse(client, [Step(b'name "x")\r\n', b"a1 OK")])
 
 
+
+@pytest.mark.parametrize(
+    "command",
+    [b"L1 LOGIN user ~{5+}\r\nright\r\n", b"L1 AUTHENTICATE PLAIN ~{4+}\r\nAAAA\r\n"],
+    ids=["login", "authenticate"],
+)
+def test_literal8_login_argument_rejected(strict, upstreams, command):
+    # LOGIN and SASL arguments are strings; a literal8 is binary data (RFC 3516).
+    before = len(upstreams["imap"].received)
+    with connect(strict, "imap") as client:
+        client.send(command)
+        reply = client.read_line()
+        converse(client, [Step(b"a2 NOOP\r\n", b"a2 OK")])
+        assert succeeded("imap", imap_login(client, b"L1", RIGHT_PASSWORD))
+    assert reply.startswith(b"L1 BAD"), reply
+    received = bytes(upstreams["imap"].received[before:])
+    assert received.count(b"AUTHENTICATE") == 1, received
+
+
 def test_pop3_user_before_tls_rejected(strict, upstreams):
     before = len(upstreams["pop3"].received)
     with connect(strict, "pop3_starttls") as client:

@@ -15,6 +15,7 @@ from appliance.protocols.imap.commands import (
     CommandReader,
     ContinuationLine,
     ContinuationRequest,
+    Literal8,
 )
 
 TRAILER = b"z9 NOOP\r\n"
@@ -553,3 +554,12 @@ def test_expect_line_inside_command_raises() -> None:
 def test_nonpositive_limit_raises() -> None:
     with pytest.raises(ValueError):
         CommandReader(max_literals=0)
+
+
+def test_literal8_data_is_marked() -> None:
+    reader = CommandReader()
+    reader.feed(b"a1 X ~{2+}\r\nab {2+}\r\ncd\r\n")
+    event = reader.next_event()
+    assert event.args == (b"ab", b"cd")
+    assert isinstance(event.args[0], Literal8)
+    assert not isinstance(event.args[1], Literal8)

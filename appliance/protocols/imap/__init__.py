@@ -6,6 +6,7 @@ from appliance.protocols.imap.commands import (
     ContinuationLine,
     ContinuationRequest,
     Event,
+    Literal8,
     Value,
     is_valid_tag,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "ContinuationLine",
     "ContinuationRequest",
     "Event",
+    "Literal8",
     "Response",
     "ResponseReader",
     "Value",

@@ -18,6 +18,13 @@ from appliance.protocols.errors import ClientProtocolError
 
 Value: TypeAlias = "str | bytes | None | tuple[Value, ...]"
 
+
+class Literal8(bytes):
+    """The data of a literal8 (RFC 3516): binary, valid only where a command allows it.
+
+    LOGIN and AUTHENTICATE take strings, so the session rejects a Literal8 there.
+    """
+
 # ATOM-CHAR of RFC 3501: printable ASCII except atom-specials.
 _COMMAND_NAME_RE = re.compile(rb"[\x21\x23\x24\x26\x27\x2b-\x5b\x5e-\x7a\x7c-\x7e]+")
 # A tag is any ASTRING-CHAR except "+", so it may contain "]" but not "*" or "%".
@@ -403,7 +410,7 @@ class CommandReader:
             tag = self._command.tag
             self._start_discard(tag)
             raise ClientProtocolError("NUL byte in literal", tag=tag)
-        self._command.add_literal(data)
+        self._command.add_literal(Literal8(data) if self._literal_binary else data)
         return True
 
     def _start_discard(self, tag: str | None) -> None:
