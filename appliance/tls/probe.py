@@ -125,6 +125,11 @@ class ProbeReport:
         plain = self.mode("none")
         return "none" if plain.usable else None
 
+    def chosen_mode_usable(self) -> bool:
+        """Whether sessions can use the chosen mode now; False when none is chosen."""
+        chosen = self.chosen_mode()
+        return chosen is not None and self.mode(chosen).usable
+
     def summary(self) -> str:
         """Return one line such as `implicit: TLSv1.3, verified; starttls: ...`."""
         return "; ".join(f"{report.mode}: {_describe(report)}" for report in self.modes)
@@ -136,6 +141,7 @@ class ProbeReport:
             if certificate is not None:
                 certificate["not_after"] = certificate["not_after"].isoformat()
         data["chosen_mode"] = self.chosen_mode()
+        data["chosen_mode_usable"] = self.chosen_mode_usable()
         return data
 
 
@@ -545,6 +551,13 @@ def format_report(report: ProbeReport) -> str:
         lines.extend(_format_mode(mode))
     chosen = report.chosen_mode()
     lines.append(f"tls: auto would record: {chosen or 'nothing (no mode reachable)'}")
+    if chosen is not None and not report.chosen_mode_usable():
+        # Recorded anyway, so that sessions fail closed instead of falling to plain text.
+        detail = report.mode(chosen).detail
+        lines.append(
+            f"  not usable now ({detail}): sessions fail until the server or the "
+            "appliance's TLS settings (ca_file, server_name, verify) are fixed"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -90,6 +90,17 @@ def test_probe_reports_failed_verification(both: DovecotServer) -> None:
     assert "certificate verification failed" in result.stdout
     assert "verified no" in result.stdout
     assert "subject  CN=localhost" in result.stdout
+    assert "tls: auto would record: implicit" in result.stdout
+    assert "not usable now (certificate verification failed" in result.stdout
+
+
+def test_probe_json_marks_unusable_choice(both: DovecotServer) -> None:
+    result = probe("--port", str(both.ports["imaps"]), "--json")
+    report = json.loads(result.stdout)
+
+    assert result.returncode == 0
+    assert report["chosen_mode"] == "implicit"
+    assert report["chosen_mode_usable"] is False
 
 
 def test_probe_without_verification(both: DovecotServer) -> None:
@@ -124,6 +135,7 @@ def test_probe_json_output(both: DovecotServer) -> None:
 
     assert result.returncode == 0
     assert report["chosen_mode"] == "implicit"
+    assert report["chosen_mode_usable"] is True
     assert implicit["mode"] == "implicit"
     assert implicit["verified"] is True
     assert len(implicit["certificate"]["sha256"]) == 64
