@@ -84,8 +84,9 @@ class Backend:
             pki=pki,
             extra_users=self.users,
             connection_limit=connection_limit,
-            # Dovecot's advice for its high-performance login mode: at least one login
-            # process per core. With one, a single process encrypts every TLS session.
+            # Dovecot 2.3's performance tuning guide: services with client_limit > 1
+            # and process_limit > 1 keep process_min_avail at the number of cores. With
+            # one login process, one process encrypted every client's TLS.
             login_processes=os.cpu_count() or 1,
             # The fixture checks IDLE mailboxes every second, which would wake 1,000
             # idle mail processes each second during the memory workload.
