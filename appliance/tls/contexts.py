@@ -70,9 +70,9 @@ class UpstreamContext(ssl.SSLContext):
     ) -> ssl.SSLObject:
         # asyncio and uvloop both create their TLS objects through this method.
         if session is None and self.resume_sessions and server_hostname is not None:
-            kept = self._sessions.get(server_hostname)
-            if kept:
-                session = kept.pop()
+            stored = self._sessions.get(server_hostname)
+            if stored:
+                session = stored.pop()
         return super().wrap_bio(
             incoming, outgoing, server_side, server_hostname, session
         )
@@ -88,14 +88,14 @@ class UpstreamContext(ssl.SSLContext):
             return
         session = ssl_object.session
         if session is not None and (session.has_ticket or session.id):
-            kept = self._sessions.get(name)
-            if kept is None:
-                kept = self._sessions[name] = collections.deque(
+            stored = self._sessions.get(name)
+            if stored is None:
+                stored = self._sessions[name] = collections.deque(
                     maxlen=SESSIONS_PER_SERVER_NAME
                 )
-            kept.append(session)
+            stored.append(session)
 
-    def kept_sessions(self, server_hostname: str) -> int:
+    def session_count(self, server_hostname: str) -> int:
         return len(self._sessions.get(server_hostname, ()))
 
 

@@ -149,16 +149,16 @@ def test_session_is_offered_only_to_its_server_name(dovecot) -> None:
 
 def test_each_session_is_offered_once(dovecot) -> None:
     context = context_for(dovecot, tls="implicit")
-    kept: list[int] = []
+    counts: list[int] = []
     reused: list[bool] = []
 
     async def test() -> None:
         await implicit_session(dovecot, context)
-        kept.append(context.kept_sessions("localhost"))
+        counts.append(context.session_count("localhost"))
         target = UpstreamTarget(
             "test", "127.0.0.1", dovecot.ports["imaps"], "implicit", context, "localhost"
         )
-        # Two connections at once: only the first gets the one kept session.
+        # Two connections at once: only the first gets the one stored session.
         first = await open_upstream(target, TIMEOUT)
         second = await open_upstream(target, TIMEOUT)
         try:
@@ -168,9 +168,9 @@ def test_each_session_is_offered_once(dovecot) -> None:
         finally:
             first.abort()
             second.abort()
-        kept.append(context.kept_sessions("localhost"))
+        counts.append(context.session_count("localhost"))
 
     run("asyncio", test)
 
-    assert kept == [1, 0]
+    assert counts == [1, 0]
     assert reused == [True, False]

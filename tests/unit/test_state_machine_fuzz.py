@@ -31,7 +31,7 @@ from appliance.protocols.errors import ClientProtocolError
 from appliance.protocols.imap import Command, CommandReader, ContinuationRequest
 from appliance.proxy import imap_session, pop3_session
 from appliance.proxy.connection import Connection, ConnectionClosed
-from appliance.proxy.session import SessionEnv, Snapshot
+from appliance.proxy.session import SessionEnd, SessionEnv, Snapshot
 from appliance.proxy.upstream import UpstreamTarget
 
 # Generous, so that a loaded CI machine does not flake. A session over a few hundred
@@ -384,7 +384,8 @@ async def run_pre_auth(
         try:
             async with asyncio.timeout(RUN_TIMEOUT):
                 outcome.result = await session.pre_auth()
-        except (ClientProtocolError, ConnectionClosed) as error:
+        except (ClientProtocolError, ConnectionClosed, SessionEnd) as error:
+            # SessionEnd: a deliberate close, such as a TLS ClientHello on this port.
             outcome.error = error
         finally:
             feeder.cancel()
