@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, NoReturn, TypeAlias
 
 from appliance.protocols.errors import ClientProtocolError
+from appliance.protocols.imap.framing import InputBuffer, LineTooLong, line_content
 
 Value: TypeAlias = "str | bytes | None | tuple[Value, ...]"
 
@@ -224,7 +225,7 @@ class CommandReader:
         self._max_line_length = max_line_length
         self._max_literal_size = max_literal_size
         self._max_literals = max_literals
-        self._buffer = bytearray()
+        self._input = InputBuffer()
         self._expect_continuation = False
         self._failure: ClientProtocolError | None = None
         self._clear_command()
@@ -233,7 +234,7 @@ class CommandReader:
     def buffered_size(self) -> int:
         """Bytes held for unparsed input and the command in progress."""
         return (
-            len(self._buffer)
+            len(self._input)
             + len(self._literal)
             + self._text_size
             + self._literal_total
@@ -242,7 +243,7 @@ class CommandReader:
     def feed(self, data: bytes) -> None:
         # After a fatal error the stream is out of sync, so storing more is pointless.
         if self._failure is None:
-            self._buffer += data
+            self._input.append(data)
 
     def take_buffered(self) -> bytes:
         """Remove and return the bytes that no event has covered yet.
@@ -253,8 +254,7 @@ class CommandReader:
         """
         if self._command is not None or self._state is not _State.LINE:
             raise RuntimeError("take_buffered() called inside a command")
-        data = bytes(self._buffer)
-        self._buffer.clear()
+        data = self._input.take_all()
         self._expect_continuation = False
         self._clear_command()
         return data
@@ -294,7 +294,7 @@ class CommandReader:
         except ClientProtocolError as error:
             if error.fatal:
                 self._failure = error
-                self._buffer.clear()
+                self._input.clear()
                 self._clear_command()
             raise
 
@@ -317,7 +317,6 @@ class CommandReader:
 
     def _clear_command(self) -> None:
         self._state = _State.LINE
-        self._scan_from = 0
         self._command: _CommandBuilder | None = None
         self._text_size = 0
         self._literal_count = 0
@@ -330,25 +329,18 @@ class CommandReader:
         self._literal_announced = False
 
     def _take_line(self) -> bytes | None:
-        # The LF of a line within the limit sits at most at index remaining + 1.
-        limit = self._max_line_length - self._text_size + 2
-        end = self._buffer.find(b"\n", self._scan_from, limit)
-        if end >= 0:
-            line = bytes(self._buffer[: end + 1])
-            del self._buffer[: end + 1]
-            self._scan_from = 0
-            return line
-        if len(self._buffer) < limit:
-            self._scan_from = len(self._buffer)
-            return None
-        self._reject_long_line(limit)
+        # The cap covers the text of the whole command, across its literals.
+        try:
+            return self._input.take_line(self._max_line_length - self._text_size)
+        except LineTooLong as too_long:
+            self._reject_long_line(too_long.scanned)
 
-    def _reject_long_line(self, limit: int) -> NoReturn:
+    def _reject_long_line(self, scanned: int) -> NoReturn:
         if self._expect_continuation:
             self._expect_continuation = False
             tag = None
         else:
-            tag = self._current_tag(self._buffer, limit)
+            tag = self._current_tag(self._input.data, scanned)
         self._start_discard(tag)
         message = f"command line too long (limit {self._max_line_length} bytes)"
         raise ClientProtocolError(message, tag=tag)
@@ -357,7 +349,7 @@ class CommandReader:
         expecting = self._expect_continuation
         self._expect_continuation = False
         try:
-            content = _line_content(line)
+            content = line_content(line, "command line", _Rejected)
             if expecting:
                 return ContinuationLine(content)
             self._text_size += len(content)
@@ -395,10 +387,9 @@ class CommandReader:
 
     def _read_literal(self) -> bool:
         self._literal_announced = False
-        chunk_size = min(self._literal_remaining, len(self._buffer))
-        self._literal += self._buffer[:chunk_size]
-        del self._buffer[:chunk_size]
-        self._literal_remaining -= chunk_size
+        chunk = self._input.take(self._literal_remaining)
+        self._literal += chunk
+        self._literal_remaining -= len(chunk)
         if self._literal_remaining:
             return False
         data = bytes(self._literal)
@@ -420,14 +411,15 @@ class CommandReader:
         self._discard_tag = tag
 
     def _discard_through_line_end(self) -> bool:
-        end = self._buffer.find(b"\n")
+        data = self._input.data
+        end = data.find(b"\n")
         if end < 0:
-            self._discard_tail = (self._discard_tail + self._buffer[-3:])[-3:]
-            self._buffer.clear()
+            self._discard_tail = (self._discard_tail + data[-3:])[-3:]
+            self._input.clear()
             return False
-        tail = self._discard_tail + self._buffer[max(0, end - 3) : end + 1]
+        tail = self._discard_tail + data[max(0, end - 3) : end + 1]
         tag = self._discard_tag
-        del self._buffer[: end + 1]
+        self._input.take(end + 1)
         self._clear_command()
         if _LITERAL_PLUS_END_RE.search(tail):
             message = "rejected command line announced a LITERAL+ literal"
@@ -438,18 +430,6 @@ class CommandReader:
         if self._command is not None:
             return self._command.tag
         return _peek_tag(data, end)
-
-
-def _line_content(line: bytes) -> bytes:
-    """Return the line without CRLF, rejecting bare CR, bare LF and NUL."""
-    if not line.endswith(b"\r\n"):
-        raise _Rejected("command line must end with CRLF")
-    content = line[:-2]
-    if b"\r" in content:
-        raise _Rejected("bare CR in command line")
-    if b"\0" in content:
-        raise _Rejected("NUL byte in command line")
-    return content
 
 
 def _peek_tag(data: bytes | bytearray, end: int) -> str | None:

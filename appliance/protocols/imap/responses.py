@@ -16,6 +16,7 @@ from typing import Literal, NamedTuple, NoReturn
 
 from appliance.protocols.errors import UpstreamProtocolError
 from appliance.protocols.imap.commands import is_valid_tag
+from appliance.protocols.imap.framing import InputBuffer, LineTooLong, line_content
 
 ResponseKind = Literal["tagged", "untagged", "continuation"]
 
@@ -89,19 +90,19 @@ class ResponseReader:
             raise ValueError("ResponseReader limits must be positive")
         self._max_line_length = max_line_length
         self._max_literal_size = max_literal_size
-        self._buffer = bytearray()
+        self._input = InputBuffer()
         self._failure: UpstreamProtocolError | None = None
         self._clear_response()
 
     @property
     def buffered_size(self) -> int:
         """Bytes held for unparsed input and the response in progress."""
-        return len(self._buffer) + len(self._raw)
+        return len(self._input) + len(self._raw)
 
     def feed(self, data: bytes) -> None:
         # After a fatal error the stream is out of sync, so storing more is pointless.
         if self._failure is None:
-            self._buffer += data
+            self._input.append(data)
 
     def take_buffered(self) -> bytes:
         """Remove and return the bytes that no response has covered yet.
@@ -112,8 +113,7 @@ class ResponseReader:
         """
         if self._head is not None:
             raise RuntimeError("take_buffered() called inside a response")
-        data = bytes(self._buffer)
-        self._buffer.clear()
+        data = self._input.take_all()
         self._clear_response()
         return data
 
@@ -140,7 +140,6 @@ class ResponseReader:
 
     def _clear_response(self) -> None:
         self._state = _State.LINE
-        self._scan_from = 0
         self._raw = bytearray()
         self._head: _Head | None = None
         self._text_size = 0
@@ -148,22 +147,15 @@ class ResponseReader:
         self._literal_remaining = 0
 
     def _take_line(self) -> bytes | None:
-        # The LF of a line within the limit sits at most at index remaining + 1.
-        limit = self._max_line_length - self._text_size + 2
-        end = self._buffer.find(b"\n", self._scan_from, limit)
-        if end >= 0:
-            line = bytes(self._buffer[: end + 1])
-            del self._buffer[: end + 1]
-            self._scan_from = 0
-            return line
-        if len(self._buffer) < limit:
-            self._scan_from = len(self._buffer)
-            return None
-        self._fail(f"response line too long (limit {self._max_line_length} bytes)")
+        # The cap covers the text of the whole response, across its literals.
+        try:
+            return self._input.take_line(self._max_line_length - self._text_size)
+        except LineTooLong:
+            self._fail(f"response line too long (limit {self._max_line_length} bytes)")
 
     def _process_line(self, line: bytes) -> Response | None:
         try:
-            content = _line_content(line)
+            content = line_content(line, "response line", UpstreamProtocolError)
             head = self._head or _parse_head(content)
         except UpstreamProtocolError:
             self._clear_response()
@@ -196,33 +188,20 @@ class ResponseReader:
         self._fail(f"response literals too large (limit {limit} bytes)")
 
     def _read_literal(self) -> bool:
-        chunk_size = min(self._literal_remaining, len(self._buffer))
-        self._raw += self._buffer[:chunk_size]
-        del self._buffer[:chunk_size]
-        self._literal_remaining -= chunk_size
-        self._literal_total += chunk_size
+        chunk = self._input.take(self._literal_remaining)
+        self._raw += chunk
+        self._literal_remaining -= len(chunk)
+        self._literal_total += len(chunk)
         if self._literal_remaining:
             return False
         self._state = _State.LINE
         return True
 
     def _fail(self, message: str) -> NoReturn:
-        self._buffer.clear()
+        self._input.clear()
         self._clear_response()
         self._failure = UpstreamProtocolError(message, fatal=True)
         raise self._failure
-
-
-def _line_content(line: bytes) -> bytes:
-    """Return the line without CRLF, rejecting bare CR, bare LF and NUL."""
-    if not line.endswith(b"\r\n"):
-        raise UpstreamProtocolError("response line must end with CRLF")
-    content = line[:-2]
-    if b"\r" in content:
-        raise UpstreamProtocolError("bare CR in response line")
-    if b"\0" in content:
-        raise UpstreamProtocolError("NUL byte in response line")
-    return content
 
 
 def _parse_head(content: bytes) -> _Head:
