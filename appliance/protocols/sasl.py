@@ -9,6 +9,10 @@ import binascii
 
 from appliance.protocols.errors import ClientProtocolError
 
+# The server's two SASL LOGIN challenges, base64 of "Username:" and "Password:", as
+# most servers send them; the mechanism has no specification that fixes the text.
+LOGIN_CHALLENGES = (base64.b64encode(b"Username:"), base64.b64encode(b"Password:"))
+
 
 def encode_base64(data: bytes) -> bytes:
     return base64.b64encode(data)

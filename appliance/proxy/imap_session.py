@@ -32,18 +32,9 @@ from appliance.protocols.imap import (
 )
 from appliance.protocols.imap import capabilities as response_capabilities
 from appliance.proxy.errors import UpstreamError
-from appliance.proxy.session import Session
+from appliance.proxy.session import GOODBYE_TEXTS, Session
 from appliance.proxy.upstream import UpstreamTarget, open_upstream, upgrade_upstream
 
-GOODBYES = {
-    "timeout": ("UNAVAILABLE", "Timed out waiting for login"),
-    "unavailable": ("UNAVAILABLE", "Mail server unavailable, try again later"),
-    "shutdown": ("UNAVAILABLE", "Server shutting down, try again later"),
-    "protocol": (None, "Too many invalid commands"),
-    "internal": ("UNAVAILABLE", "Internal error, try again later"),
-    "busy": ("UNAVAILABLE", "Too many connections, try again later"),
-}
-LOGIN_CHALLENGES = ("VXNlcm5hbWU6", "UGFzc3dvcmQ6")  # base64 "Username:", "Password:"
 
 
 class _Cancelled(Exception):
@@ -55,7 +46,9 @@ class ImapSession(Session):
     pre_auth_state = ("commands", "responses", "tags", "greeting", "upstream_caps")
 
     def goodbye(self, kind: str) -> bytes:
-        code, text = GOODBYES[kind]
+        # UNAVAILABLE (RFC 5530): the failure is temporary, so the client retries later.
+        code = None if kind == "protocol" else "UNAVAILABLE"
+        text = GOODBYE_TEXTS[kind]
         return format_untagged("BYE", text, code)
 
     # Upstream setup
@@ -287,7 +280,7 @@ class ImapSession(Session):
         try:
             if mechanism == "PLAIN":
                 if initial is None:
-                    response = await self._challenge("")
+                    response = await self._challenge(b"")
                 else:
                     # RFC 4959: "=" stands for an empty initial response.
                     response = b"" if initial == b"=" else initial
@@ -297,9 +290,12 @@ class ImapSession(Session):
                     await self._reject_login(tag, user)
                     return None
             elif mechanism == "LOGIN":
-                first = initial if initial is not None else await self._challenge(LOGIN_CHALLENGES[0])
-                user = sasl.decode_login_step(first)
-                password = sasl.decode_login_step(await self._challenge(LOGIN_CHALLENGES[1]))
+                user_challenge, password_challenge = sasl.LOGIN_CHALLENGES
+                if initial is None:
+                    initial = await self._challenge(user_challenge)
+                user = sasl.decode_login_step(initial)
+                password_step = await self._challenge(password_challenge)
+                password = sasl.decode_login_step(password_step)
             else:
                 self.record_login("rejected")
                 self.client.send(
@@ -316,8 +312,8 @@ class ImapSession(Session):
             return None
         return await self._start_login(tag, user, password)
 
-    async def _challenge(self, text: str) -> bytes:
-        self.client.send(b"+ " + text.encode("ascii") + b"\r\n")
+    async def _challenge(self, data: bytes) -> bytes:
+        self.client.send(b"+ " + data + b"\r\n")
         self.commands.expect_continuation_line()
         event = await self.next_client_event(self.commands)
         line = event.data if isinstance(event, ContinuationLine) else b""

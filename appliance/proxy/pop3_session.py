@@ -23,18 +23,9 @@ from appliance.protocols.pop3 import (
     sasl_mechanisms,
 )
 from appliance.proxy.errors import UpstreamError
-from appliance.proxy.session import Session, SessionEnd
+from appliance.proxy.session import GOODBYE_TEXTS, Session, SessionEnd
 from appliance.proxy.upstream import UpstreamTarget, open_upstream, upgrade_upstream
 
-GOODBYES = {
-    "timeout": ("SYS/TEMP", "Timed out waiting for login"),
-    "unavailable": ("SYS/TEMP", "Mail server unavailable, try again later"),
-    "shutdown": ("SYS/TEMP", "Server shutting down, try again later"),
-    "protocol": (None, "Too many invalid commands"),
-    "internal": ("SYS/TEMP", "Internal error, try again later"),
-    "busy": ("SYS/TEMP", "Too many connections, try again later"),
-}
-LOGIN_CHALLENGES = (b"VXNlcm5hbWU6", b"UGFzc3dvcmQ6")  # base64 "Username:", "Password:"
 
 
 class Pop3Session(Session):
@@ -42,7 +33,9 @@ class Pop3Session(Session):
     pre_auth_state = ("commands", "responses", "greeting", "upstream_caps")
 
     def goodbye(self, kind: str) -> bytes:
-        code, text = GOODBYES[kind]
+        # SYS/TEMP (RFC 3206): the failure is temporary, so the client retries later.
+        code = None if kind == "protocol" else "SYS/TEMP"
+        text = GOODBYE_TEXTS[kind]
         return format_err(text, code)
 
     # Upstream setup
@@ -195,10 +188,12 @@ class Pop3Session(Session):
                     self._reply_login_failed(user)
                     return None
             elif mechanism == b"LOGIN":
-                user = sasl.decode_login_step(
-                    initial if initial is not None else await self._challenge(LOGIN_CHALLENGES[0])
-                )
-                password = sasl.decode_login_step(await self._challenge(LOGIN_CHALLENGES[1]))
+                user_challenge, password_challenge = sasl.LOGIN_CHALLENGES
+                if initial is None:
+                    initial = await self._challenge(user_challenge)
+                user = sasl.decode_login_step(initial)
+                password_step = await self._challenge(password_challenge)
+                password = sasl.decode_login_step(password_step)
             else:
                 self.record_login("rejected")
                 self.client.send(format_err("Unsupported authentication mechanism"))

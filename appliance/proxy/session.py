@@ -74,6 +74,18 @@ class SessionEnv:
         return self.snapshot.config.listeners[self.listener_name]
 
 
+# Last words before the proxy closes a session that has not logged in, by reason. Each
+# protocol adds its response code for a temporary failure, except for "protocol".
+GOODBYE_TEXTS = {
+    "timeout": "Timed out waiting for login",
+    "unavailable": "Mail server unavailable, try again later",
+    "shutdown": "Server shutting down, try again later",
+    "protocol": "Too many invalid commands",
+    "internal": "Internal error, try again later",
+    "busy": "Too many connections, try again later",
+}
+
+
 class SessionEnd(Exception):
     """Stop the session quietly; the reason goes to the summary log line."""
 
