@@ -9,8 +9,8 @@ import binascii
 
 from appliance.protocols.errors import ClientProtocolError
 
-# The server's two SASL LOGIN challenges, base64 of "Username:" and "Password:", as
-# most servers send them; the mechanism has no specification that fixes the text.
+# The server's two SASL LOGIN challenges: base64 of "Username:" and "Password:".
+# Clients answer them in order, user name first, whatever their text.
 LOGIN_CHALLENGES = (base64.b64encode(b"Username:"), base64.b64encode(b"Password:"))
 
 
