@@ -25,5 +25,12 @@ class ClientProtocolError(ProtocolError):
         self.tag = tag
 
 
+class TooManyProtocolErrors(ClientProtocolError):
+    """The client used up its budget of invalid commands, so the session closes."""
+
+    def __init__(self, last_message: str) -> None:
+        super().__init__(last_message, fatal=True)
+
+
 class UpstreamProtocolError(ProtocolError):
     """The mail server sent an invalid response."""

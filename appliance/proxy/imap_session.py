@@ -13,7 +13,11 @@ from collections.abc import Sequence
 
 from appliance import metrics
 from appliance.protocols import capabilities, sasl
-from appliance.protocols.errors import ClientProtocolError, UpstreamProtocolError
+from appliance.protocols.errors import (
+    ClientProtocolError,
+    TooManyProtocolErrors,
+    UpstreamProtocolError,
+)
 from appliance.protocols.imap import (
     Command,
     ContinuationLine,
@@ -32,9 +36,12 @@ from appliance.protocols.imap import (
 )
 from appliance.protocols.imap import capabilities as response_capabilities
 from appliance.proxy.errors import UpstreamError
-from appliance.proxy.session import GOODBYE_TEXTS, Session
+from appliance.proxy.session import CLIENT_FAULTS, GOODBYE_TEXTS, Session
 from appliance.proxy.upstream import UpstreamTarget, open_upstream, upgrade_upstream
 
+
+
+LITERAL8_LOGIN_ERROR = "Login arguments are strings; literal8 (~{n}) is for binary data"
 
 
 class _Cancelled(Exception):
@@ -47,7 +54,7 @@ class ImapSession(Session):
 
     def goodbye(self, kind: str) -> bytes:
         # UNAVAILABLE (RFC 5530): the failure is temporary, so the client retries later.
-        code = None if kind == "protocol" else "UNAVAILABLE"
+        code = None if kind in CLIENT_FAULTS else "UNAVAILABLE"
         text = GOODBYE_TEXTS[kind]
         return format_untagged("BYE", text, code)
 
@@ -195,6 +202,9 @@ class ImapSession(Session):
                 # sent without waiting, likely a password; they are never parsed.
                 message = "literal sent without waiting for a continuation"
                 raise ClientProtocolError(message, fatal=True)
+        elif is_login and request.binary:
+            self.commands.reject_literal()
+            self._protocol_error(LITERAL8_LOGIN_ERROR, request.tag)
         else:
             self.client.send(b"+ Ready for literal data\r\n")
 
@@ -217,10 +227,13 @@ class ImapSession(Session):
         return capabilities.imap_pre_auth(base, self.client_state)
 
     def _protocol_error(self, message: str, tag: str | None, *, fatal: bool = False) -> None:
+        """Send BAD; raise to close on a fatal error or an exhausted error budget."""
         self.errors += 1
-        if fatal or self.errors >= self.limits.max_protocol_errors:
-            raise ClientProtocolError(message, tag=tag, fatal=True)
+        if self.errors >= self.limits.max_protocol_errors:
+            raise TooManyProtocolErrors(message)
         self.client.send(format_tagged(tag, "BAD", message) if tag else format_untagged("BAD", message))
+        if fatal:
+            raise ClientProtocolError(message, tag=tag, fatal=True)
 
     async def _dispatch(self, command: Command) -> bool | None:
         tag, name = command.tag, command.name
@@ -261,6 +274,9 @@ class ImapSession(Session):
     async def _login_command(self, command: Command) -> bool | None:
         # The reader turns the atom NIL into None, but for LOGIN it is the astring "NIL".
         args = [b"NIL" if arg is None else arg for arg in command.args]
+        if any(isinstance(arg, Literal8) for arg in args):
+            self._protocol_error(LITERAL8_LOGIN_ERROR, command.tag)
+            return None
         if len(args) != 2 or not all(_is_string(a) for a in args):
             self._protocol_error("LOGIN needs a user name and a password", command.tag)
             return None
@@ -274,7 +290,7 @@ class ImapSession(Session):
             return None
         mechanism = command.args[0].upper()
         if len(command.args) > 1 and not _is_string(command.args[1]):
-            self._protocol_error("AUTHENTICATE takes its initial response as a string", tag)
+            self._protocol_error(LITERAL8_LOGIN_ERROR, tag)
             return None
         initial = _to_bytes(command.args[1]) if len(command.args) > 1 else None
         try:

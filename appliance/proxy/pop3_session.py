@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from appliance import metrics
 from appliance.protocols import capabilities, sasl
-from appliance.protocols.errors import ClientProtocolError
+from appliance.protocols.errors import ClientProtocolError, TooManyProtocolErrors
 from appliance.protocols.pop3 import (
     Command,
     CommandReader,
@@ -23,7 +23,7 @@ from appliance.protocols.pop3 import (
     sasl_mechanisms,
 )
 from appliance.proxy.errors import UpstreamError
-from appliance.proxy.session import GOODBYE_TEXTS, Session, SessionEnd
+from appliance.proxy.session import CLIENT_FAULTS, GOODBYE_TEXTS, Session, SessionEnd
 from appliance.proxy.upstream import UpstreamTarget, open_upstream, upgrade_upstream
 
 
@@ -34,7 +34,7 @@ class Pop3Session(Session):
 
     def goodbye(self, kind: str) -> bytes:
         # SYS/TEMP (RFC 3206): the failure is temporary, so the client retries later.
-        code = None if kind == "protocol" else "SYS/TEMP"
+        code = None if kind in CLIENT_FAULTS else "SYS/TEMP"
         text = GOODBYE_TEXTS[kind]
         return format_err(text, code)
 
@@ -96,7 +96,7 @@ class Pop3Session(Session):
             try:
                 event = await self.next_client_event(self.commands)
             except ClientProtocolError as exc:
-                self._protocol_error(exc.message)
+                self._protocol_error(exc.message, fatal=exc.fatal)
                 continue
             if not isinstance(event, Command):
                 self._protocol_error("Unexpected continuation line")
@@ -105,11 +105,14 @@ class Pop3Session(Session):
             if result is not None:
                 return result
 
-    def _protocol_error(self, message: str) -> None:
+    def _protocol_error(self, message: str, *, fatal: bool = False) -> None:
+        """Send -ERR; raise to close on a fatal error or an exhausted error budget."""
         self.errors += 1
         if self.errors >= self.env.snapshot.config.limits.max_protocol_errors:
-            raise ClientProtocolError("too many invalid commands", fatal=True)
+            raise TooManyProtocolErrors(message)
         self.client.send(format_err(message))
+        if fatal:
+            raise ClientProtocolError(message, fatal=True)
 
     async def _dispatch(self, command: Command) -> bool | None:
         name = command.name

@@ -125,7 +125,7 @@ class Runtime:
             session.shutdown(final=True)
         if remaining:
             await asyncio.wait([s.task for s in remaining], timeout=10)
-        logger.info("shutdown complete; {} sessions were closed at the deadline", len(remaining))
+        logger.info("shutdown complete; sessions closed at the deadline: {}", len(remaining))
         self.memory.cancel()
 
 

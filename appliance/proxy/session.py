@@ -22,7 +22,11 @@ from loguru import logger
 from appliance import metrics
 from appliance.config import AppConfig, ListenerConfig, UpstreamConfig
 from appliance.protocols.capabilities import ClientSideState
-from appliance.protocols.errors import ClientProtocolError, UpstreamProtocolError
+from appliance.protocols.errors import (
+    ClientProtocolError,
+    TooManyProtocolErrors,
+    UpstreamProtocolError,
+)
 from appliance.protocols.proxy_header import (
     ProxyHeader,
     ProxyHeaderError,
@@ -75,15 +79,17 @@ class SessionEnv:
 
 
 # Last words before the proxy closes a session that has not logged in, by reason. Each
-# protocol adds its response code for a temporary failure, except for "protocol".
+# protocol adds its response code for a temporary failure, except for CLIENT_FAULTS.
 GOODBYE_TEXTS = {
     "timeout": "Timed out waiting for login",
     "unavailable": "Mail server unavailable, try again later",
     "shutdown": "Server shutting down, try again later",
     "protocol": "Too many invalid commands",
+    "unreadable": "Closing the connection after input that cannot be read further",
     "internal": "Internal error, try again later",
     "busy": "Too many connections, try again later",
 }
+CLIENT_FAULTS = frozenset({"protocol", "unreadable"})
 
 
 class SessionEnd(Exception):
@@ -215,7 +221,9 @@ class Session:
         except ClientProtocolError as exc:
             self.outcome = "client protocol error"
             self.log.info("closing after client protocol error: {}", exc.message)
-            self._say_goodbye("protocol")
+            # Otherwise the input is out of sync, and the reply already gave the reason.
+            too_many = isinstance(exc, TooManyProtocolErrors)
+            self._say_goodbye("protocol" if too_many else "unreadable")
             return
         except (ConnectionClosed, ConnectionError):
             self.outcome = "client disconnected before login"
@@ -406,6 +414,13 @@ class Session:
     async def _check_unexpected_client_hello(self) -> None:
         self.check_for_client_hello = False
         data = await self.client.read_some()
+        # A record header split after its first byte still counts; the pre-auth
+        # timeout bounds the wait for the second.
+        while data == b"\x16":
+            more = await self.client.read_some()
+            if not more:
+                break
+            data += more
         self.client.push_back(data)
         # A TLS handshake record: content type 22, then major version 3. Neither byte
         # can start an IMAP tag or a POP3 command.

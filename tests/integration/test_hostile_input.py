@@ -416,6 +416,18 @@ def test_tls_client_on_plaintext_port_closed_at_once(strict, protocol):
     assert "expects implicit TLS" in line
 
 
+@pytest.mark.parametrize("protocol", ["imap", "pop3"])
+def test_client_hello_split_after_first_byte_closed(strict, protocol):
+    started = time.monotonic()
+    with connect(strict, protocol) as client:
+        client.sock.sendall(b"\x16")
+        time.sleep(0.3)
+        client.sock.sendall(b"\x03\x01\x00\x05hello")
+        reply = client.read_until_closed()
+    assert time.monotonic() - started < STRICT_LIMITS["pre_auth_timeout"] - 0.5
+    assert reply == b"", reply
+
+
 # Line and literal limits
 
 
@@ -451,7 +463,9 @@ def test_oversize_nonsync_literal_closes(strict, size):
     with connect(strict, "imap") as client:
         client.send(b"a1 LOGIN {" + size + b"+}\r\n" + b"x" * 4096)
         reply = client.read_until_closed()
-    assert reply.startswith(b"* BYE"), reply
+    first, _, last = reply.partition(b"\r\n")
+    assert first.startswith(b"a1 BAD literal too large"), reply
+    assert last.startswith(b"* BYE Closing the connection after input"), reply
     assert b"+ " not in reply
 
 
@@ -468,7 +482,7 @@ def test_imap_error_budget_closes(strict):
         client.send(b"last FROB\r\n")
         final = client.read_until_closed()
     assert all(reply.startswith(b"e") and b" BAD " in reply for reply in replies)
-    assert final.startswith(b"* BYE"), final
+    assert final.startswith(b"* BYE Too many invalid commands"), final
 
 
 def test_pop3_error_budget_closes(strict):
@@ -686,9 +700,19 @@ def test_literal8_login_argument_rejected(strict, upstreams, command):
         reply = client.read_line()
         converse(client, [Step(b"a2 NOOP\r\n", b"a2 OK")])
         assert succeeded("imap", imap_login(client, b"L1", RIGHT_PASSWORD))
-    assert reply.startswith(b"L1 BAD"), reply
+    assert reply.startswith(b"L1 BAD Login arguments are strings"), reply
     received = bytes(upstreams["imap"].received[before:])
     assert received.count(b"AUTHENTICATE") == 1, received
+
+
+def test_synchronizing_literal8_login_refused_first(strict, upstreams):
+    before = len(upstreams["imap"].received)
+    with connect(strict, "imap") as client:
+        client.send(b"L1 LOGIN user ~{5}\r\n")
+        reply = client.read_line()
+        converse(client, [Step(b"a2 NOOP\r\n", b"a2 OK")])
+    assert reply.startswith(b"L1 BAD Login arguments are strings"), reply
+    assert b"LOGIN" not in bytes(upstreams["imap"].received[before:])
 
 
 def test_pop3_user_before_tls_rejected(strict, upstreams):

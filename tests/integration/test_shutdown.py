@@ -242,7 +242,7 @@ def test_session_in_grace_completes_normally(drained):
 
 
 def test_no_session_closed_at_deadline(drained):
-    assert "0 sessions were closed at the deadline" in drained.log
+    assert "sessions closed at the deadline: 0" in drained.log
 
 
 def test_exit_code_zero_after_grace(drained):

@@ -48,9 +48,10 @@ class UpstreamConfig(StrictModel):
     """Lowest TLS version accepted from the server."""
 
     session_resumption: bool = True
-    """Offer the TLS session of the last connection to this upstream again, so the
-    server skips its signature and the appliance skips certificate checks already made
-    for the same server name. Sessions live in memory only and are dropped on reload."""
+    """Resume TLS sessions of earlier connections to this upstream, so the server skips
+    its signature and the appliance skips certificate checks already made for the same
+    server name. Up to 64 sessions per server name are kept, each offered once, in memory
+    only; every reload drops them."""
 
     client_cert_file: Path | None = None
     """PEM client certificate presented to the server (TLS client authentication)."""

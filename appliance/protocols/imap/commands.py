@@ -78,6 +78,8 @@ class ContinuationRequest:
     # The command that announced the literal. Events compare without them.
     tag: str = field(default="", compare=False)
     name: str = field(default="", compare=False)
+    binary: bool = field(default=False, compare=False)
+    """The announced literal is a literal8 (RFC 3516)."""
 
 
 @dataclass(frozen=True)
@@ -383,7 +385,7 @@ class CommandReader:
         if marker.non_synchronizing:
             return None
         self._literal_announced = True
-        return ContinuationRequest(self._command.tag, self._command.name)
+        return ContinuationRequest(self._command.tag, self._command.name, marker.binary)
 
     def _read_literal(self) -> bool:
         self._literal_announced = False
