@@ -155,6 +155,13 @@ class Metrics:
             ["upstream", "reason"],
             registry=registry,
         )
+        self.upstream_handshakes = Counter(
+            "appliance_upstream_tls_handshakes",
+            "Completed TLS handshakes with upstreams, by whether they resumed a stored "
+            "session (resumed=yes or no).",
+            ["upstream", "resumed"],
+            registry=registry,
+        )
         self.probes = Counter(
             "appliance_probes",
             "TLS probes of upstreams, by the mode chosen (implicit, starttls, none) "
@@ -173,6 +180,9 @@ class Metrics:
     def bind_runtime(self, runtime: Runtime | None) -> None:
         """Set the runtime that the scrape-time gauges read; None removes those gauges."""
         self.runtime = runtime
+
+    def upstream_handshake_finished(self, upstream: str, resumed: bool) -> None:
+        self.upstream_handshakes.labels(upstream, "yes" if resumed else "no").inc()
 
     def session_ended(self, session: Session) -> None:
         listener = session.env.listener_name
@@ -438,6 +448,11 @@ def record_session_end(session: Session) -> None:
 def record_login(session: Session, succeeded: bool) -> None:
     """Count the upstream's reply to a login and note the upstream as reachable."""
     _guarded(METRICS.login_finished, session, succeeded)
+
+
+def record_upstream_handshake(upstream: str, resumed: bool) -> None:
+    """Count a completed TLS handshake with `upstream`, resumed or full."""
+    _guarded(METRICS.upstream_handshake_finished, upstream, resumed)
 
 
 def record_probe(upstream: str, mode: str | None) -> None:

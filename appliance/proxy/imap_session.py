@@ -205,6 +205,11 @@ class ImapSession(Session):
         elif is_login and request.binary:
             self.commands.reject_literal()
             self._protocol_error(LITERAL8_LOGIN_ERROR, request.tag)
+            if self.commands.buffered_size or self.client.buffered:
+                # The literal came without waiting for "+"; parsed as commands, its
+                # bytes, perhaps a password, would be echoed back as a tag.
+                message = "literal sent without waiting for a continuation"
+                raise ClientProtocolError(message, fatal=True)
         else:
             self.client.send(b"+ Ready for literal data\r\n")
 
@@ -290,7 +295,11 @@ class ImapSession(Session):
             return None
         mechanism = command.args[0].upper()
         if len(command.args) > 1 and not _is_string(command.args[1]):
-            self._protocol_error(LITERAL8_LOGIN_ERROR, tag)
+            if isinstance(command.args[1], Literal8):
+                message = LITERAL8_LOGIN_ERROR
+            else:
+                message = "AUTHENTICATE takes its initial response as a string"
+            self._protocol_error(message, tag)
             return None
         initial = _to_bytes(command.args[1]) if len(command.args) > 1 else None
         try:
@@ -324,7 +333,7 @@ class ImapSession(Session):
             return None
         except ClientProtocolError as exc:
             self.record_login("invalid")
-            self._protocol_error(exc.message, tag)
+            self._protocol_error(exc.message, tag, fatal=exc.fatal)
             return None
         return await self._start_login(tag, user, password)
 

@@ -271,6 +271,11 @@ class Session:
                 self.env.report_upstream(
                     self.protocol, target, self.upstream, None, *routed
                 )
+                ssl_object = self.upstream.extra("ssl_object") if self.upstream else None
+                if ssl_object is not None:
+                    metrics.record_upstream_handshake(
+                        target.name, ssl_object.session_reused
+                    )
                 return
             except TimeoutError:
                 failure = UpstreamError("timeout", f"{target.address}: setup timed out")

@@ -15,6 +15,9 @@ from appliance.config import AppConfig, ListenerConfig, UpstreamConfig
 
 # Sessions kept per upstream server name for resumption; the newest are offered first.
 SESSIONS_PER_SERVER_NAME = 64
+# Server names with stored sessions per context. Routing by login can reach many names,
+# so the name stored longest ago is dropped beyond this.
+MAX_SERVER_NAMES = 1024
 
 TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
@@ -73,6 +76,8 @@ class UpstreamContext(ssl.SSLContext):
             stored = self._sessions.get(server_hostname)
             if stored:
                 session = stored.pop()
+                if not stored:
+                    del self._sessions[server_hostname]
         return super().wrap_bio(
             incoming, outgoing, server_side, server_hostname, session
         )
@@ -90,6 +95,8 @@ class UpstreamContext(ssl.SSLContext):
         if session is not None and (session.has_ticket or session.id):
             stored = self._sessions.get(name)
             if stored is None:
+                if len(self._sessions) >= MAX_SERVER_NAMES:
+                    del self._sessions[next(iter(self._sessions))]
                 stored = self._sessions[name] = collections.deque(
                     maxlen=SESSIONS_PER_SERVER_NAME
                 )

@@ -497,15 +497,14 @@ def format_records(records: list[KnownServerRecord]) -> str:
             lines.append(f"  TLS version {record.tls_version}")
         if record.fingerprint_sha256 is not None:
             lines.append(f"  certificate SHA-256 {record.fingerprint_sha256}")
-        if record.pinned:
-            # A pin is written without contacting the server, so it has no probe times.
-            lines.append(f"  record since {_format_time(record.first_seen)}")
-        else:
-            lines.append(
-                f"  first seen {_format_time(record.first_seen)}, last seen "
-                f"{_format_time(record.last_seen)}, last probed "
-                f"{_format_time(record.last_probed)}"
-            )
+        times = (
+            f"  first seen {_format_time(record.first_seen)}, last seen "
+            f"{_format_time(record.last_seen)}"
+        )
+        # Pinned records are not probed, so a probe time would mislead.
+        if not record.pinned:
+            times += f", last probed {_format_time(record.last_probed)}"
+        lines.append(times)
     return "\n".join(lines) + "\n"
 
 

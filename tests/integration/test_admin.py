@@ -252,6 +252,23 @@ def test_pop3_session_moves_counters(
     assert tls_mode == 1.0
 
 
+def test_upstream_tls_sessions_resumed(
+    appliance: ApplianceProcess, mail_server: DovecotServer
+) -> None:
+    # The fixture's Dovecot has one login process, so its tickets resume every time.
+    labels = {"upstream": "mail-pop3", "resumed": "yes"}
+    before = metric(appliance, "appliance_upstream_tls_handshakes_total", **labels)
+    for _ in range(3):
+        client = poplib.POP3(HOST, appliance.port("pop3"), timeout=TIMEOUT)
+        client.user(USER)
+        client.pass_(mail_server.users[USER])
+        client.quit()
+    resumed = wait_for_metric(
+        appliance, "appliance_upstream_tls_handshakes_total", before + 2, **labels
+    )
+    assert resumed >= before + 2
+
+
 def test_failed_login_counted(appliance: ApplianceProcess) -> None:
     labels = {"listener": "imap", "upstream": "mail-imap", "result": "failure"}
     before = metric(appliance, "appliance_logins_total", **labels)

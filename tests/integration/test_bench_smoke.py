@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.tls_handshake import measure
 from tests.conftest import local_backend_problem
 from tests.support.appliance import REPO_ROOT
 
@@ -72,3 +73,12 @@ def test_targets_list_latency_verdict(result: dict) -> None:
     latency = [t for t in result["targets"] if t["target"].startswith("NOOP p99")]
     assert [t["candidate"] for t in latency] == ["appliance"]
     assert latency[0]["met"] in (True, False)
+
+
+@pytest.mark.parametrize("key_type", ["ECDSA", "RSA"])
+def test_tls_handshake_measure_resumes(key_type: str) -> None:
+    results = measure(3, key_type)
+
+    assert results["full handshake"].resumed == 0
+    assert results["resumed"].resumed == 3
+    assert results["resumed"].read_session > 0

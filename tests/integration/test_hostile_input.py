@@ -398,7 +398,7 @@ def test_one_byte_per_second_timed_out(strict, protocol):
 
 
 
-@pytest.mark.parametrize("protocol", ["imap", "pop3"])
+@pytest.mark.parametrize("protocol", ["imap", "pop3", "imap_starttls", "pop3_starttls"])
 def test_tls_client_on_plaintext_port_closed_at_once(strict, protocol):
     # A mail client set to implicit TLS sends a ClientHello and waits; the appliance
     # closes without waiting for the pre-auth timeout.
@@ -713,6 +713,25 @@ def test_synchronizing_literal8_login_refused_first(strict, upstreams):
         converse(client, [Step(b"a2 NOOP\r\n", b"a2 OK")])
     assert reply.startswith(b"L1 BAD Login arguments are strings"), reply
     assert b"LOGIN" not in bytes(upstreams["imap"].received[before:])
+
+
+def test_literal8_sent_without_waiting_closes(strict):
+    with connect(strict, "imap") as client:
+        client.send(b"L1 LOGIN user ~{11}\r\nmypass word\r\n")
+        reply = client.read_until_closed()
+    assert reply.startswith(b"L1 BAD Login arguments are strings"), reply
+    assert b"* BYE" in reply, reply
+    assert b"mypass" not in reply
+
+
+def test_fatal_error_in_sasl_step_answered_once(strict):
+    with connect(strict, "imap") as client:
+        client.send(b"A1 AUTHENTICATE PLAIN\r\n")
+        assert client.read_line().startswith(b"+")
+        client.send(b"ab\rc+}\r\n")
+        reply = client.read_until_closed()
+    assert reply.count(b"BAD") == 1, reply
+    assert reply.startswith(b"A1 BAD bare CR"), reply
 
 
 def test_pop3_user_before_tls_rejected(strict, upstreams):

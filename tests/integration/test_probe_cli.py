@@ -185,7 +185,7 @@ def test_pin_list_forget_round_trip(tmp_path: Path) -> None:
         "imap://mail.example.org  starttls (port 143, pinned by an operator)"
         in listed.stdout
     )
-    assert "  record since " in listed.stdout
+    assert "  first seen " in listed.stdout
     assert "last probed" not in listed.stdout
     assert forgotten.returncode == 0
     assert "forgot imap://mail.example.org" in forgotten.stdout

@@ -556,10 +556,32 @@ def test_nonpositive_limit_raises() -> None:
         CommandReader(max_literals=0)
 
 
+def event_objects_three_ways(data: bytes) -> list[list[object]]:
+    """Return the event objects of `data` fed whole, one byte at a time and with a
+    trailer; unlike feed_three_ways, they keep their types and flags."""
+    results = []
+    for chunks in ([data], [bytes([b]) for b in data], [data + TRAILER]):
+        reader = CommandReader()
+        events = []
+        for chunk in chunks:
+            reader.feed(chunk)
+            while (event := reader.next_event()) is not None:
+                events.append(event)
+        results.append(events)
+    return results
+
+
 def test_literal8_data_is_marked() -> None:
-    reader = CommandReader()
-    reader.feed(b"a1 X ~{2+}\r\nab {2+}\r\ncd\r\n")
-    event = reader.next_event()
-    assert event.args == (b"ab", b"cd")
-    assert isinstance(event.args[0], Literal8)
-    assert not isinstance(event.args[1], Literal8)
+    for events in event_objects_three_ways(b"a1 X ~{2+}\r\nab {2+}\r\ncd\r\n"):
+        command = events[0]
+        assert command.args == (b"ab", b"cd")
+        assert isinstance(command.args[0], Literal8)
+        assert not isinstance(command.args[1], Literal8)
+
+
+def test_continuation_request_marks_literal8() -> None:
+    for events in event_objects_three_ways(b"a1 LOGIN ~{4}\r\nabcd x\r\n"):
+        assert events[0] == ContinuationRequest()
+        assert events[0].binary
+    for events in event_objects_three_ways(b"a1 LOGIN {4}\r\nabcd x\r\n"):
+        assert not events[0].binary

@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import ssl
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from appliance.config import AppConfig, ListenerConfig, UpstreamConfig
+from appliance.tls import contexts
 from appliance.tls.contexts import (
     TlsContextError,
     build_all_contexts,
@@ -323,3 +325,30 @@ def test_build_all_contexts_names_failing_listener(
         build_all_contexts(config)
 
     assert str(caught.value).startswith("listeners.secure.cert_file:")
+
+
+def fake_tls_object(server_name: str) -> SimpleNamespace:
+    session = SimpleNamespace(has_ticket=True, id=b"id")
+    return SimpleNamespace(server_hostname=server_name, session=session)
+
+
+def test_sessions_kept_per_name_are_capped() -> None:
+    context = contexts.UpstreamContext()
+    for _ in range(contexts.SESSIONS_PER_SERVER_NAME + 5):
+        context.remember_session(fake_tls_object("mail.example.org"))
+    assert context.session_count("mail.example.org") == contexts.SESSIONS_PER_SERVER_NAME
+
+
+def test_oldest_server_name_dropped_beyond_cap() -> None:
+    context = contexts.UpstreamContext()
+    for number in range(contexts.MAX_SERVER_NAMES + 1):
+        context.remember_session(fake_tls_object(f"host{number}.example.org"))
+    assert context.session_count("host0.example.org") == 0
+    assert context.session_count("host1.example.org") == 1
+    assert context.session_count(f"host{contexts.MAX_SERVER_NAMES}.example.org") == 1
+
+
+def test_switched_off_context_keeps_nothing() -> None:
+    context = contexts.UpstreamContext(resume_sessions=False)
+    context.remember_session(fake_tls_object("mail.example.org"))
+    assert context.session_count("mail.example.org") == 0
