@@ -4,7 +4,7 @@ Both ends run in this process over memory BIOs, so the figures are CPU time with
 network waits. The client side is what the appliance pays per upstream connection: with
 resumption it also pays for offering a stored session (`wrap_bio(session=...)`) and for
 reading the new one back (`SSLObject.session`), which CPython copies through their DER
-encoding. Usage: python3 -m benchmarks.tls_handshake [--count N] [--key-type ECDSA|RSA]
+encoding. Usage: python3 -m benchmarks.tls_handshake [--count N] [--key-type ECDSA|RSA] [--no-verify]
 """
 
 from __future__ import annotations
@@ -103,12 +103,16 @@ def _handshake(
         client_in.write(server_out.read())
 
 
-def measure(count: int, key_type: str) -> dict[str, Costs]:
+def measure(count: int, key_type: str, verify: bool = True) -> dict[str, Costs]:
     authority = trustme.CA(key_type=trustme.KeyType[key_type])
     server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     authority.issue_cert("localhost").configure_cert(server_context)
     client_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    authority.configure_trust(client_context)
+    if verify:
+        authority.configure_trust(client_context)
+    else:
+        client_context.check_hostname = False
+        client_context.verify_mode = ssl.CERT_NONE
 
     results = {}
     for name, resume in (("full handshake", False), ("resumed", True)):
@@ -137,9 +141,18 @@ def main(argv: list[str] | None = None) -> int:
         help="key of the test CA and server certificate (trustme's defaults: "
         "ECDSA P-256, RSA 2048 bits)",
     )
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip certificate verification on the client, as `verify: false` does",
+    )
     args = parser.parse_args(argv)
-    print(f"Python {sys.version.split()[0]}, {ssl.OPENSSL_VERSION}, {args.key_type} keys")
-    for name, total in measure(args.count, args.key_type).items():
+    verification = "without" if args.no_verify else "with"
+    print(
+        f"Python {sys.version.split()[0]}, {ssl.OPENSSL_VERSION}, {args.key_type} "
+        f"keys, {verification} verification"
+    )
+    for name, total in measure(args.count, args.key_type, not args.no_verify).items():
         per = {
             field: getattr(total, field) / args.count * 1e6
             for field in ("client", "server", "offer_session", "read_session")
