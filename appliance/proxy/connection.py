@@ -54,6 +54,25 @@ def tune_socket(transport: asyncio.BaseTransport) -> None:
 class Connection(asyncio.Protocol):
     """A TCP connection with TLS upgrade, bounded pre-login reads and a relay mode."""
 
+    # Two per session, so no per-instance __dict__: idle sessions stay small.
+    __slots__ = (
+        "_buffer",
+        "_drain_waiter",
+        "_eof",
+        "_peer",
+        "_read_waiter",
+        "_tls_info",
+        "_write_paused",
+        "bytes_received",
+        "bytes_sent",
+        "closed",
+        "last_activity",
+        "on_made",
+        "splice",
+        "tls_on_connect",
+        "transport",
+    )
+
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.bytes_received = 0
