@@ -39,8 +39,7 @@ from appliance.proxy.errors import UpstreamError
 from appliance.proxy.session import CLIENT_FAULTS, GOODBYE_TEXTS, Session
 from appliance.proxy.upstream import UpstreamTarget, open_upstream, upgrade_upstream
 
-
-
+# LOGIN and SASL arguments are strings, while a literal8 carries binary data (RFC 3516).
 LITERAL8_LOGIN_ERROR = "Login arguments are strings; literal8 (~{n}) is for binary data"
 
 
@@ -197,21 +196,24 @@ class ImapSession(Session):
         if is_login and not self.client_state.login_allowed:
             self.commands.reject_literal()
             self._reject_before_tls(request.tag, None)
-            if self.commands.buffered_size or self.client.buffered:
-                # Bytes that came before the client could see the NO are a literal
-                # sent without waiting, likely a password; they are never parsed.
-                message = "literal sent without waiting for a continuation"
-                raise ClientProtocolError(message, fatal=True)
+            self._close_if_literal_arrived()
         elif is_login and request.binary:
             self.commands.reject_literal()
             self._protocol_error(LITERAL8_LOGIN_ERROR, request.tag)
-            if self.commands.buffered_size or self.client.buffered:
-                # The literal came without waiting for "+"; parsed as commands, its
-                # bytes, perhaps a password, would be echoed back as a tag.
-                message = "literal sent without waiting for a continuation"
-                raise ClientProtocolError(message, fatal=True)
+            self._close_if_literal_arrived()
         else:
             self.client.send(b"+ Ready for literal data\r\n")
+
+    def _close_if_literal_arrived(self) -> None:
+        """Raise a fatal error if bytes of a just-rejected login literal are buffered.
+
+        They came before the client could see the rejection, so they are a literal sent
+        without waiting, likely a password. Parsed as commands, its first word would come
+        back as a tag, so they are never parsed.
+        """
+        if self.commands.buffered_size or self.client.buffered:
+            message = "literal sent without waiting for a continuation"
+            raise ClientProtocolError(message, fatal=True)
 
     def _reject_before_tls(self, tag: str, user: object) -> None:
         self.record_login("rejected", user if isinstance(user, (str, bytes)) else None)
@@ -294,14 +296,15 @@ class ImapSession(Session):
             self._protocol_error("AUTHENTICATE needs a mechanism name", tag)
             return None
         mechanism = command.args[0].upper()
-        if len(command.args) > 1 and not _is_string(command.args[1]):
-            if isinstance(command.args[1], Literal8):
-                message = LITERAL8_LOGIN_ERROR
-            else:
-                message = "AUTHENTICATE takes its initial response as a string"
+        initial_argument = command.args[1] if len(command.args) > 1 else None
+        if isinstance(initial_argument, Literal8):
+            self._protocol_error(LITERAL8_LOGIN_ERROR, tag)
+            return None
+        if len(command.args) > 1 and not _is_string(initial_argument):
+            message = "AUTHENTICATE takes its initial response as a string"
             self._protocol_error(message, tag)
             return None
-        initial = _to_bytes(command.args[1]) if len(command.args) > 1 else None
+        initial = _to_bytes(initial_argument) if len(command.args) > 1 else None
         try:
             if mechanism == "PLAIN":
                 if initial is None:
@@ -454,8 +457,7 @@ class ImapSession(Session):
 
 
 def _is_string(value: object) -> bool:
-    # A literal8 carries binary data; LOGIN and SASL arguments are strings (RFC 3516).
-    return isinstance(value, (str, bytes)) and not isinstance(value, Literal8)
+    return isinstance(value, (str, bytes))
 
 
 def _to_bytes(value: object) -> bytes:

@@ -27,7 +27,6 @@ from appliance.proxy.session import CLIENT_FAULTS, GOODBYE_TEXTS, Session, Sessi
 from appliance.proxy.upstream import UpstreamTarget, open_upstream, upgrade_upstream
 
 
-
 class Pop3Session(Session):
     protocol = "pop3"
     pre_auth_state = ("commands", "responses", "greeting", "upstream_caps")

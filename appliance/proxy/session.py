@@ -271,7 +271,8 @@ class Session:
                 self.env.report_upstream(
                     self.protocol, target, self.upstream, None, *routed
                 )
-                ssl_object = self.upstream.extra("ssl_object") if self.upstream else None
+                assert self.upstream is not None
+                ssl_object = self.upstream.extra("ssl_object")
                 if ssl_object is not None:
                     metrics.record_upstream_handshake(
                         target.name, ssl_object.session_reused
