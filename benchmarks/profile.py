@@ -14,14 +14,17 @@ import collections
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from benchmarks.candidates import Appliance, Backend
+from benchmarks.candidates import Appliance
 from benchmarks.procinfo import raise_open_files_limit
 from benchmarks.run import FULL_PLAN, log
-from benchmarks.workloads import Bench, session_rate_sample, throughput_sample
-from tests.support.certs import TestPKI
+from benchmarks.workloads import (
+    Bench,
+    prepare_backend,
+    session_rate_sample,
+    throughput_sample,
+)
 
 SAMPLE_RATE = 250
 
@@ -81,16 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     raise_open_files_limit()
     plan = FULL_PLAN
     plan.throughput_seconds = args.seconds
-    workdir = Path(tempfile.mkdtemp(prefix="appliance-profile-"))
-    workdir.chmod(0o755)
-    pki = TestPKI(workdir / "pki")
-    backend = Backend(
-        pki,
-        users=plan.users,
-        bulk_users=plan.throughput_sessions,
-        bulk_messages=plan.bulk_messages,
-        connection_limit=plan.idle_sessions + 500,
-    )
+    workdir, pki, backend = prepare_backend(plan, "appliance-profile-")
 
     cert = pki.issue_server_cert("profile")
     appliance = Appliance(

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -25,7 +24,7 @@ from benchmarks import report, workloads
 from benchmarks.candidates import Appliance, Backend, Candidate, Direct
 from benchmarks.peers import DovecotProxy, Nginx
 from benchmarks.procinfo import machine_facts, raise_open_files_limit
-from benchmarks.workloads import Bench, Plan
+from benchmarks.workloads import Bench, Plan, prepare_backend
 from tests.support.appliance import REPO_ROOT
 from tests.support.certs import TestPKI
 
@@ -180,16 +179,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     run_id = datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + (
         "-quick" if args.quick else ""
     )
-    workdir = Path(tempfile.mkdtemp(prefix="appliance-bench-"))
-    workdir.chmod(0o755)
-    pki = TestPKI(workdir / "pki")
-    backend = Backend(
-        pki,
-        users=plan.users,
-        bulk_users=plan.throughput_sessions,
-        bulk_messages=plan.bulk_messages,
-        connection_limit=plan.idle_sessions + 500,
-    )
+    workdir, pki, backend = prepare_backend(plan, "appliance-bench-")
 
     candidates: list[Candidate] = []
     skipped: dict[str, str] = {}

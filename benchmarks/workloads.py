@@ -4,8 +4,10 @@ every candidate alike."""
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Self
 
 from benchmarks.candidates import FIRST_BULK_MESSAGE, Backend, Candidate
@@ -24,6 +26,7 @@ from benchmarks.procinfo import (
     tree_cpu_seconds,
     tree_pss_kib,
 )
+from tests.support.certs import TestPKI
 
 MIB = 1024 * 1024
 # Seconds between setting up a measurement and its window, for workers to start.
@@ -53,6 +56,25 @@ class Plan:
     @property
     def users(self) -> int:
         return max(self.idle_sessions, self.throughput_sessions, 50)
+
+
+def prepare_backend(plan: Plan, prefix: str) -> tuple[Path, TestPKI, Backend]:
+    """Create a temporary folder, test certificates and a Backend sized for `plan`.
+
+    The folder is world-readable, because Dovecot's unprivileged processes read the
+    certificates in it. The caller starts the backend and removes the folder.
+    """
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    workdir.chmod(0o755)
+    pki = TestPKI(workdir / "pki")
+    backend = Backend(
+        pki,
+        users=plan.users,
+        bulk_users=plan.throughput_sessions,
+        bulk_messages=plan.bulk_messages,
+        connection_limit=plan.idle_sessions + 500,
+    )
+    return workdir, pki, backend
 
 
 @dataclass
