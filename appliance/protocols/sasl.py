@@ -10,7 +10,8 @@ import binascii
 from appliance.protocols.errors import ClientProtocolError
 
 # The server's two SASL LOGIN challenges: base64 of "Username:" and "Password:".
-# Clients answer them in order, user name first, whatever their text.
+# Clients send the user name after the first and the password after the second,
+# whatever their text.
 LOGIN_CHALLENGES = (base64.b64encode(b"Username:"), base64.b64encode(b"Password:"))
 
 

@@ -54,7 +54,8 @@ def tune_socket(transport: asyncio.BaseTransport) -> None:
 class Connection(asyncio.Protocol):
     """A TCP connection with TLS upgrade, bounded pre-login reads and a relay mode."""
 
-    # Two per session, so no per-instance __dict__: idle sessions stay small.
+    # Each session holds two, so instances have no __dict__, which keeps idle sessions
+    # small.
     __slots__ = (
         "_buffer",
         "_drain_waiter",

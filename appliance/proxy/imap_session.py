@@ -208,8 +208,8 @@ class ImapSession(Session):
         """Raise a fatal error if bytes of a just-rejected login literal are buffered.
 
         They came before the client could see the rejection, so they are a literal sent
-        without waiting, likely a password. Parsed as commands, its first word would come
-        back as a tag, so they are never parsed.
+        without waiting, likely a password. Parsed as commands, their first word would
+        come back as a tag, so they are never parsed.
         """
         if self.commands.buffered_size or self.client.buffered:
             message = "literal sent without waiting for a continuation"
@@ -234,7 +234,10 @@ class ImapSession(Session):
         return capabilities.imap_pre_auth(base, self.client_state)
 
     def _protocol_error(self, message: str, tag: str | None, *, fatal: bool = False) -> None:
-        """Send BAD; raise to close on a fatal error or an exhausted error budget."""
+        """Send BAD, or close the session when the error budget is used up.
+
+        A fatal error sends BAD and then raises too, because the input is out of sync.
+        """
         self.errors += 1
         if self.errors >= self.limits.max_protocol_errors:
             raise TooManyProtocolErrors(message)

@@ -105,7 +105,10 @@ class Pop3Session(Session):
                 return result
 
     def _protocol_error(self, message: str, *, fatal: bool = False) -> None:
-        """Send -ERR; raise to close on a fatal error or an exhausted error budget."""
+        """Send -ERR, or close the session when the error budget is used up.
+
+        A fatal error sends -ERR and then raises too, because the input is out of sync.
+        """
         self.errors += 1
         if self.errors >= self.env.snapshot.config.limits.max_protocol_errors:
             raise TooManyProtocolErrors(message)

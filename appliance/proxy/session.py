@@ -420,8 +420,8 @@ class Session:
     async def _check_unexpected_client_hello(self) -> None:
         self.check_for_client_hello = False
         data = await self.client.read_some()
-        # A record header split after its first byte still counts; the pre-auth
-        # timeout bounds the wait for the second.
+        # A record header split after its first byte still counts. The pre-auth
+        # timeout bounds the wait for the second byte.
         while data == b"\x16":
             more = await self.client.read_some()
             if not more:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from appliance.config import AppConfig, ListenerConfig, UpstreamConfig
 
-# Sessions kept per upstream server name for resumption; the newest are offered first.
+# Sessions kept per upstream server name for resumption. The newest is offered first.
 SESSIONS_PER_SERVER_NAME = 64
 # Server names with stored sessions per context. Routing by login can reach many names,
 # so the name stored longest ago is dropped beyond this.
@@ -49,9 +49,9 @@ class UpstreamContext(ssl.SSLContext):
     Resuming skips the server's signature and the certificate checks. Only sessions from
     handshakes made with this context, and so verified under its policy, are offered
     again, and only to the server name they were verified for. Each session is offered
-    once (RFC 8446, appendix C.4), so concurrent connections never share a ticket and
-    servers that accept a ticket only once still resume. A reload builds new contexts, so
-    changed CA files or verification settings start with no sessions.
+    once (RFC 8446, appendix C.4), so concurrent connections never share a ticket. A
+    reload builds new contexts, so changed CA files or verification settings start with
+    no sessions.
     """
 
     resume_sessions: bool

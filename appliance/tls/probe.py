@@ -126,7 +126,10 @@ class ProbeReport:
         return "none" if plain.usable else None
 
     def chosen_mode_usable(self) -> bool:
-        """Whether sessions can use the chosen mode now; False when none is chosen."""
+        """Return whether sessions can use the chosen mode now.
+
+        False when no mode is chosen.
+        """
         chosen = self.chosen_mode()
         return chosen is not None and self.mode(chosen).usable
 

@@ -705,7 +705,7 @@ def test_literal8_login_argument_rejected(strict, upstreams, command):
     assert received.count(b"AUTHENTICATE") == 1, received
 
 
-def test_synchronizing_literal8_login_refused_first(strict, upstreams):
+def test_sync_literal8_login_rejected_first(strict, upstreams):
     before = len(upstreams["imap"].received)
     with connect(strict, "imap") as client:
         client.send(b"L1 LOGIN user ~{5}\r\n")
@@ -724,7 +724,7 @@ def test_literal8_sent_without_waiting_closes(strict):
     assert b"mypass" not in reply
 
 
-def test_fatal_error_in_sasl_step_answered_once(strict):
+def test_sasl_fatal_error_answered_once(strict):
     with connect(strict, "imap") as client:
         client.send(b"A1 AUTHENTICATE PLAIN\r\n")
         assert client.read_line().startswith(b"+")

@@ -26,14 +26,14 @@ TIMEOUT = 20.0
 LOOPS = ["asyncio", "uvloop"]
 
 
-def run(loop_name: str, test: Callable[[], Awaitable[None]]) -> None:
+def run(loop_name: str, scenario: Callable[[], Awaitable[None]]) -> None:
     if loop_name == "uvloop":
         uvloop = pytest.importorskip("uvloop")
         factory = uvloop.new_event_loop
     else:
         factory = asyncio.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(asyncio.wait_for(test(), TIMEOUT * 3))
+        runner.run(asyncio.wait_for(scenario(), TIMEOUT * 3))
 
 
 def context_for(dovecot, **options) -> UpstreamContext:
@@ -89,11 +89,11 @@ def test_second_implicit_connection_resumes(loop_name, dovecot) -> None:
     context = context_for(dovecot, tls="implicit")
     results: list[bool] = []
 
-    async def test() -> None:
+    async def scenario() -> None:
         for _ in range(3):
             results.append(await implicit_session(dovecot, context))
 
-    run(loop_name, test)
+    run(loop_name, scenario)
 
     assert results == [False, True, True]
 
@@ -103,11 +103,11 @@ def test_starttls_connection_resumes(loop_name, dovecot) -> None:
     context = context_for(dovecot, tls="starttls")
     results: list[bool] = []
 
-    async def test() -> None:
+    async def scenario() -> None:
         for _ in range(2):
             results.append(await starttls_session(dovecot, context))
 
-    run(loop_name, test)
+    run(loop_name, scenario)
 
     assert results == [False, True]
 
@@ -116,20 +116,20 @@ def test_resumption_can_be_switched_off(dovecot) -> None:
     context = context_for(dovecot, tls="implicit", session_resumption=False)
     results: list[bool] = []
 
-    async def test() -> None:
+    async def scenario() -> None:
         for _ in range(2):
             results.append(await implicit_session(dovecot, context))
 
-    run("asyncio", test)
+    run("asyncio", scenario)
 
     assert results == [False, False]
 
 
-def test_session_is_offered_only_to_its_server_name(dovecot) -> None:
+def test_session_bound_to_server_name(dovecot) -> None:
     context = context_for(dovecot, tls="implicit")
     results: list[bool] = []
 
-    async def test() -> None:
+    async def scenario() -> None:
         results.append(await implicit_session(dovecot, context))
         # Same server, another name: the session verified for "localhost" is not used.
         other = UpstreamTarget(
@@ -142,7 +142,7 @@ def test_session_is_offered_only_to_its_server_name(dovecot) -> None:
         finally:
             connection.abort()
 
-    run("asyncio", test)
+    run("asyncio", scenario)
 
     assert results == [False, False]
 
@@ -152,7 +152,7 @@ def test_each_session_is_offered_once(dovecot) -> None:
     counts: list[int] = []
     reused: list[bool] = []
 
-    async def test() -> None:
+    async def scenario() -> None:
         await implicit_session(dovecot, context)
         counts.append(context.session_count("localhost"))
         target = UpstreamTarget(
@@ -170,7 +170,7 @@ def test_each_session_is_offered_once(dovecot) -> None:
             second.abort()
         counts.append(context.session_count("localhost"))
 
-    run("asyncio", test)
+    run("asyncio", scenario)
 
     assert counts == [1, 0]
     assert reused == [True, False]

@@ -76,18 +76,18 @@ class InputBuffer:
         return chunk
 
 
-def line_content(line: bytes, what: str, error: type[Exception]) -> bytes:
-    """Return the line without CRLF; raise `error` for bare CR, bare LF or NUL.
+def line_content(line: bytes, line_kind: str, error: type[Exception]) -> bytes:
+    """Return the line without CRLF, or raise `error` for bare CR, bare LF or NUL.
 
-    `what` names the line in the message, for example "command line".
+    `line_kind` names the line in the error message, for example "command line".
     """
     if not line.endswith(b"\r\n"):
-        _raise(error, f"{what} must end with CRLF")
+        _raise(error, f"{line_kind} must end with CRLF")
     content = line[:-2]
     if b"\r" in content:
-        _raise(error, f"bare CR in {what}")
+        _raise(error, f"bare CR in {line_kind}")
     if b"\0" in content:
-        _raise(error, f"NUL byte in {what}")
+        _raise(error, f"NUL byte in {line_kind}")
     return content
 
 
