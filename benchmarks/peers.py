@@ -12,6 +12,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from benchmarks.candidates import HOST, Backend, Candidate, Endpoint
@@ -24,7 +25,44 @@ NGINX_MAIL_MODULE = Path("/usr/lib/nginx/modules/ngx_mail_module.so")
 NGINX_WORKER_CONNECTIONS = 8192
 
 
-class Nginx(Candidate):
+class _ServerProcess:
+    """A peer server run as a child process, with its files in a temporary folder."""
+
+    process: subprocess.Popen[bytes] | None
+    root: Path | None
+
+    def _spawn(
+        self, command: list[str], ports: Iterable[int], log_file: Path, name: str
+    ) -> None:
+        """Start `command` in its own session and wait until all `ports` accept."""
+        assert self.root is not None
+        with open(self.root / "stderr.log", "wb") as stderr:
+            self.process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=stderr,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            for port in ports:
+                wait_for_port(HOST, port)
+        except TimeoutError:
+            log = log_file.read_text(errors="replace")[-4000:]
+            self.stop()
+            message = f"{name} did not start; {log_file.name}:\n{log}"
+            raise RuntimeError(message) from None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            _terminate(self.process)
+            self.process = None
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.root = None
+
+
+class Nginx(_ServerProcess, Candidate):
     """nginx's mail proxy, with its `auth_http` requests served by nginx's http module.
 
     The responder runs inside the same nginx as a `return` with headers, so no
@@ -124,29 +162,8 @@ mail {{
             "-g",
             "daemon off;",
         ]
-        with open(self.root / "stderr.log", "wb") as stderr:
-            self.process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=stderr,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        try:
-            for port in [*self.ports.values(), self.auth_port]:
-                wait_for_port(HOST, port)
-        except TimeoutError:
-            log = (self.root / "error.log").read_text(errors="replace")[-4000:]
-            self.stop()
-            raise RuntimeError(f"nginx did not start; error.log:\n{log}") from None
-
-    def stop(self) -> None:
-        if self.process is not None:
-            _terminate(self.process)
-            self.process = None
-        if self.root is not None:
-            shutil.rmtree(self.root, ignore_errors=True)
-            self.root = None
+        ports = [*self.ports.values(), self.auth_port]
+        self._spawn(command, ports, self.root / "error.log", "nginx")
 
     def endpoint(self, protocol: str, path: str) -> Endpoint | None:
         # nginx 1.22's mail module cannot speak TLS to its backend.
@@ -160,7 +177,7 @@ mail {{
         return [self.process.pid]
 
 
-class DovecotProxyInstance:
+class DovecotProxyInstance(_ServerProcess):
     """One Dovecot 2.3 in proxy mode: a static passdb that proxies every login.
 
     `nopassword=y` makes the proxy accept any password and pass it on, so the backend
@@ -234,29 +251,9 @@ default_client_limit = {limit + 100}
         config_file = self.root / "dovecot.conf"
         config_file.write_text(self.render_config())
         binary = shutil.which("dovecot") or "/usr/sbin/dovecot"
-        with open(self.root / "stderr.log", "wb") as stderr:
-            self.process = subprocess.Popen(
-                [binary, "-F", "-c", str(config_file)],
-                stdin=subprocess.DEVNULL,
-                stdout=stderr,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        try:
-            for port in self.ports.values():
-                wait_for_port(HOST, port)
-        except TimeoutError:
-            log = (self.root / "dovecot.log").read_text(errors="replace")[-4000:]
-            self.stop()
-            raise RuntimeError(f"Dovecot proxy did not start; log:\n{log}") from None
-
-    def stop(self) -> None:
-        if self.process is not None:
-            _terminate(self.process)
-            self.process = None
-        if self.root is not None:
-            shutil.rmtree(self.root, ignore_errors=True)
-            self.root = None
+        command = [binary, "-F", "-c", str(config_file)]
+        log_file = self.root / "dovecot.log"
+        self._spawn(command, self.ports.values(), log_file, "Dovecot proxy")
 
 
 class DovecotProxy(Candidate):
