@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.support.appliance import (
     REPO_ROOT,
     ApplianceProcess,
+    dovecot_config,
     free_port,
     upstream_config,
     wait_for_port,
@@ -332,12 +333,7 @@ def test_healthcheck_with_admin_passes(appliance: ApplianceProcess) -> None:
 
 
 def test_healthcheck_without_admin(mail_server: DovecotServer, tmp_path: Path) -> None:
-    config = {
-        "listeners": {
-            "imap": {"protocol": "imap", "port": free_port(), "upstream": "mail"}
-        },
-        "upstreams": {"mail": upstream_config(mail_server, "starttls", "imap")},
-    }
+    config = dovecot_config(mail_server, {"imap": ("imap", "none", "starttls")})
     with ApplianceProcess(config, tmp_path) as process:
         running = run_healthcheck(process.config_file)
     stopped = run_healthcheck(process.config_file)

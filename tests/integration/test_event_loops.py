@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.appliance import ApplianceProcess, free_port, upstream_config
+from tests.support.appliance import ApplianceProcess, dovecot_config
 
 LARGE_INDEX = 3
 
@@ -26,24 +26,14 @@ def appliance(request, dovecot, pki, tmp_path_factory) -> Iterator[ApplianceProc
     if request.param == "uvloop":
         pytest.importorskip("uvloop")
     cert = pki.issue_server_cert(f"loops-{request.param}")
-    tls_files = {"cert_file": str(cert.cert_file), "key_file": str(cert.key_file)}
-    config = {
-        "listeners": {
-            "imaps": {"protocol": "imap", "port": free_port(), "tls": "implicit",
-                      "upstream": "imap_starttls", **tls_files},
-            "imap": {"protocol": "imap", "port": free_port(), "tls": "starttls",
-                     "upstream": "imap_implicit", **tls_files},
-            "pop3s": {"protocol": "pop3", "port": free_port(), "tls": "implicit",
-                      "upstream": "pop3_starttls", **tls_files},
-            "plain": {"protocol": "imap", "port": free_port(), "upstream": "imap_implicit"},
-        },
-        "upstreams": {
-            "imap_starttls": upstream_config(dovecot, "starttls", "imap"),
-            "imap_implicit": upstream_config(dovecot, "implicit", "imap"),
-            "pop3_starttls": upstream_config(dovecot, "starttls", "pop3"),
-        },
-        "limits": {"shutdown_grace_period": 1},
+    listeners = {
+        "imaps": ("imap", "implicit", "starttls"),
+        "imap": ("imap", "starttls", "implicit"),
+        "pop3s": ("pop3", "implicit", "starttls"),
+        "plain": ("imap", "none", "implicit"),
     }
+    limits = {"shutdown_grace_period": 1}
+    config = dovecot_config(dovecot, listeners, cert, limits=limits)
     workdir = Path(tmp_path_factory.mktemp(f"loop-{request.param}"))
     process = ApplianceProcess(config, workdir, env={"APPLIANCE_EVENT_LOOP": request.param})
     with process:

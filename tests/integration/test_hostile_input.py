@@ -25,7 +25,7 @@ from typing import Any, Self
 
 import pytest
 
-from tests.support.appliance import ApplianceProcess, free_port
+from tests.support.appliance import ApplianceProcess, listener_config
 from tests.support.certs import TestPKI
 from tests.support.scripted_server import LineClient, Step, converse
 
@@ -153,19 +153,6 @@ def upstreams() -> Iterator[dict[str, PasswordServer]]:
         yield {"imap": imap, "pop3": pop3}
 
 
-def listener(protocol: str, tls: str = "none", cert: Any = None) -> dict[str, Any]:
-    entry: dict[str, Any] = {
-        "protocol": protocol,
-        "port": free_port(),
-        "tls": tls,
-        "upstream": protocol,
-    }
-    if cert is not None:
-        entry["cert_file"] = str(cert.cert_file)
-        entry["key_file"] = str(cert.key_file)
-    return entry
-
-
 def appliance_config(
     upstreams: dict[str, PasswordServer],
     listeners: dict[str, dict[str, Any]],
@@ -187,13 +174,13 @@ def strict(upstreams, pki: TestPKI, tmp_path_factory) -> Iterator[ApplianceProce
     """An appliance with tight limits and no failed-login delay."""
     cert = pki.issue_server_cert("hostile-input")
     listeners = {
-        "imap": listener("imap"),
-        "pop3": listener("pop3"),
-        "imap_starttls": listener("imap", "starttls", cert),
-        "pop3_starttls": listener("pop3", "starttls", cert),
-        "imap_full": listener("imap"),
-        "pop3_full": listener("pop3"),
-        "imap_flood": listener("imap"),
+        "imap": listener_config("imap", "imap"),
+        "pop3": listener_config("pop3", "pop3"),
+        "imap_starttls": listener_config("imap", "imap", tls="starttls", cert=cert),
+        "pop3_starttls": listener_config("pop3", "pop3", tls="starttls", cert=cert),
+        "imap_full": listener_config("imap", "imap"),
+        "pop3_full": listener_config("pop3", "pop3"),
+        "imap_flood": listener_config("imap", "imap"),
     }
     config = appliance_config(upstreams, listeners, STRICT_LIMITS)
     workdir = tmp_path_factory.mktemp("hostile-strict")
@@ -204,7 +191,10 @@ def strict(upstreams, pki: TestPKI, tmp_path_factory) -> Iterator[ApplianceProce
 @pytest.fixture(scope="module")
 def delayed(upstreams, tmp_path_factory) -> Iterator[ApplianceProcess]:
     """An appliance with a failed-login delay of 1 s, doubling up to 4 s."""
-    listeners = {"imap": listener("imap"), "pop3": listener("pop3")}
+    listeners = {
+        "imap": listener_config("imap", "imap"),
+        "pop3": listener_config("pop3", "pop3"),
+    }
     config = appliance_config(upstreams, listeners, DELAY_LIMITS)
     workdir = tmp_path_factory.mktemp("hostile-delayed")
     with ApplianceProcess(config, workdir) as process:

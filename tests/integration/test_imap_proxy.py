@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from tests.support.appliance import ApplianceProcess, free_port, upstream_config
+from tests.support.appliance import ApplianceProcess, dovecot_config
 from tests.support.certs import TestPKI
 from tests.support.dovecot import LARGE_MESSAGE_INDEX, DovecotServer
 from tests.support.scripted_server import (
@@ -46,26 +46,8 @@ def mail_server(dovecot_factory) -> DovecotServer:
 @pytest.fixture(scope="module")
 def proxy(mail_server, pki: TestPKI, tmp_path_factory) -> Iterator[ApplianceProcess]:
     cert = pki.issue_server_cert("imap-proxy-module")
-    listeners = {}
-    for name in MATRIX:
-        client_mode, upstream_mode = name.split("-")
-        listener = {
-            "protocol": "imap",
-            "port": free_port(),
-            "tls": client_mode,
-            "upstream": f"dovecot-{upstream_mode}",
-        }
-        if client_mode != "none":
-            listener["cert_file"] = str(cert.cert_file)
-            listener["key_file"] = str(cert.key_file)
-        listeners[name] = listener
-    config = {
-        "listeners": listeners,
-        "upstreams": {
-            f"dovecot-{mode}": upstream_config(mail_server, mode, "imap")
-            for mode in TLS_MODES
-        },
-    }
+    listeners = {name: ("imap", *name.split("-")) for name in MATRIX}
+    config = dovecot_config(mail_server, listeners, cert)
     with ApplianceProcess(config, tmp_path_factory.mktemp("imap-proxy")) as process:
         yield process
 

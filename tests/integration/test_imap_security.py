@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.appliance import ApplianceProcess, free_port, upstream_config
+from tests.support.appliance import ApplianceProcess, dovecot_config
 from tests.support.certs import TestPKI
 from tests.support.dovecot import DovecotServer
 from tests.support.scripted_server import (
@@ -48,24 +48,8 @@ def mail_server(dovecot_factory) -> DovecotServer:
 @pytest.fixture(scope="module")
 def proxy(mail_server, pki: TestPKI, tmp_path_factory) -> Iterator[ApplianceProcess]:
     cert = pki.issue_server_cert("imap-security-module")
-    listeners = {}
-    for name, (client_mode, upstream_mode) in LISTENERS.items():
-        listeners[name] = {
-            "protocol": "imap",
-            "port": free_port(),
-            "tls": client_mode,
-            "upstream": f"dovecot-{upstream_mode}",
-            "cert_file": str(cert.cert_file),
-            "key_file": str(cert.key_file),
-        }
-    config = {
-        "listeners": listeners,
-        "upstreams": {
-            f"dovecot-{mode}": upstream_config(mail_server, mode, "imap")
-            for mode in ("starttls", "implicit")
-        },
-        "logging": {"level": "TRACE"},
-    }
+    listeners = {name: ("imap", *modes) for name, modes in LISTENERS.items()}
+    config = dovecot_config(mail_server, listeners, cert, logging={"level": "TRACE"})
     with ApplianceProcess(config, tmp_path_factory.mktemp("imap-security")) as process:
         yield process
 

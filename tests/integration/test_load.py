@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.appliance import ApplianceProcess, free_port, upstream_config
+from tests.support.appliance import ApplianceProcess, dovecot_config
 from tests.support.dovecot import DovecotServer, numbered_users
 
 HOST = "127.0.0.1"
@@ -88,17 +88,13 @@ def mail_server(dovecot_factory) -> DovecotServer:
 
 @pytest.fixture(scope="module")
 def proxy(mail_server, tmp_path_factory) -> Iterator[ApplianceProcess]:
-    config = {
-        "listeners": {
-            "imap": {"protocol": "imap", "port": free_port(), "upstream": "imap"}
-        },
-        "upstreams": {"imap": upstream_config(mail_server, "none", "imap")},
-        "limits": {
-            "max_connections": TOTAL_SESSIONS + 100,
-            "max_connections_per_address": TOTAL_SESSIONS + 100,
-            "pre_auth_timeout": 90,
-        },
+    limits = {
+        "max_connections": TOTAL_SESSIONS + 100,
+        "max_connections_per_address": TOTAL_SESSIONS + 100,
+        "pre_auth_timeout": 90,
     }
+    listeners = {"imap": ("imap", "none", "none")}
+    config = dovecot_config(mail_server, listeners, limits=limits)
     with ApplianceProcess(config, tmp_path_factory.mktemp("load")) as process:
         yield process
 

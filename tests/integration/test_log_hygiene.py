@@ -20,7 +20,6 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -32,8 +31,9 @@ from tests.integration.test_hostile_input import (
 from tests.support.appliance import (
     REPO_ROOT,
     ApplianceProcess,
-    free_port,
-    upstream_config,
+    ListenerSpec,
+    dovecot_config,
+    listener_config,
 )
 from tests.support.certs import TestPKI
 from tests.support.dovecot import DovecotServer
@@ -106,37 +106,19 @@ def proxy(
     mail_server, fakes, pki: TestPKI, tmp_path_factory
 ) -> Iterator[ApplianceProcess]:
     cert = pki.issue_server_cert("log-hygiene")
-    tls_files = {"cert_file": str(cert.cert_file), "key_file": str(cert.key_file)}
-    listeners: dict[str, dict[str, Any]] = {}
+    listeners: dict[str, ListenerSpec] = {}
     for protocol in ("imap", "pop3"):
-        base = {"protocol": protocol, "upstream": protocol}
-        listeners[f"{protocol}_plain"] = {**base, "port": free_port()}
-        listeners[f"{protocol}_starttls"] = {
-            **base,
-            "port": free_port(),
-            "tls": "starttls",
-            **tls_files,
-        }
-        listeners[f"{protocol}_fake"] = {
-            "protocol": protocol,
-            "upstream": f"{protocol}_fake",
-            "port": free_port(),
-        }
-    upstreams = {
-        protocol: upstream_config(mail_server, "starttls", protocol)
-        for protocol in ("imap", "pop3")
-    }
+        listeners[f"{protocol}_plain"] = (protocol, "none", "starttls")
+        listeners[f"{protocol}_starttls"] = (protocol, "starttls", "starttls")
+    config = dovecot_config(mail_server, listeners, cert, logging={"level": "DEBUG"})
     for protocol, server in fakes.items():
-        upstreams[f"{protocol}_fake"] = {
+        fake = f"{protocol}_fake"
+        config["listeners"][fake] = listener_config(protocol, fake)
+        config["upstreams"][fake] = {
             "host": "127.0.0.1",
             "port": server.port,
             "tls": "none",
         }
-    config = {
-        "listeners": listeners,
-        "upstreams": upstreams,
-        "logging": {"level": "DEBUG"},
-    }
     with ApplianceProcess(config, tmp_path_factory.mktemp("log-hygiene")) as process:
         yield process
 

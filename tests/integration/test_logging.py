@@ -24,9 +24,8 @@ from tests.integration.test_pop3_proxy import (
     b64,
     client_context,
     plain_response,
-    pop3_listener,
 )
-from tests.support.appliance import ApplianceProcess, free_port, upstream_config
+from tests.support.appliance import ApplianceProcess, dovecot_config
 from tests.support.certs import CertFiles, TestPKI
 from tests.support.dovecot import DovecotServer
 
@@ -79,23 +78,14 @@ class LogRun:
 def appliance_config(
     server: DovecotServer, cert: CertFiles, json_output: bool
 ) -> dict[str, Any]:
-    return {
-        "listeners": {
-            "pop3_implicit": pop3_listener(
-                free_port(), "implicit", "pop3_implicit", cert
-            ),
-            "pop3_plain": pop3_listener(free_port(), "none", "pop3_starttls", cert),
-            "pop3_stls": pop3_listener(free_port(), "starttls", "pop3_none", cert),
-            "imap_plain": {"protocol": "imap", "port": free_port(), "upstream": "imap"},
-        },
-        "upstreams": {
-            "pop3_implicit": upstream_config(server, "implicit", "pop3"),
-            "pop3_starttls": upstream_config(server, "starttls", "pop3"),
-            "pop3_none": upstream_config(server, "none", "pop3"),
-            "imap": upstream_config(server, "starttls", "imap"),
-        },
-        "logging": {"level": "TRACE", "json": json_output},
+    listeners = {
+        "pop3_implicit": ("pop3", "implicit", "implicit"),
+        "pop3_plain": ("pop3", "none", "starttls"),
+        "pop3_stls": ("pop3", "starttls", "none"),
+        "imap_plain": ("imap", "none", "starttls"),
     }
+    log_settings = {"level": "TRACE", "json": json_output}
+    return dovecot_config(server, listeners, cert, logging=log_settings)
 
 
 # Client sessions

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_pop3_proxy import HOST, pop3_listener
-from tests.support.appliance import ApplianceProcess, free_port, upstream_config
+from tests.integration.test_pop3_proxy import HOST
+from tests.support.appliance import ApplianceProcess, dovecot_config
 from tests.support.certs import TestPKI
 from tests.support.dovecot import LARGE_MESSAGE_INDEX, DovecotServer
 
@@ -44,17 +44,12 @@ def proxy(
     server: DovecotServer, pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ApplianceProcess]:
     cert = pki.issue_server_cert("mail-clients")
-    config = {
-        "listeners": {
-            "plain": pop3_listener(free_port(), "none", "starttls", cert),
-            "implicit": pop3_listener(free_port(), "implicit", "implicit", cert),
-            "stls": pop3_listener(free_port(), "starttls", "none", cert),
-        },
-        "upstreams": {
-            mode: upstream_config(server, mode, "pop3")
-            for mode in ("none", "implicit", "starttls")
-        },
+    listeners = {
+        "plain": ("pop3", "none", "starttls"),
+        "implicit": ("pop3", "implicit", "implicit"),
+        "stls": ("pop3", "starttls", "none"),
     }
+    config = dovecot_config(server, listeners, cert)
     with ApplianceProcess(config, tmp_path_factory.mktemp("mail-clients")) as appliance:
         yield appliance
 

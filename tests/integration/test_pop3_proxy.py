@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from tests.support.appliance import ApplianceProcess, free_port, upstream_config
-from tests.support.certs import CertFiles, TestPKI
+from tests.support.appliance import ApplianceProcess, dovecot_config
+from tests.support.certs import TestPKI
 from tests.support.dovecot import LARGE_MESSAGE_INDEX, DovecotServer
 
 HOST = "127.0.0.1"
@@ -35,23 +35,6 @@ MAX_PROTOCOL_ERRORS = 5
 
 def listener_name(client_mode: str, upstream_mode: str) -> str:
     return f"client_{client_mode}_upstream_{upstream_mode}"
-
-
-def pop3_listener(
-    port: int, tls: str, upstream: str, cert: CertFiles, **extra: Any
-) -> dict[str, Any]:
-    """Return a POP3 listener entry. It uses `cert` unless `tls` is `none`."""
-    entry: dict[str, Any] = {
-        "protocol": "pop3",
-        "port": port,
-        "tls": tls,
-        "upstream": upstream,
-    }
-    if tls != "none":
-        entry["cert_file"] = str(cert.cert_file)
-        entry["key_file"] = str(cert.key_file)
-    entry.update(extra)
-    return entry
 
 
 def client_context(pki: TestPKI) -> ssl.SSLContext:
@@ -163,22 +146,14 @@ def proxy(
 ) -> Iterator[ApplianceProcess]:
     cert = pki.issue_server_cert("pop3-proxy-tests")
     listeners = {
-        listener_name(client, upstream): pop3_listener(
-            free_port(), client, f"dovecot_{upstream}", cert
-        )
+        listener_name(client, upstream): ("pop3", client, upstream)
         for client, upstream in MATRIX
     }
-    listeners[PLAINTEXT_STLS_LISTENER] = pop3_listener(
-        free_port(), "starttls", "dovecot_none", cert, allow_plaintext_login=True
+    listeners[PLAINTEXT_STLS_LISTENER] = ("pop3", "starttls", "none")
+    config = dovecot_config(
+        server, listeners, cert, limits={"max_protocol_errors": MAX_PROTOCOL_ERRORS}
     )
-    config = {
-        "listeners": listeners,
-        "upstreams": {
-            f"dovecot_{mode}": upstream_config(server, mode, "pop3")
-            for mode in TLS_MODES
-        },
-        "limits": {"max_protocol_errors": MAX_PROTOCOL_ERRORS},
-    }
+    config["listeners"][PLAINTEXT_STLS_LISTENER]["allow_plaintext_login"] = True
     workdir: Path = tmp_path_factory.mktemp("pop3-proxy")
     with ApplianceProcess(config, workdir) as appliance:
         yield appliance

@@ -20,7 +20,11 @@ from typing import Any
 import pytest
 
 from appliance.protocols.proxy_header import build_v2_header
-from tests.support.appliance import ApplianceProcess, free_port, upstream_config
+from tests.support.appliance import (
+    ApplianceProcess,
+    listener_config,
+    upstream_config,
+)
 from tests.support.certs import TestPKI
 from tests.support.dovecot import DovecotServer, find_free_ports
 from tests.support.scripted_server import LineClient, Step, converse
@@ -76,12 +80,7 @@ def header_listener(protocol: str, upstream: str, **settings: Any) -> dict[str, 
         "timeout": HEADER_TIMEOUT,
         **settings,
     }
-    return {
-        "protocol": protocol,
-        "port": free_port(),
-        "upstream": upstream,
-        "proxy_protocol": proxy_protocol,
-    }
+    return listener_config(protocol, upstream, proxy_protocol=proxy_protocol)
 
 
 @pytest.fixture(scope="module")
@@ -133,12 +132,8 @@ def proxy(
         "to_haproxy_implicit": header_listener("imap", "haproxy_implicit"),
         "to_haproxy_pop3": header_listener("pop3", "haproxy_pop3"),
         "to_id": header_listener("imap", "id"),
-        "direct_haproxy": {
-            "protocol": "imap",
-            "port": free_port(),
-            "upstream": "haproxy",
-        },
-        "direct_plain": {"protocol": "imap", "port": free_port(), "upstream": "plain"},
+        "direct_haproxy": listener_config("imap", "haproxy"),
+        "direct_plain": listener_config("imap", "plain"),
     }
     config = {"listeners": listeners, "upstreams": upstreams}
     with ApplianceProcess(config, tmp_path_factory.mktemp("proxy-protocol")) as process:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.integration.test_pop3_proxy import HOST, TIMEOUT, Pop3Wire, stuff
-from tests.support.appliance import ApplianceProcess, free_port, upstream_config
+from tests.support.appliance import ApplianceProcess, dovecot_config
 from tests.support.dovecot import LARGE_MESSAGE_INDEX, DovecotServer, large_message
 
 USER = "alice"
@@ -43,17 +43,9 @@ def server(dovecot_factory: Any) -> DovecotServer:
 def start_appliance(
     server: DovecotServer, workdir: Path, grace: float
 ) -> ApplianceProcess:
-    config = {
-        "listeners": {
-            "pop3": {"protocol": "pop3", "port": free_port(), "upstream": "pop3"},
-            "imap": {"protocol": "imap", "port": free_port(), "upstream": "imap"},
-        },
-        "upstreams": {
-            "pop3": upstream_config(server, "none", "pop3"),
-            "imap": upstream_config(server, "none", "imap"),
-        },
-        "limits": {"shutdown_grace_period": grace},
-    }
+    listeners = {"pop3": ("pop3", "none", "none"), "imap": ("imap", "none", "none")}
+    limits = {"shutdown_grace_period": grace}
+    config = dovecot_config(server, listeners, limits=limits)
     return ApplianceProcess(config, workdir).start()
 
 

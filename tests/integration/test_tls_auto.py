@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.appliance import ApplianceProcess, free_port
+from tests.support.appliance import ApplianceProcess, free_port, listener_config
 from tests.support.dovecot import DovecotServer
 
 HOST = "127.0.0.1"
@@ -154,11 +154,7 @@ def appliance_config(
     for protocol, entry in (("imap", imap), ("pop3", pop3)):
         if entry is None:
             continue
-        config["listeners"][protocol] = {
-            "protocol": protocol,
-            "port": free_port(),
-            "upstream": protocol,
-        }
+        config["listeners"][protocol] = listener_config(protocol, protocol)
         config["upstreams"][protocol] = entry
     return config
 

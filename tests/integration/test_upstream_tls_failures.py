@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.appliance import ApplianceProcess, free_port, upstream_config
+from tests.support.appliance import ApplianceProcess, listener_config, upstream_config
 from tests.support.certs import TestPKI
 from tests.support.dovecot import DovecotServer
 from tests.support.scripted_server import (
@@ -124,7 +124,7 @@ def proxy(
     for cert, mode in CERT_CASES:
         name = f"{cert}-{mode}".replace("_", "-")
         upstreams[name] = upstream_config(bad_cert_servers[cert], mode, "imap")
-        listeners[name] = {"protocol": "imap", "port": free_port(), "upstream": name}
+        listeners[name] = listener_config("imap", name)
     for name, case in SCRIPTED_CASES.items():
         upstreams[name] = {
             "host": HOST,
@@ -132,11 +132,7 @@ def proxy(
             "tls": case.upstream_tls,
             "ca_file": str(pki.ca_file),
         }
-        listeners[name] = {
-            "protocol": case.script.protocol,
-            "port": free_port(),
-            "upstream": name,
-        }
+        listeners[name] = listener_config(case.script.protocol, name)
     config = {"listeners": listeners, "upstreams": upstreams}
     process = ApplianceProcess(config, tmp_path_factory.mktemp("upstream-tls-failures"))
     with process:

@@ -8,15 +8,20 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from tests.support.certs import CertFiles
+from tests.support.dovecot import DovecotServer
 from tests.support.ports import pick_free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WILDCARD_TO_LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1"}
+# A listener as (protocol, client-side TLS mode, upstream TLS mode).
+ListenerSpec = tuple[str, str, str]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -140,3 +145,54 @@ def upstream_config(dovecot: Any, mode: str, protocol: str, **extra: Any) -> dic
     }
     entry.update(extra)
     return entry
+
+
+def listener_config(
+    protocol: str,
+    upstream: str,
+    *,
+    tls: str = "none",
+    cert: CertFiles | None = None,
+    **settings: Any,
+) -> dict[str, Any]:
+    """Return a listener entry on a free port of 127.0.0.1.
+
+    The entry names the files of `cert` whenever `cert` is given. Only `tls: none`
+    works without `cert`.
+    """
+    entry: dict[str, Any] = {
+        "protocol": protocol,
+        "port": free_port(),
+        "tls": tls,
+        "upstream": upstream,
+    }
+    if cert is not None:
+        entry["cert_file"] = str(cert.cert_file)
+        entry["key_file"] = str(cert.key_file)
+    elif tls != "none":
+        raise ValueError(f"cert is missing, but a listener with tls {tls!r} needs one")
+    entry.update(settings)
+    return entry
+
+
+def dovecot_config(
+    dovecot: DovecotServer,
+    listeners: Mapping[str, ListenerSpec],
+    cert: CertFiles | None = None,
+    **sections: Any,
+) -> dict[str, Any]:
+    """Build a config whose listeners all reach `dovecot`.
+
+    Each listener goes to the upstream `<protocol>_<upstream TLS mode>`, and each such
+    upstream is defined once. Every listener names the files of `cert` when it is
+    given. `sections` become further top-level keys, such as `limits` or `logging`.
+    """
+    config: dict[str, Any] = {"listeners": {}, "upstreams": {}}
+    for name, (protocol, client_tls, upstream_tls) in listeners.items():
+        upstream = f"{protocol}_{upstream_tls}"
+        config["listeners"][name] = listener_config(
+            protocol, upstream, tls=client_tls, cert=cert
+        )
+        config["upstreams"][upstream] = upstream_config(dovecot, upstream_tls, protocol)
+    config.update(sections)
+    return config
