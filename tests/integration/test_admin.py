@@ -54,7 +54,9 @@ def admin_config(mail_server: DovecotServer) -> dict[str, Any]:
         },
         "upstreams": {
             "mail-imap": upstream_config(mail_server, "starttls", "imap"),
-            "mail-pop3": upstream_config(mail_server, "implicit", "pop3"),
+            "mail-pop3": upstream_config(
+                mail_server, "implicit", "pop3", session_resumption=True
+            ),
             # Nothing listens on this port, so every session there fails to connect.
             "closed": {"host": HOST, "port": free_port(), "tls": "implicit"},
         },

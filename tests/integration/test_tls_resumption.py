@@ -37,6 +37,7 @@ def run(loop_name: str, scenario: Callable[[], Awaitable[None]]) -> None:
 
 
 def context_for(dovecot, **options) -> UpstreamContext:
+    options.setdefault("session_resumption", True)
     config = UpstreamConfig(host="localhost", ca_file=dovecot.ca_file, **options)
     return client_context(config, "upstreams.test")
 

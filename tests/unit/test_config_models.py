@@ -164,6 +164,12 @@ def test_upstream_defaults_verify_and_probe() -> None:
     assert config.min_version == "1.2"
 
 
+def test_upstream_resumption_off_by_default() -> None:
+    config = UpstreamConfig(host="mail.example.org")
+
+    assert config.session_resumption is False
+
+
 @pytest.mark.parametrize(
     ("host", "expected"),
     [

@@ -47,11 +47,14 @@ class UpstreamConfig(StrictModel):
     min_version: TlsVersion = "1.2"
     """Lowest TLS version accepted from the server."""
 
-    session_resumption: bool = True
+    session_resumption: bool = False
     """Resume TLS sessions of earlier connections to this upstream, so the server skips
     its signature and the appliance skips certificate checks already made for the same
     server name. Up to 64 sessions per server name are kept, each offered once, in memory
-    only; every reload drops them."""
+    only; every reload drops them. Off by default: CPython copies every session through
+    its DER encoding when storing and offering it, which costs the appliance more CPU
+    than the shorter handshake saves. Turn it on where the server's CPU matters more,
+    for example a busy server with an RSA certificate."""
 
     client_cert_file: Path | None = None
     """PEM client certificate presented to the server (TLS client authentication)."""
