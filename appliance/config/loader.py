@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +27,8 @@ from appliance.config.settings import (
     NESTING_DELIMITER,
     AppConfig,
     NestedSecretsSource,
-    _config_path,
+    _config_document,
     _secrets_dir,
-    config_file_source,
     make_env_source,
 )
 
@@ -80,17 +80,17 @@ def load_config(
             )
         path = None
 
-    layers = _read_layers(path, secrets, dict(overrides or {}))
-    path_token = _config_path.set(path)
+    layers, document = _read_layers(path, secrets, dict(overrides or {}))
+    document_token = _config_document.set(document)
     secrets_token = _secrets_dir.set(secrets)
     try:
         config = AppConfig(**dict(overrides or {}))
     except ValidationError as exc:
         raise ConfigError(_describe_errors(exc, layers)) from None
-    except (OSError, ValueError, yaml.YAMLError) as exc:
-        raise ConfigError([f"config file {str(path)!r} could not be read: {exc}"]) from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError([f"config could not be read: {exc}"]) from None
     finally:
-        _config_path.reset(path_token)
+        _config_document.reset(document_token)
         _secrets_dir.reset(secrets_token)
 
     sources = _collect_sources(config.model_dump(by_alias=True), layers)
@@ -108,29 +108,28 @@ def load_config(
 
 def _read_layers(
     path: Path | None, secrets: Path, overrides: dict[str, Any]
-) -> list[tuple[str, dict[str, Any]]]:
-    """Return each source's raw values, highest precedence first, with a label."""
+) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, Any] | None]:
+    """Return each source's raw values, highest precedence first, with a label.
+
+    The second value is the parsed config file, or None without one.
+    """
     layers: list[tuple[str, dict[str, Any]]] = [("init", overrides)]
     _check_json_variables()
     layers.append(("env", make_env_source()()))
     layers.append((f"secret {secrets}", NestedSecretsSource(AppConfig, secrets)()))
-    if path is not None:
-        _check_top_level_mapping(path)
-        try:
-            values = config_file_source(AppConfig, path)()
-        except (OSError, ValueError, TypeError, yaml.YAMLError) as exc:
-            raise ConfigError(
-                [f"config file {str(path)!r} could not be parsed: {_short(exc)}"]
-            ) from None
-        layers.append((f"file {path}", values))
-    return layers
+    if path is None:
+        return layers, None
+    document = _read_config_file(path)
+    layers.append((f"file {path}", document))
+    return layers, document
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A YAML loader that rejects a key given twice in one mapping.
+class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """A safe YAML loader that rejects a key given twice in one mapping.
 
     PyYAML keeps the last of duplicate keys, so a listener written twice would silently
-    lose its first definition.
+    lose its first definition. libyaml's parser, where PyYAML has it, parses a config
+    file about ten times faster than the pure-Python one, which matters on every reload.
     """
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -150,11 +149,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _check_top_level_mapping(path: Path) -> None:
-    """Reject a file whose top level is not a mapping, or that repeats a YAML key.
+def _read_config_file(path: Path) -> dict[str, Any]:
+    """Parse the config file once; reject a non-mapping top level or a repeated key.
 
-    This runs before pydantic-settings reads the file, which accepts neither case
-    gracefully.
+    An empty YAML file gives an empty mapping, so every field keeps its default.
     """
     suffix = path.suffix.lower()
     if suffix not in (".yaml", ".yml", ".toml", ".json"):
@@ -164,26 +162,29 @@ def _check_top_level_mapping(path: Path) -> None:
                 ".yml, .toml or .json"
             ]
         )
-    if suffix == ".toml":
-        return  # a TOML document is always a table, and TOML rejects repeated keys
     try:
         text = path.read_text(encoding="utf-8")
+        if suffix == ".toml":
+            # TOML documents are always tables, and TOML rejects repeated keys.
+            return tomllib.loads(text)
         if suffix == ".json":
             document = json.loads(text)
         else:
-            document = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader
+            document = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - safe loader
     except (OSError, ValueError, yaml.YAMLError) as exc:
         raise ConfigError(
             [f"config file {str(path)!r} could not be parsed: {_short(exc)}"]
         ) from None
-    empty_json = suffix == ".json" and document is None
-    if empty_json or (document is not None and not isinstance(document, dict)):
+    if suffix != ".json" and document is None:
+        return {}
+    if not isinstance(document, dict):
         raise ConfigError(
             [
                 f"config file {str(path)!r} must contain a mapping at the top level "
                 f"(keys such as listeners: and upstreams:), not a {type(document).__name__}"
             ]
         )
+    return document
 
 
 def _check_json_variables() -> None:

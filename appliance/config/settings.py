@@ -17,11 +17,9 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
-    JsonConfigSettingsSource,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
-    YamlConfigSettingsSource,
 )
 
 from appliance.config.models import (
@@ -45,8 +43,11 @@ CONTROL_VARIABLES = frozenset(
     {"APPLIANCE_CONFIG", "APPLIANCE_SECRETS_DIR", "APPLIANCE_EVENT_LOOP"}
 )
 
-# The file and secrets folder of the load in progress; settings_customise_sources reads them.
-_config_path: ContextVar[Path | None] = ContextVar("config_path", default=None)
+# The parsed config file and the secrets folder of the load in progress;
+# settings_customise_sources reads them, so the file is parsed once per load.
+_config_document: ContextVar[dict[str, Any] | None] = ContextVar(
+    "config_document", default=None
+)
 _secrets_dir: ContextVar[Path | None] = ContextVar("secrets_dir", default=None)
 
 
@@ -117,9 +118,10 @@ class AppConfig(BaseSettings):
         secrets_dir = _secrets_dir.get()
         if secrets_dir is not None:
             sources.append(NestedSecretsSource(settings_cls, secrets_dir))
-        path = _config_path.get()
-        if path is not None:
-            sources.append(config_file_source(settings_cls, path))
+        document = _config_document.get()
+        if document is not None:
+            # pydantic-settings' own YAML, TOML and JSON sources are this class too.
+            sources.append(InitSettingsSource(settings_cls, init_kwargs=document))
         return tuple(sources)
 
 
@@ -200,23 +202,6 @@ def _check_admin_address(
                 f"admin (bind {address}) and listeners.{name} (bind {other}) both use "
                 f"port {admin.port}; expected a different admin.port"
             )
-
-
-def config_file_source(
-    settings_cls: type[BaseSettings], path: Path
-) -> PydanticBaseSettingsSource:
-    """Return the settings source that reads `path`, chosen by its extension."""
-    suffix = path.suffix.lower()
-    if suffix in (".yaml", ".yml"):
-        return YamlConfigSettingsSource(settings_cls, yaml_file=path)
-    if suffix == ".toml":
-        return TomlConfigSettingsSource(settings_cls, toml_file=path)
-    if suffix == ".json":
-        return JsonConfigSettingsSource(settings_cls, json_file=path)
-    raise ValueError(
-        f"config file {str(path)!r} has an unknown extension; expected .yaml, .yml, "
-        ".toml or .json"
-    )
 
 
 class NestedSecretsSource(PydanticBaseSettingsSource):
