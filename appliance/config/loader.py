@@ -163,14 +163,15 @@ def _read_config_file(path: Path) -> dict[str, Any]:
             ]
         )
     try:
-        text = path.read_text(encoding="utf-8")
         if suffix == ".toml":
             # TOML documents are always tables, and TOML rejects repeated keys.
-            return tomllib.loads(text)
+            return tomllib.loads(path.read_text(encoding="utf-8"))
         if suffix == ".json":
-            document = json.loads(text)
+            document = json.loads(path.read_text(encoding="utf-8"))
         else:
-            document = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - safe loader
+            # Read from the open file, so that YAML errors name it and not a string.
+            with path.open(encoding="utf-8") as stream:
+                document = yaml.load(stream, Loader=_UniqueKeyLoader)  # noqa: S506
     except (OSError, ValueError, yaml.YAMLError) as exc:
         raise ConfigError(
             [f"config file {str(path)!r} could not be parsed: {_short(exc)}"]

@@ -613,6 +613,7 @@ def test_repeated_yaml_key_rejected(tmp_path: Path, secrets_dir: Path) -> None:
     problem = only_problem(path, secrets_dir)
 
     assert "key 'imap' on line 3 repeats the key on line 2" in problem
+    assert f'in "{path}", line 3' in problem
 
 
 def test_unknown_extension_named(tmp_path: Path, secrets_dir: Path) -> None:
