@@ -55,6 +55,8 @@ def print_instructions(dovecot: DovecotServer, state_dir: str) -> None:
         f"""
 Demo Dovecot is running on localhost ({ports}); its CA file is {dovecot.ca_file}.
 The appliance listens on 127.0.0.1 and keeps its state in {state_dir}.
+It reloads when {QUICKSTART} changes; the upstream host, port and CA file come from
+APPLIANCE_UPSTREAMS__* variables, which override that file.
 Ctrl-C stops both. User {DEMO_USER!r}, password {DEMO_PASSWORD!r}. Try:
 
   curl -u {DEMO_USER}:{DEMO_PASSWORD} 'imap://127.0.0.1:1143/INBOX;UID=1'

@@ -85,7 +85,8 @@ class AppConfig(BaseSettings):
     """Optional HTTP listener for health checks and Prometheus metrics."""
 
     state_dir: Path = Path("/var/lib/appliance")
-    """Folder for state that outlives a restart, such as the learned known-servers list."""
+    """Folder for state that outlives a restart, such as the learned known-servers list.
+    A relative path is resolved against the working folder of the process."""
 
     @field_validator("listeners", "upstreams")
     @classmethod
