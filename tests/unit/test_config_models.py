@@ -343,6 +343,13 @@ def test_log_level_rejects_unknown_name() -> None:
         LoggingConfig(level="verbose")
 
 
+def test_unknown_log_level_error_shows_input() -> None:
+    with pytest.raises(ValidationError) as caught:
+        LoggingConfig(level="loud")
+
+    assert caught.value.errors()[0]["input"] == "loud"
+
+
 def test_logging_json_alias_sets_json_output() -> None:
     assert LoggingConfig(json=True).json_output is True
 

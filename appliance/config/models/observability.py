@@ -32,7 +32,10 @@ class LoggingConfig(StrictModel):
     @field_validator("level", mode="before")
     @classmethod
     def _upper_level(cls, value: object) -> object:
-        return value.strip().upper() if isinstance(value, str) else value
+        # An unknown level stays as written, so that the error shows the file's value.
+        if isinstance(value, str) and value.strip().upper() in LOG_LEVELS:
+            return value.strip().upper()
+        return value
 
 
 class AdminConfig(StrictModel):
