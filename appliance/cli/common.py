@@ -26,7 +26,10 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _load(args: argparse.Namespace) -> LoadedConfig | None:
+def _load(
+    args: argparse.Namespace, *, print_warnings: bool = True
+) -> LoadedConfig | None:
+    """Load the config named by the arguments, or print its problems and return None."""
     try:
         loaded = load_config(args.config, secrets_dir=args.secrets_dir)
     except ConfigError as exc:
@@ -34,6 +37,7 @@ def _load(args: argparse.Namespace) -> LoadedConfig | None:
         for problem in exc.problems:
             print(f"  - {problem}", file=sys.stderr)
         return None
-    for warning in loaded.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+    if print_warnings:
+        for warning in loaded.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
     return loaded

@@ -50,7 +50,8 @@ def command_run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    loaded = _load(args)
+    # serve() logs the config's warnings, so they are not printed here as well.
+    loaded = _load(args, print_warnings=False)
     if loaded is None:
         return EXIT_CONFIG_ERROR
     from appliance.proxy.runtime import serve

@@ -11,6 +11,7 @@ from __future__ import annotations
 import imaplib
 import json
 import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -338,3 +339,12 @@ def test_failed_login_logged_in_session(log_run):
 @pytest.mark.parametrize("secret", SECRETS)
 def test_password_never_logged(log_run, secret):
     assert secret not in log_run.text
+
+
+def test_config_warning_logged_once(tmp_path):
+    with ApplianceProcess({}, tmp_path, wait_ports=False) as process:
+        deadline = time.monotonic() + 15
+        while "appliance ready" not in process.log_text():
+            assert time.monotonic() < deadline, process.log_text()
+            time.sleep(0.05)
+    assert process.log_text().count("no listeners are configured") == 1
