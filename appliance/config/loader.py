@@ -88,7 +88,8 @@ def load_config(
     except ValidationError as exc:
         raise ConfigError(_describe_errors(exc, layers)) from None
     except (OSError, ValueError) as exc:
-        raise ConfigError([f"config could not be read: {exc}"]) from None
+        # The file is parsed already, so only the environment and secrets remain.
+        raise ConfigError([f"environment or secrets could not be read: {exc}"]) from None
     finally:
         _config_document.reset(document_token)
         _secrets_dir.reset(secrets_token)
@@ -124,7 +125,15 @@ def _read_layers(
     return layers, document
 
 
-class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+# Deepest nesting of mappings and lists accepted in a config file; real configs nest
+# about five levels. The limit exists because libyaml builds nodes recursively in C, so
+# a file nested some 25,000 levels deep would crash the process.
+MAX_NESTING = 64
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_YAML_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _UniqueKeyLoader(_YAML_LOADER):  # type: ignore[misc,valid-type]
     """A safe YAML loader that rejects a key given twice in one mapping.
 
     PyYAML keeps the last of duplicate keys, so a listener written twice would silently
@@ -135,6 +144,9 @@ class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == _YAML_MERGE_TAG:
+                # `<<: *anchor` merges another mapping; its keys may be overridden here.
+                continue
             key = self.construct_object(key_node, deep=deep)
             line = key_node.start_mark.line + 1
             if key in seen:
@@ -165,16 +177,25 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     try:
         if suffix == ".toml":
             # TOML documents are always tables, and TOML rejects repeated keys.
-            return tomllib.loads(path.read_text(encoding="utf-8"))
+            with path.open("rb") as binary:
+                return tomllib.load(binary)
         if suffix == ".json":
             document = json.loads(path.read_text(encoding="utf-8"))
         else:
+            _check_yaml_nesting(path)
             # Read from the open file, so that YAML errors name it and not a string.
             with path.open(encoding="utf-8") as stream:
                 document = yaml.load(stream, Loader=_UniqueKeyLoader)  # noqa: S506
     except (OSError, ValueError, yaml.YAMLError) as exc:
         raise ConfigError(
             [f"config file {str(path)!r} could not be parsed: {_short(exc)}"]
+        ) from None
+    except RecursionError:
+        raise ConfigError(
+            [
+                f"config file {str(path)!r} nests mappings or lists too deeply to parse; "
+                "expected the shallow layout of docs/configuration.md"
+            ]
         ) from None
     if suffix != ".json" and document is None:
         return {}
@@ -186,6 +207,29 @@ def _read_config_file(path: Path) -> dict[str, Any]:
             ]
         )
     return document
+
+
+def _check_yaml_nesting(path: Path) -> None:
+    """Reject a YAML file nested deeper than MAX_NESTING, before building its nodes.
+
+    The event stream is flat, so reading it needs no recursion at any depth.
+    """
+    depth = 0
+    with path.open(encoding="utf-8") as stream:
+        for event in yaml.parse(stream, Loader=_YAML_LOADER):
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_NESTING:
+                    raise ConfigError([_too_deep(path, event.start_mark.line + 1)])
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+
+
+def _too_deep(path: Path, line: int) -> str:
+    return (
+        f"config file {str(path)!r} nests mappings or lists more than {MAX_NESTING} "
+        f"levels deep on line {line}; expected the shallow layout of docs/configuration.md"
+    )
 
 
 def _check_json_variables() -> None:

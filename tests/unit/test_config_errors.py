@@ -641,3 +641,48 @@ def test_unknown_upstream_names_env_variable(
 
     assert "'mial'" in problem
     assert "(from env APPLIANCE_LISTENERS__IMAP__UPSTREAM)" in problem
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("appliance.yaml", "a: " + "{b: " * 30000 + "1" + "}" * 30000 + "\n"),
+        ("appliance.yaml", "a:\n" + "".join(f"{'  ' * i}- \n" for i in range(1, 70))),
+        ("appliance.json", '{"a": ' + "[" * 5000 + "]" * 5000 + "}"),
+        ("appliance.toml", "a = " + "[" * 3000 + "]" * 3000 + "\n"),
+    ],
+)
+def test_deeply_nested_file_rejected(
+    name: str, text: str, tmp_path: Path, secrets_dir: Path
+) -> None:
+    path = write_config(tmp_path, text, name)
+
+    problem = only_problem(path, secrets_dir)
+
+    assert repr(str(path)) in problem
+    assert "nests mappings or lists" in problem
+
+
+def test_yaml_merge_key_shares_settings(tmp_path: Path, secrets_dir: Path) -> None:
+    text = (
+        "upstreams:\n"
+        "  one: &shared {host: mail.example.org, port: 993, tls: implicit}\n"
+        "  two:\n"
+        "    <<: *shared\n"
+        "    port: 995\n"
+    )
+    path = write_config(tmp_path, text)
+
+    upstreams = load_config(path, secrets_dir=secrets_dir).config.upstreams
+
+    assert upstreams["two"].host == "mail.example.org"
+    assert upstreams["two"].port == 995
+
+
+def test_toml_bare_carriage_return_rejected(tmp_path: Path, secrets_dir: Path) -> None:
+    path = tmp_path / "appliance.toml"
+    path.write_bytes(b'state_dir = """/tmp/a\rb"""\n')
+
+    problem = only_problem(path, secrets_dir)
+
+    assert "could not be parsed" in problem
