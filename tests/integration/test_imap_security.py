@@ -49,7 +49,11 @@ def mail_server(dovecot_factory) -> DovecotServer:
 def proxy(mail_server, pki: TestPKI, tmp_path_factory) -> Iterator[ApplianceProcess]:
     cert = pki.issue_server_cert("imap-security-module")
     listeners = {name: ("imap", *modes) for name, modes in LISTENERS.items()}
-    config = dovecot_config(mail_server, listeners, cert, logging={"level": "TRACE"})
+    # A certificate on the plain listener too, so that the check that it offers no
+    # STARTTLS cannot pass merely for lack of one.
+    config = dovecot_config(
+        mail_server, listeners, cert, cert_on_plain=True, logging={"level": "TRACE"}
+    )
     with ApplianceProcess(config, tmp_path_factory.mktemp("imap-security")) as process:
         yield process
 

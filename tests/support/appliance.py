@@ -179,19 +179,23 @@ def dovecot_config(
     dovecot: DovecotServer,
     listeners: Mapping[str, ListenerSpec],
     cert: CertFiles | None = None,
+    *,
+    cert_on_plain: bool = False,
     **sections: Any,
 ) -> dict[str, Any]:
     """Build a config whose listeners all reach `dovecot`.
 
     Each listener goes to the upstream `<protocol>_<upstream TLS mode>`, and each such
-    upstream is defined once. Every listener names the files of `cert` when it is
-    given. `sections` become further top-level keys, such as `limits` or `logging`.
+    upstream is defined once. Listeners with client-side TLS name the files of `cert`,
+    and `tls: none` listeners too when `cert_on_plain` is set. `sections` become
+    further top-level keys, such as `limits` or `logging`.
     """
     config: dict[str, Any] = {"listeners": {}, "upstreams": {}}
     for name, (protocol, client_tls, upstream_tls) in listeners.items():
         upstream = f"{protocol}_{upstream_tls}"
+        with_cert = client_tls != "none" or cert_on_plain
         config["listeners"][name] = listener_config(
-            protocol, upstream, tls=client_tls, cert=cert
+            protocol, upstream, tls=client_tls, cert=cert if with_cert else None
         )
         config["upstreams"][upstream] = upstream_config(dovecot, upstream_tls, protocol)
     config.update(sections)
