@@ -312,6 +312,42 @@ def test_build_all_contexts_covers_tls_only(
     assert sorted(contexts.upstreams) == ["backup", "mail"]
 
 
+def test_same_tls_settings_share_context(pki: TestPKI) -> None:
+    config = AppConfig(
+        upstreams={
+            "one": {"host": "one.example.org", "ca_file": pki.ca_file},
+            "two": {"host": "two.example.org", "port": 995, "ca_file": pki.ca_file},
+            "own-ca": {"host": "one.example.org"},
+            "no-verify": {"host": "one.example.org", "verify": False},
+        },
+    )
+
+    upstreams = build_all_contexts(config).upstreams
+
+    assert upstreams["one"] is upstreams["two"]
+    assert upstreams["own-ca"] is not upstreams["one"]
+    assert upstreams["no-verify"] is not upstreams["one"]
+    assert upstreams["no-verify"].verify_mode == ssl.CERT_NONE
+
+
+def test_context_key_covers_every_tls_field() -> None:
+    base = UpstreamConfig(host="mail.example.org")
+    changes = {
+        "tls": "none",
+        "verify": False,
+        "ca_file": Path("/etc/ssl/other.pem"),
+        "min_version": "1.3",
+        "client_cert_file": Path("/etc/ssl/client.pem"),
+        "client_key_file": Path("/etc/ssl/client.key"),
+        "session_resumption": True,
+    }
+    for field_name, value in changes.items():
+        changed = base.model_copy(update={field_name: value})
+        assert contexts.client_context_key(changed) != contexts.client_context_key(
+            base
+        ), field_name
+
+
 def test_build_all_contexts_names_failing_listener(
     listener_cert: CertFiles, other_cert: CertFiles
 ) -> None:
