@@ -273,6 +273,10 @@ def _lookup(values: Any, path: tuple[str, ...]) -> int | None:
             continue
         if not isinstance(current, dict):
             return None
+        if key in current:
+            # An exact key is the usual case and needs no scan of the mapping.
+            current = current[key]
+            continue
         matches = [k for k in current if str(k).lower() == key.lower()]
         if not matches:
             return None
