@@ -686,3 +686,14 @@ def test_toml_bare_carriage_return_rejected(tmp_path: Path, secrets_dir: Path) -
     problem = only_problem(path, secrets_dir)
 
     assert "could not be parsed" in problem
+
+
+@pytest.mark.parametrize("text", ["min_version: 1.3", 'min_version: "1.3"'])
+def test_unquoted_tls_version_loads(
+    text: str, tmp_path: Path, secrets_dir: Path
+) -> None:
+    path = write_config(tmp_path, UPSTREAM_YAML + f"    {text}\n")
+
+    upstream = load_config(path, secrets_dir=secrets_dir).config.upstreams["mail"]
+
+    assert upstream.min_version == "1.3"

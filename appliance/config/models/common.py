@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 Protocol = Literal["imap", "pop3"]
 ListenerTls = Literal["none", "implicit", "starttls"]
@@ -16,7 +16,18 @@ UpstreamTls = Literal["none", "implicit", "starttls", "auto"]
 ClientAddressMode = Literal["none", "proxy_v2", "imap_id"]
 LoginSeparator = Literal["@", "#", "%"]
 KnownMode = Literal["implicit", "starttls", "none"]
-TlsVersion = Literal["1.2", "1.3"]
+
+
+def _tls_version_text(value: object) -> object:
+    """Read an unquoted YAML or TOML `1.3`, which arrives as a number, as "1.3"."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        text = f"{value:.1f}"
+        if text in ("1.2", "1.3"):
+            return text
+    return value
+
+
+TlsVersion = Annotated[Literal["1.2", "1.3"], BeforeValidator(_tls_version_text)]
 LogLevel = Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"]
 LOG_LEVELS = get_args(LogLevel)
 Port = Annotated[int, Field(ge=1, le=65535)]
