@@ -14,8 +14,10 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -184,10 +186,15 @@ class Appliance(Candidate):
         listener_cert: CertFiles,
         *,
         event_loop: str,
+        upstream_options: Mapping[str, Any] | None = None,
+        name: str | None = None,
     ) -> None:
-        self.name = (
+        """`upstream_options` are set on every upstream, for A/B runs of a setting."""
+        default_name = (
             "appliance" if event_loop == "asyncio" else f"appliance-{event_loop}"
         )
+        self.name = name or default_name
+        self.upstream_options = dict(upstream_options or {})
         self.backend = backend
         self.workdir = workdir
         self.event_loop = event_loop
@@ -224,6 +231,8 @@ class Appliance(Candidate):
                 "tls": "implicit",
                 "ca_file": str(backend.ca_file),
             }
+            for upstream in (f"{protocol}_plain", f"{protocol}_tls"):
+                upstreams[upstream].update(self.upstream_options)
             for path in PATHS:
                 listener = {
                     "protocol": protocol,

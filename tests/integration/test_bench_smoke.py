@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.ab import parse_variant
 from benchmarks.tls_handshake import measure
 from tests.conftest import local_backend_problem
 from tests.support.appliance import REPO_ROOT
@@ -82,3 +83,40 @@ def test_tls_handshake_measure_resumes(key_type: str) -> None:
     assert results["full handshake"].resumed == 0
     assert results["resumed"].resumed == 3
     assert results["resumed"].read_session > 0
+
+
+def test_ab_reports_every_variant() -> None:
+    problem = local_backend_problem()
+    if problem:
+        pytest.skip(f"the benchmark runs Dovecot locally: {problem}")
+    variants = ["asyncio", "asyncio,session_resumption=true"]
+    command = [sys.executable, "-m", "benchmarks.ab", "--runs", "1", "--seconds", "1"]
+    for variant in variants:
+        command += ["--variant", variant]
+    completed = subprocess.run(
+        command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=150, check=False
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    for variant in variants:
+        assert f"  {variant}: rate " in completed.stdout, completed.stdout
+
+
+@pytest.mark.parametrize(
+    ("spec", "loop", "options"),
+    [
+        ("uvloop", "uvloop", {}),
+        ("asyncio,session_resumption=true", "asyncio", {"session_resumption": True}),
+        ("asyncio,verify=false,port=993", "asyncio", {"verify": False, "port": 993}),
+    ],
+)
+def test_ab_variant_parsed(spec: str, loop: str, options: dict) -> None:
+    variant = parse_variant(spec)
+
+    assert variant.event_loop == loop
+    assert variant.upstream_options == options
+
+
+@pytest.mark.parametrize("spec", ["trio", "asyncio,verify", "asyncio,=1"])
+def test_ab_invalid_variant_rejected(spec: str) -> None:
+    with pytest.raises(ValueError):
+        parse_variant(spec)
