@@ -59,7 +59,6 @@ OUTCOME_LABELS = {
     "pre-auth timeout": "pre_auth_timeout",
     "client protocol error": "client_protocol_error",
     "client disconnected before login": "client_disconnected",
-    "client disconnected after login": "client_disconnected_after_login",
     "rejected: listener at max_connections": "rejected_max_connections",
     "shut down before login": "shutdown",
     "shut down in relay": "shutdown",

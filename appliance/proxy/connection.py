@@ -29,11 +29,6 @@ RELAY_LOW_WATER = 64 * 1024
 KEEPALIVE_IDLE = 300
 KEEPALIVE_INTERVAL = 60
 KEEPALIVE_COUNT = 5
-# Seconds the upstream stays open after the client's end of stream in the relay. A
-# server closes by itself after LOGOUT or QUIT, so within this time the summary can tell
-# a logout from a client that dropped the connection. Dovecot closed within a few
-# milliseconds here.
-RELAY_END_GRACE = 1.0
 
 
 class ConnectionClosed(Exception):
@@ -63,10 +58,8 @@ class Connection(asyncio.Protocol):
     # small.
     __slots__ = (
         "_buffer",
-        "_close_requested",
         "_drain_waiter",
         "_eof",
-        "_grace_timer",
         "_peer",
         "_read_waiter",
         "_tls_info",
@@ -74,8 +67,6 @@ class Connection(asyncio.Protocol):
         "bytes_received",
         "bytes_sent",
         "closed",
-        "end_grace",
-        "grace_expired",
         "last_activity",
         "on_made",
         "splice",
@@ -102,12 +93,6 @@ class Connection(asyncio.Protocol):
         self._tls_info: tuple[str, str] | None = None
         # Set while a SpliceRelay moves this connection's bytes instead of the transport.
         self.splice: SpliceRelay | None = None
-        # Seconds the relay keeps the peer open after this side's end of stream, and
-        # whether that time ran out with the peer still open (see RELAY_END_GRACE).
-        self.end_grace = 0.0
-        self.grace_expired = False
-        self._grace_timer: asyncio.TimerHandle | None = None
-        self._close_requested = False
 
     # asyncio.Protocol callbacks
 
@@ -138,7 +123,8 @@ class Connection(asyncio.Protocol):
         self._eof = True
         self._wake_reader()
         if self._peer is not None:
-            self._end_peer()
+            # The peer's pending bytes are flushed before its transport closes.
+            self._peer.close()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -149,35 +135,7 @@ class Connection(asyncio.Protocol):
         if not self.closed.done():
             self.closed.set_result(None)
         if self._peer is not None:
-            if exc is None and not self._close_requested:
-                # The remote end closed. A TLS transport reports that here, without
-                # eof_received, so this also passes the end on, perhaps after a grace.
-                self._end_peer()
-            else:
-                self._peer.close()
-
-    def _end_peer(self) -> None:
-        """Close the peer after this side's end of stream, at once or after end_grace.
-
-        The peer's pending bytes are flushed before its transport closes.
-        """
-        assert self._peer is not None
-        if self.end_grace <= 0:
             self._peer.close()
-        elif self._grace_timer is None:
-            loop = asyncio.get_running_loop()
-            self._grace_timer = loop.call_later(self.end_grace, self._end_of_grace)
-
-    def _end_of_grace(self) -> None:
-        peer = self._peer
-        if peer is not None and not peer.ended:
-            self.grace_expired = True
-            peer.close()
-
-    @property
-    def ended(self) -> bool:
-        """Return whether the remote end sent its end of stream, or the connection closed."""
-        return self._eof or self.closed.done()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -332,7 +290,6 @@ class Connection(asyncio.Protocol):
 
     def close(self) -> None:
         """Close after flushing bytes already written."""
-        self._close_requested = True
         if self.splice is not None:
             # Closes both sides once the bytes already read are written.
             self.splice.close()
@@ -343,7 +300,6 @@ class Connection(asyncio.Protocol):
 
     def abort(self) -> None:
         """Close at once, dropping unsent bytes."""
-        self._close_requested = True
         if self.splice is not None:
             self.splice.abort()
         elif self.transport is not None:
@@ -372,7 +328,6 @@ def join(client: Connection, upstream: Connection) -> None:
     Two plain TCP connections are joined by splice(2) where Linux offers it; TLS on
     either side needs the bytes in Python, so those use the transports.
     """
-    client.end_grace = RELAY_END_GRACE
     if splice_supported() and can_splice(client) and can_splice(upstream):
         try:
             relay = SpliceRelay(client, upstream)

@@ -9,7 +9,6 @@ config snapshot that it started with, whatever reloads happen meanwhile.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import secrets
 import ssl
@@ -522,6 +521,8 @@ class Session:
     async def _relay(self) -> None:
         assert self.upstream is not None
         self.phase = "relay"
+        # NOTE: the relay does not parse LOGOUT or QUIT, so a client that drops the
+        # connection after login is also summarized as "logged out".
         self.outcome = "logged out"
         if self.upstream_target is not None:
             remember_tls_session(self.upstream, self.upstream_target)
@@ -532,23 +533,8 @@ class Session:
         idle = IdleTimer(self, self.limits.idle_timeout)
         try:
             await _first_closed(self.client, self.upstream)
-            await self._await_upstream_end()
         finally:
             idle.cancel()
-        # The relay does not parse LOGOUT or QUIT. A server closes after either, so an
-        # upstream still open when the client's grace ran out means the client dropped.
-        if self.client.grace_expired:
-            self.outcome = "client disconnected after login"
-
-    async def _await_upstream_end(self) -> None:
-        """Wait while the upstream has its grace after the client's end of stream."""
-        upstream = self.upstream
-        assert upstream is not None
-        if upstream.closed.done() or not self.client.ended:
-            return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.client.end_grace + 1):
-                await asyncio.shield(upstream.closed)
 
     # Ending
 

@@ -95,7 +95,6 @@ class _Pump:
 
     # Every idle spliced session has two pumps, so they carry no __dict__.
     __slots__ = (
-        "at_end",
         "destination",
         "destination_fd",
         "finished",
@@ -127,7 +126,6 @@ class _Pump:
         self.reading = False
         self.writing = False
         self.finished = False
-        self.at_end = False
 
     def start_reading(self) -> None:
         if not self.reading and not self.finished:
@@ -153,8 +151,7 @@ class _Pump:
             self.relay.fail(exc)
             return
         if size == 0:
-            self.at_end = True
-            self.relay.end_of_stream(self)
+            self.relay.end_of_stream()
             return
         self.source.bytes_received += size
         self.source.last_activity = time.monotonic()
@@ -224,15 +221,7 @@ class SpliceRelay:
     both transports. An error or `Connection.abort` closes both at once.
     """
 
-    __slots__ = (
-        "client",
-        "closing",
-        "grace_timer",
-        "loop",
-        "pumps",
-        "released",
-        "upstream",
-    )
+    __slots__ = ("client", "closing", "loop", "pumps", "released", "upstream")
 
     def __init__(self, client: Connection, upstream: Connection) -> None:
         self.loop = asyncio.get_running_loop()
@@ -240,7 +229,6 @@ class SpliceRelay:
         self.upstream = upstream
         self.closing = False
         self.released = False
-        self.grace_timer: asyncio.TimerHandle | None = None
         to_upstream = _Pump(self, client, upstream)
         try:
             to_client = _Pump(self, upstream, client)
@@ -257,26 +245,8 @@ class SpliceRelay:
         for pump in self.pumps:
             pump.start_reading()
 
-    def end_of_stream(self, pump: _Pump) -> None:
-        """Close after an end of stream; after the client's, give the upstream a moment.
-
-        An upstream that ends within `end_grace` of the client's end (a server closes
-        after LOGOUT or QUIT) closes the relay at once. Otherwise the relay closes when
-        the time is up and marks the client's connection `grace_expired`.
-        """
-        grace = pump.source.end_grace
-        other = self.pumps[1] if pump is self.pumps[0] else self.pumps[0]
-        if grace <= 0 or self.closing or other.at_end:
-            self.close()
-            return
-        pump.stop_reading()
-        if self.grace_timer is None:
-            self.grace_timer = self.loop.call_later(grace, self._end_of_grace, pump)
-
-    def _end_of_grace(self, pump: _Pump) -> None:
-        if not self.closing:
-            pump.source.grace_expired = True
-            self.close()
+    def end_of_stream(self) -> None:
+        self.close()
 
     def close(self) -> None:
         """Write the bytes already read, then close both transports."""
@@ -308,8 +278,6 @@ class SpliceRelay:
         if self.released:
             return
         self.released = True
-        if self.grace_timer is not None:
-            self.grace_timer.cancel()
         for pump in self.pumps:
             pump.release()
         for connection in (self.client, self.upstream):

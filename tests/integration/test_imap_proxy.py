@@ -150,18 +150,6 @@ def test_tls_matrix_logs_both_tls_sides(proxy, mail_server, pki, listener):
     assert ("upstream tls TLSv1." in summary) == (upstream_mode != "none"), summary
 
 
-@pytest.mark.parametrize("listener", ["none-none", "none-implicit", "implicit-none"])
-def test_dropped_client_summarized_as_disconnected(proxy, mail_server, pki, listener):
-    # none-none is relayed by splice(2), the others through the TLS transports.
-    outcome = "client disconnected after login"
-    before = count_summaries(proxy, listener, outcome)
-    with imap_session(proxy, pki, listener) as client:
-        client.login("alice", mail_server.users["alice"])
-        client.shutdown()
-    summary = wait_for_summary(proxy, listener, outcome, before + 1)
-    assert f"session ended: {outcome} after " in summary
-
-
 # curl as a second, independent client
 
 

@@ -11,7 +11,6 @@ import base64
 import poplib
 import socket
 import ssl
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -207,36 +206,6 @@ def test_session_relays_mailbox_exactly(proxy, pki, server, client_mode, upstrea
     assert listing == [f"{i + 1} {len(m)}".encode() for i, m in enumerate(messages)]
     assert large == server.message_bytes(USER, LARGE_MESSAGE_INDEX)
     assert goodbye.startswith(b"+OK")
-
-
-def session_summaries(proxy: ApplianceProcess, name: str, outcome: str) -> int:
-    marker = f"listener={name}] session ended: {outcome} "
-    return proxy.log_text().count(marker)
-
-
-def wait_for_summaries(proxy: ApplianceProcess, name: str, outcome: str, count: int):
-    deadline = time.monotonic() + TIMEOUT
-    while session_summaries(proxy, name, outcome) < count:
-        assert time.monotonic() < deadline, proxy.log_text()
-        time.sleep(0.05)
-
-
-@pytest.mark.parametrize(
-    ("client_mode", "upstream_mode"), [("none", "none"), ("none", "implicit")]
-)
-def test_quit_and_drop_summarized_apart(proxy, pki, server, client_mode, upstream_mode):
-    # none/none is relayed by splice(2), none/implicit through the TLS transport.
-    name = listener_name(client_mode, upstream_mode)
-    logged_out = session_summaries(proxy, name, "logged out")
-    dropped = session_summaries(proxy, name, "client disconnected after login")
-
-    login(proxy, pki, server, name, USER).quit()
-    wait_for_summaries(proxy, name, "logged out", logged_out + 1)
-    client = login(proxy, pki, server, name, USER)
-    client.close()
-    wait_for_summaries(proxy, name, "client disconnected after login", dropped + 1)
-
-    assert session_summaries(proxy, name, "logged out") == logged_out + 1
 
 
 @pytest.mark.parametrize(("client_mode", "upstream_mode"), MATRIX)
