@@ -321,12 +321,7 @@ class ImapSession(Session):
                     await self._reject_login(tag, user)
                     return None
             elif mechanism == "LOGIN":
-                user_challenge, password_challenge = sasl.LOGIN_CHALLENGES
-                if initial is None:
-                    initial = await self._challenge(user_challenge)
-                user = sasl.decode_login_step(initial)
-                password_step = await self._challenge(password_challenge)
-                password = sasl.decode_login_step(password_step)
+                user, password = await self.read_sasl_login(initial)
             else:
                 self.record_login("rejected")
                 self.client.send(

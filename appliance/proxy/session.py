@@ -21,6 +21,7 @@ from loguru import logger
 
 from appliance import metrics
 from appliance.config import AppConfig, ListenerConfig, UpstreamConfig
+from appliance.protocols import sasl
 from appliance.protocols.capabilities import ClientSideState
 from appliance.protocols.errors import (
     ClientProtocolError,
@@ -171,6 +172,22 @@ class Session:
     def goodbye(self, kind: str) -> bytes:
         """Return the protocol's last words before closing for `kind`."""
         raise NotImplementedError
+
+    async def _challenge(self, data: bytes) -> bytes:
+        """Send a SASL challenge in the protocol's form and return the client's reply."""
+        raise NotImplementedError
+
+    async def read_sasl_login(self, initial: bytes | None) -> tuple[bytes, bytes]:
+        """Return the user and password of a SASL LOGIN exchange, asking for each.
+
+        `initial` is the user name sent with the command (SASL-IR), or None.
+        """
+        user_challenge, password_challenge = sasl.LOGIN_CHALLENGES
+        if initial is None:
+            initial = await self._challenge(user_challenge)
+        user = sasl.decode_login_step(initial)
+        password_step = await self._challenge(password_challenge)
+        return user, sasl.decode_login_step(password_step)
 
     # Lifecycle
 
