@@ -19,6 +19,7 @@ import pytest
 
 from appliance.proxy import splice
 from appliance.proxy.connection import Connection, join
+from tests.support.loops import LOOPS, run_on_loop
 
 HOST = "127.0.0.1"
 STEP_TIMEOUT = 20.0
@@ -37,13 +38,7 @@ class Joined:
 
 
 def run(loop_name: str, test: Callable[[], Awaitable[None]]) -> None:
-    if loop_name == "uvloop":
-        uvloop = pytest.importorskip("uvloop")
-        factory = uvloop.new_event_loop
-    else:
-        factory = asyncio.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(asyncio.wait_for(test(), STEP_TIMEOUT * 3))
+    run_on_loop(loop_name, test, STEP_TIMEOUT * 3)
 
 
 async def joined_pair() -> Joined:
@@ -93,7 +88,6 @@ def payload(size: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
-LOOPS = ["asyncio", "uvloop"]
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)

@@ -7,7 +7,6 @@ read `session_reused` from the TLS object of the second connection.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -21,19 +20,13 @@ from appliance.proxy.upstream import (
     upgrade_upstream,
 )
 from appliance.tls.contexts import UpstreamContext, client_context
+from tests.support.loops import LOOPS, run_on_loop
 
 TIMEOUT = 20.0
-LOOPS = ["asyncio", "uvloop"]
 
 
 def run(loop_name: str, scenario: Callable[[], Awaitable[None]]) -> None:
-    if loop_name == "uvloop":
-        uvloop = pytest.importorskip("uvloop")
-        factory = uvloop.new_event_loop
-    else:
-        factory = asyncio.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(asyncio.wait_for(scenario(), TIMEOUT * 3))
+    run_on_loop(loop_name, scenario, TIMEOUT * 3)
 
 
 def context_for(dovecot, **options) -> UpstreamContext:
