@@ -21,11 +21,12 @@ import shutil
 import statistics
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
 
-from benchmarks.candidates import PATHS, Appliance
+from benchmarks.candidates import PATHS, Appliance, Backend
 from benchmarks.procinfo import raise_open_files_limit, tree_cpu_seconds
 from benchmarks.run import FULL_PLAN, log
 from benchmarks.workloads import (
@@ -35,6 +36,7 @@ from benchmarks.workloads import (
     session_rate_sample,
     throughput_sample,
 )
+from tests.support.certs import CertFiles
 
 
 @dataclass
@@ -83,7 +85,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def measure(bench: Bench, appliance: Appliance, args: argparse.Namespace) -> tuple[float, float]:
+def measure(
+    bench: Bench, appliance: Appliance, args: argparse.Namespace
+) -> tuple[float, float]:
     """Run one sample; return its rate and the appliance's CPU ms per session or MiB."""
     roots = appliance.cpu_roots()
     before = tree_cpu_seconds(roots)
@@ -100,20 +104,11 @@ def measure(bench: Bench, appliance: Appliance, args: argparse.Namespace) -> tup
     return sample["sessions_per_s"], used * 1000 / max(sessions, 1)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        variants = [parse_variant(spec) for spec in args.variant]
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    raise_open_files_limit()
-    plan = FULL_PLAN
-    plan.throughput_seconds = args.seconds
-    plan.session_rate_concurrency = args.concurrency
-    workdir, pki, backend = prepare_backend(plan, "appliance-ab-")
-    cert = pki.issue_server_cert("ab-proxy")
-    appliances = [
+def build_appliances(
+    variants: list[Variant], backend: Backend, workdir: Path, cert: CertFiles
+) -> list[Appliance]:
+    """Return one appliance candidate per variant, each in its own folder."""
+    return [
         Appliance(
             backend,
             workdir / f"variant-{index}",
@@ -124,7 +119,37 @@ def main(argv: list[str] | None = None) -> int:
         )
         for index, variant in enumerate(variants)
     ]
+
+
+def print_means(variants: list[Variant], args: argparse.Namespace, unit: str) -> None:
+    """Print the mean rate and CPU cost of every variant over all runs."""
+    print(
+        f"\nmean over {args.runs} runs ({args.workload}, {args.protocol} {args.path}):"
+    )
+    for variant in variants:
+        rate = statistics.mean(variant.rates)
+        cost = statistics.mean(variant.cpu_costs)
+        print(f"  {variant.spec}: rate {rate:.1f}, {cost:.2f} {unit}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        variants = [parse_variant(spec) for spec in args.variant]
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    raise_open_files_limit()
+    plan = FULL_PLAN
+    plan.throughput_seconds = args.seconds
+    plan.session_rate_concurrency = args.concurrency
+    workdir, pki, backend = prepare_backend(plan, "appliance-ab-")
+    appliances = build_appliances(
+        variants, backend, workdir, pki.issue_server_cert("ab-proxy")
+    )
     unit = "ms CPU per MiB" if args.workload == "throughput" else "ms CPU per session"
+
     try:
         backend.start()
         for appliance in appliances:
@@ -135,18 +160,16 @@ def main(argv: list[str] | None = None) -> int:
                 rate, cost = measure(bench, appliance, args)
                 variant.rates.append(rate)
                 variant.cpu_costs.append(cost)
-                print(f"run {run + 1} {variant.spec}: rate {rate:.1f}, {cost:.2f} {unit}")
+                print(
+                    f"run {run + 1} {variant.spec}: rate {rate:.1f}, {cost:.2f} {unit}"
+                )
     finally:
         for appliance in appliances:
             appliance.stop()
         backend.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-    print(f"\nmean over {args.runs} runs ({args.workload}, {args.protocol} {args.path}):")
-    for variant in variants:
-        print(
-            f"  {variant.spec}: rate {statistics.mean(variant.rates):.1f}, "
-            f"{statistics.mean(variant.cpu_costs):.2f} {unit}"
-        )
+
+    print_means(variants, args, unit)
     return 0
 
 
