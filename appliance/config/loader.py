@@ -89,7 +89,12 @@ def load_config(
         raise ConfigError(_describe_errors(exc, layers)) from None
     except (OSError, ValueError) as exc:
         # The file is parsed already, so only the environment and secrets remain.
-        raise ConfigError([f"environment or secrets could not be read: {exc}"]) from None
+        raise ConfigError(
+            [
+                f"environment or secrets could not be read: {exc}; check the "
+                "APPLIANCE_* variables and the files in the secrets folder"
+            ]
+        ) from None
     finally:
         _config_document.reset(document_token)
         _secrets_dir.reset(secrets_token)
