@@ -53,7 +53,8 @@ SESSION_PHASES = ("pre-auth", "relay", "closing")
 # Session outcomes (the text of the session summary log line) mapped to label values.
 # Outcomes that carry details, such as a client's TLS error, are matched by prefix below.
 OUTCOME_LABELS = {
-    "logged out": "logged_out",
+    "closed by client": "closed_by_client",
+    "closed by upstream": "closed_by_upstream",
     "logged out before login": "logged_out_before_login",
     "idle timeout": "idle_timeout",
     "pre-auth timeout": "pre_auth_timeout",

@@ -67,8 +67,10 @@ class Connection(asyncio.Protocol):
         "bytes_received",
         "bytes_sent",
         "closed",
+        "closed_here",
         "last_activity",
         "on_made",
+        "remote_end",
         "splice",
         "tls_on_connect",
         "transport",
@@ -80,6 +82,10 @@ class Connection(asyncio.Protocol):
         self.bytes_sent = 0
         self.last_activity = time.monotonic()
         self.closed = asyncio.get_running_loop().create_future()
+        # Set once close() or abort() is called here; a later loss is not the peer's.
+        self.closed_here = False
+        # When the peer ended the stream (end of file, reset, lost connection), or None.
+        self.remote_end: float | None = None
         self._buffer = bytearray()
         self._eof = False
         self._read_waiter: asyncio.Future[None] | None = None
@@ -121,6 +127,7 @@ class Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self._eof = True
+        self.note_remote_end()
         self._wake_reader()
         if self._peer is not None:
             # The peer's pending bytes are flushed before its transport closes.
@@ -128,6 +135,9 @@ class Connection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed_here:
+            # A transport may report the peer's close only here, without eof_received.
+            self.note_remote_end()
         self._eof = True
         self._wake_reader()
         if self._drain_waiter is not None and not self._drain_waiter.done():
@@ -288,8 +298,14 @@ class Connection(asyncio.Protocol):
 
     # Closing
 
+    def note_remote_end(self) -> None:
+        """Record that the peer ended the stream, unless an earlier end is recorded."""
+        if self.remote_end is None:
+            self.remote_end = time.monotonic()
+
     def close(self) -> None:
         """Close after flushing bytes already written."""
+        self.closed_here = True
         if self.splice is not None:
             # Closes both sides once the bytes already read are written.
             self.splice.close()
@@ -300,6 +316,7 @@ class Connection(asyncio.Protocol):
 
     def abort(self) -> None:
         """Close at once, dropping unsent bytes."""
+        self.closed_here = True
         if self.splice is not None:
             self.splice.abort()
         elif self.transport is not None:

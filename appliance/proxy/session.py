@@ -538,9 +538,6 @@ class Session:
     async def _relay(self) -> None:
         assert self.upstream is not None
         self.phase = "relay"
-        # NOTE: the relay does not parse LOGOUT or QUIT, so a client that drops the
-        # connection after login is also summarized as "logged out".
-        self.outcome = "logged out"
         if self.upstream_target is not None:
             remember_tls_session(self.upstream, self.upstream_target)
         join(self.client, self.upstream)
@@ -552,6 +549,8 @@ class Session:
             await _first_closed(self.client, self.upstream)
         finally:
             idle.cancel()
+        if self.outcome == "closed":
+            self.outcome = _relay_outcome(self.client, self.upstream)
 
     # Ending
 
@@ -610,6 +609,22 @@ class Session:
             self.client.bytes_received,
             self.client.bytes_sent,
         )
+
+
+def _relay_outcome(client: Connection, upstream: Connection) -> str:
+    """Name the side that ended the relay first.
+
+    The relay does not parse LOGOUT or QUIT. A server closes by itself after either,
+    so a logout ends as "closed by upstream", and a client that drops the connection
+    ends as "closed by client".
+    """
+    if client.remote_end is None and upstream.remote_end is None:
+        return "closed"
+    if upstream.remote_end is None:
+        return "closed by client"
+    if client.remote_end is None or upstream.remote_end <= client.remote_end:
+        return "closed by upstream"
+    return "closed by client"
 
 
 async def _first_closed(*connections: Connection) -> None:

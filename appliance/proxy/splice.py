@@ -148,9 +148,11 @@ class _Pump:
             self._flush()
             return
         except OSError as exc:
+            self.source.note_remote_end()
             self.relay.fail(exc)
             return
         if size == 0:
+            self.source.note_remote_end()
             self.relay.end_of_stream()
             return
         self.source.bytes_received += size
@@ -176,6 +178,7 @@ class _Pump:
                     self.writing = True
                 return
             except OSError as exc:
+                self.destination.note_remote_end()
                 self.relay.fail(exc)
                 return
             self.pending -= size
@@ -261,6 +264,7 @@ class SpliceRelay:
             self._release()
             for connection in (self.client, self.upstream):
                 assert connection.transport is not None
+                connection.closed_here = True
                 connection.transport.close()
 
     def fail(self, exc: OSError) -> None:
@@ -272,6 +276,7 @@ class SpliceRelay:
         self._release()
         for connection in (self.client, self.upstream):
             assert connection.transport is not None
+            connection.closed_here = True
             connection.transport.abort()
 
     def _release(self) -> None:

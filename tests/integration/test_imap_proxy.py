@@ -142,12 +142,43 @@ def test_tls_matrix_fetches_large_message(proxy, mail_server, pki, listener):
 @pytest.mark.parametrize("listener", MATRIX)
 def test_tls_matrix_logs_both_tls_sides(proxy, mail_server, pki, listener):
     client_mode, upstream_mode = listener.split("-")
-    summaries_before = count_summaries(proxy, listener, "logged out")
+    # imaplib closes right after the LOGOUT reply, racing the server's close.
+    summaries_before = count_summaries(proxy, listener, "closed by")
     with imap_session(proxy, pki, listener) as client:
         client.login("alice", mail_server.users["alice"])
-    summary = wait_for_summary(proxy, listener, "logged out", summaries_before + 1)
+    summary = wait_for_summary(proxy, listener, "closed by", summaries_before + 1)
     assert ("client tls TLSv1." in summary) == (client_mode != "none"), summary
     assert ("upstream tls TLSv1." in summary) == (upstream_mode != "none"), summary
+
+
+# none-none is relayed by splice(2), the others through the TLS transports.
+END_LISTENERS = ["none-none", "none-implicit", "implicit-none"]
+
+
+@pytest.mark.parametrize("listener", END_LISTENERS)
+def test_dropped_client_summarized_as_client_close(proxy, mail_server, pki, listener):
+    outcome = "closed by client"
+    before = count_summaries(proxy, listener, outcome)
+    with imap_session(proxy, pki, listener) as client:
+        client.login("alice", mail_server.users["alice"])
+        client.shutdown()
+    summary = wait_for_summary(proxy, listener, outcome, before + 1)
+    assert f"session ended: {outcome} after " in summary
+
+
+@pytest.mark.parametrize("listener", END_LISTENERS)
+def test_logout_summarized_as_upstream_close(proxy, mail_server, pki, listener):
+    outcome = "closed by upstream"
+    before = count_summaries(proxy, listener, outcome)
+    with imap_session(proxy, pki, listener) as client:
+        client.login("alice", mail_server.users["alice"])
+        client.send(b"Z1 LOGOUT\r\n")
+        # Read until the server's close reaches the client, and only then close.
+        while client.sock.recv(4096):
+            pass
+        client.shutdown()
+    summary = wait_for_summary(proxy, listener, outcome, before + 1)
+    assert f"session ended: {outcome} after " in summary
 
 
 # curl as a second, independent client

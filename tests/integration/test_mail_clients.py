@@ -179,7 +179,7 @@ def test_fetchmail_session_used_tls(proxy, server, pki, tmp_path):
     ends = [
         line
         for line in proxy.log_text().splitlines()
-        if "listener=stls]" in line and "session ended: logged out" in line
+        if "listener=stls]" in line and "session ended: closed by " in line
     ]
     assert result.returncode == 0, result.stderr
     assert ends

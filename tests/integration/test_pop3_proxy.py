@@ -11,6 +11,7 @@ import base64
 import poplib
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -206,6 +207,41 @@ def test_session_relays_mailbox_exactly(proxy, pki, server, client_mode, upstrea
     assert listing == [f"{i + 1} {len(m)}".encode() for i, m in enumerate(messages)]
     assert large == server.message_bytes(USER, LARGE_MESSAGE_INDEX)
     assert goodbye.startswith(b"+OK")
+
+
+def count_summaries(proxy: ApplianceProcess, name: str, outcome: str) -> int:
+    return proxy.log_text().count(f"listener={name}] session ended: {outcome} after ")
+
+
+def wait_for_summaries(
+    proxy: ApplianceProcess, name: str, outcome: str, count: int
+) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while count_summaries(proxy, name, outcome) < count:
+        assert time.monotonic() < deadline, proxy.log_text()
+        time.sleep(0.05)
+
+
+# none/none is relayed by splice(2), none/implicit through the TLS transport.
+@pytest.mark.parametrize(
+    ("client_mode", "upstream_mode"), [("none", "none"), ("none", "implicit")]
+)
+def test_quit_and_drop_summarized_apart(proxy, pki, server, client_mode, upstream_mode):
+    name = listener_name(client_mode, upstream_mode)
+    by_upstream = count_summaries(proxy, name, "closed by upstream")
+    by_client = count_summaries(proxy, name, "closed by client")
+
+    client = login(proxy, pki, server, name, USER)
+    client._putcmd("QUIT")
+    # Read until the server's close arrives, and only then close.
+    while client.sock.recv(4096):
+        pass
+    client.close()
+    wait_for_summaries(proxy, name, "closed by upstream", by_upstream + 1)
+    login(proxy, pki, server, name, USER).close()
+    wait_for_summaries(proxy, name, "closed by client", by_client + 1)
+
+    assert count_summaries(proxy, name, "closed by upstream") == by_upstream + 1
 
 
 @pytest.mark.parametrize(("client_mode", "upstream_mode"), MATRIX)

@@ -58,7 +58,7 @@ def meters(registry: CollectorRegistry) -> Metrics:
 
 def fake_session(
     *,
-    outcome: str = "logged out",
+    outcome: str = "closed by client",
     listener: str = "imap",
     upstream: str | None = "mail",
     mode: str = "starttls",
@@ -96,7 +96,8 @@ def sample(registry: CollectorRegistry, metric: str, **labels: str) -> float | N
 @pytest.mark.parametrize(
     ("outcome", "label"),
     [
-        ("logged out", "logged_out"),
+        ("closed by client", "closed_by_client"),
+        ("closed by upstream", "closed_by_upstream"),
         ("idle timeout", "idle_timeout"),
         ("pre-auth timeout", "pre_auth_timeout"),
         ("shut down in relay", "shutdown"),
@@ -118,7 +119,7 @@ def test_outcome_label_maps_outcomes(outcome: str, label: str) -> None:
         ("upstream tls", "tls"),
         ("upstream protocol error", "protocol"),
         ("upstream made-up", "other"),
-        ("logged out", None),
+        ("closed by client", None),
     ],
 )
 def test_upstream_error_reason_parsing(outcome: str, reason: str | None) -> None:
@@ -156,7 +157,7 @@ def test_session_end_counts_outcome(
         "appliance_sessions_total",
         listener="imap",
         upstream="mail",
-        outcome="logged_out",
+        outcome="closed_by_client",
     )
     assert value == 1.0
 
@@ -291,7 +292,7 @@ def test_exposition_never_contains_credentials(
 
 
 def test_hook_swallows_metric_errors() -> None:
-    broken = SimpleNamespace(env=None, outcome="logged out")
+    broken = SimpleNamespace(env=None, outcome="closed by client")
     metrics.record_session_end(broken)  # must not raise
     metrics.record_login(broken, True)
 
