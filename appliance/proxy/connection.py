@@ -14,6 +14,7 @@ import asyncio
 import socket
 import ssl
 import time
+from asyncio import trsock
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +41,19 @@ def tune_socket(transport: asyncio.BaseTransport) -> None:
     sock = transport.get_extra_info("socket")
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
+    if isinstance(sock, trsock.TransportSocket):
+        _set_options(sock)
+        return
+    # uvloop's socket stand-in builds a socket object, with a getsockname call, for
+    # every setsockopt. One object for all options saves those calls.
+    raw = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.fileno())
+    try:
+        _set_options(raw)
+    finally:
+        raw.detach()
+
+
+def _set_options(sock: Any) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for option, value in (
