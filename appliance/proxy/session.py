@@ -192,7 +192,8 @@ class Session:
     # Lifecycle
 
     async def run(self) -> None:
-        self.log.info("session started: client {}", self.client_address)
+        # At DEBUG, because the end line names the client too and each line costs CPU.
+        self.log.debug("session started: client {}", self.client_address)
         try:
             await self._run_phases()
         except asyncio.CancelledError:
@@ -599,10 +600,11 @@ class Session:
         client_tls = self.client.tls_info
         upstream_tls = self.upstream.tls_info if self.upstream is not None else None
         self.log.info(
-            "session ended: {} after {:.3f}s; upstream {}; client tls {}; upstream tls {}; "
-            "bytes from client {}, to client {}",
+            "session ended: {} after {:.3f}s; client {}; upstream {}; client tls {}; "
+            "upstream tls {}; bytes from client {}, to client {}",
             self.outcome,
             time.monotonic() - self.started,
+            self.client_address,
             self._upstream_label(),
             _format_tls(client_tls),
             _format_tls(upstream_tls),

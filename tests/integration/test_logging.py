@@ -291,9 +291,15 @@ def test_start_line_names_client(log_run):
         assert lines[0].message == f"session started: client {flow.address}", flow.name
 
 
+def test_end_line_names_client(log_run):
+    for flow in log_run.flows:
+        message = end_message(log_run, flow)
+        assert f"; client {flow.address}; " in message, flow.name
+
+
 def test_json_records_carry_client(log_run):
     if log_run.format != "json":
-        pytest.skip("text lines carry the client address in the start line only")
+        pytest.skip("text lines carry the client address in the start and end lines")
     for flow in log_run.flows:
         clients = {line.client for line in session_lines(log_run, flow)}
         assert clients == {flow.address}, flow.name
