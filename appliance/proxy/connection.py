@@ -30,6 +30,10 @@ RELAY_LOW_WATER = 64 * 1024
 KEEPALIVE_IDLE = 300
 KEEPALIVE_INTERVAL = 60
 KEEPALIVE_COUNT = 5
+INET_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+# Linux TCP states (include/net/tcp_states.h) after the remote side's reset or FIN.
+TCP_CLOSE = 7
+TCP_CLOSE_WAIT = 8
 
 
 class ConnectionClosed(Exception):
@@ -39,13 +43,13 @@ class ConnectionClosed(Exception):
 def tune_socket(transport: asyncio.BaseTransport) -> None:
     """Set TCP_NODELAY and TCP keepalive on the transport's socket, where it has one."""
     sock = transport.get_extra_info("socket")
-    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+    if sock is None or sock.family not in INET_FAMILIES:
         return
     if isinstance(sock, trsock.TransportSocket):
         _set_options(sock)
         return
     # uvloop's socket stand-in builds a socket object, with a getsockname call, for
-    # every setsockopt. One object for all options saves those calls.
+    # every setsockopt. One object for all options makes one such call instead of five.
     raw = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.fileno())
     try:
         _set_options(raw)
@@ -96,9 +100,10 @@ class Connection(asyncio.Protocol):
         self.bytes_sent = 0
         self.last_activity = time.monotonic()
         self.closed = asyncio.get_running_loop().create_future()
-        # Set once close() or abort() is called here; a later loss is not the peer's.
+        # Set when the appliance starts the close (close(), abort() or the splice relay),
+        # so the loss that follows is not recorded as the remote side's end.
         self.closed_here = False
-        # When the peer ended the stream (end of file, reset, lost connection), or None.
+        # When the remote side ended the stream (end of file, reset, loss), or None.
         self.remote_end: float | None = None
         self._buffer = bytearray()
         self._eof = False
@@ -141,10 +146,13 @@ class Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self._eof = True
-        self.note_remote_end()
+        if not self.closed_here:
+            self.note_remote_end()
         self._wake_reader()
         if self._peer is not None:
             # The peer's pending bytes are flushed before its transport closes.
+            # NOTE: an end of stream closes both sides, also in the spliced relay. So a
+            # client that half-closes after LOGOUT or QUIT never gets the reply.
             self._peer.close()
         return False
 
@@ -313,9 +321,47 @@ class Connection(asyncio.Protocol):
     # Closing
 
     def note_remote_end(self) -> None:
-        """Record that the peer ended the stream, unless an earlier end is recorded."""
-        if self.remote_end is None:
-            self.remote_end = time.monotonic()
+        """Record that the remote side ended the stream, unless an earlier end is recorded.
+
+        When the relayed connection's end of stream already waits in the kernel, both
+        sides ended before either end was passed on, so both get the same time.
+        """
+        if self.remote_end is not None:
+            return
+        now = time.monotonic()
+        self.remote_end = now
+        other = self._peer
+        if other is not None and other.remote_end is None and other._ended_unnoticed():
+            other.remote_end = now
+
+    def _ended_unnoticed(self) -> bool:
+        """Return whether the remote side ended the stream without a callback yet."""
+        transport = self.transport
+        if transport is not None and transport.is_closing() and not self.closed_here:
+            # The transport hit an error, such as a reset, and queued connection_lost.
+            return True
+        return self._end_waiting()
+
+    def _end_waiting(self) -> bool:
+        """Return whether the remote side's FIN or reset reached this host, unread."""
+        sock = self.extra("socket")
+        if sock is None or self.closed.done() or sock.fileno() < 0:
+            return False
+        # A socket object of its own, because the transports' sockets do not offer recv.
+        raw = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.fileno())
+        try:
+            if hasattr(socket, "TCP_INFO") and raw.family in INET_FAMILIES:
+                # The first byte of Linux's struct tcp_info is the TCP state. It shows
+                # the end even behind unread bytes, such as a TLS close_notify alert.
+                state = raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+                return state in (TCP_CLOSE, TCP_CLOSE_WAIT)
+            return raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except ConnectionError:
+            return True
+        except OSError:
+            return False
+        finally:
+            raw.detach()
 
     def close(self) -> None:
         """Close after flushing bytes already written."""

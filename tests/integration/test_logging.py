@@ -241,6 +241,7 @@ def log_run(
 
 def session_lines(run: LogRun, flow: Flow) -> list[LogLine]:
     """Return the lines of the session that `flow` opened, found by client address."""
+    # The start line is at DEBUG, which these runs log because they run at TRACE.
     starts = [
         line
         for line in run.lines

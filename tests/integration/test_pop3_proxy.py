@@ -232,7 +232,7 @@ def test_quit_and_drop_summarized_apart(proxy, pki, server, client_mode, upstrea
     by_client = count_summaries(proxy, name, "closed by client")
 
     client = login(proxy, pki, server, name, USER)
-    client._putcmd("QUIT")
+    client.sock.sendall(b"QUIT\r\n")
     # Read until the server's close arrives, and only then close.
     while client.sock.recv(4096):
         pass
