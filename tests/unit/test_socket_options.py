@@ -24,8 +24,11 @@ OPTIONS = [
 ]
 
 
-async def accepted_and_connected_options() -> list[list[int]]:
-    """Return the OPTIONS values of an accepted and a connected socket."""
+async def accepted_and_connected_options(host: str) -> list[list[int]]:
+    """Return the OPTIONS values of an accepted and a connected socket.
+
+    A byte sent afterwards shows that setting them left both descriptors open.
+    """
     loop = asyncio.get_running_loop()
     accepted: asyncio.Future[Connection] = loop.create_future()
 
@@ -37,10 +40,12 @@ async def accepted_and_connected_options() -> list[list[int]]:
         connection.on_made = on_made
         return connection
 
-    server = await loop.create_server(accept_side, "127.0.0.1", 0)
+    server = await loop.create_server(accept_side, host, 0)
     port = server.sockets[0].getsockname()[1]
-    _, connected = await loop.create_connection(Connection, "127.0.0.1", port)
-    values = []
+    _, connected = await loop.create_connection(Connection, host, port)
+    connected.send(b"x")
+    received = await (await accepted).read_some()
+    values = [[received == b"x"]]
     for connection in (await accepted, connected):
         sock = connection.transport.get_extra_info("socket")
         values.append([sock.getsockopt(level, name) for level, name, _ in OPTIONS])
@@ -50,14 +55,27 @@ async def accepted_and_connected_options() -> list[list[int]]:
     return values
 
 
+def ipv6_loopback_missing() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return True
+    return False
+
+
 @pytest.mark.parametrize("loop_name", LOOPS)
-def test_session_sockets_get_tcp_options(loop_name: str) -> None:
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_session_sockets_get_tcp_options(loop_name: str, host: str) -> None:
+    if host == "::1" and ipv6_loopback_missing():
+        pytest.skip("no IPv6 loopback here")
     result: list[list[int]] = []
 
     async def scenario() -> None:
-        result.extend(await accepted_and_connected_options())
+        result.extend(await accepted_and_connected_options(host))
 
     run_on_loop(loop_name, scenario, timeout=10)
     expected = [value for _, _, value in OPTIONS]
-    assert result[0] == expected
+    assert result[0] == [True]
     assert result[1] == expected
+    assert result[2] == expected
