@@ -99,6 +99,7 @@ class Stopped:
     relay_body: bytes
     relay_expected: bytes
     exit_code: int | None
+    log: str
 
 
 @pytest.fixture(
@@ -132,6 +133,7 @@ def stopped(
             wire.close()
     finally:
         appliance.stop()
+    log = appliance.log_text()
     yield Stopped(
         pop3_reply=pop3_reply,
         imap_reply=imap_reply,
@@ -140,6 +142,7 @@ def stopped(
         relay_body=relay_body,
         relay_expected=stuff(BIG_MESSAGE) + b".\r\n",
         exit_code=exit_code,
+        log=log,
     )
 
 
@@ -170,6 +173,12 @@ def test_relay_cut_in_mid_message(stopped):
 
 def test_exit_code_zero_after_signal(stopped):
     assert stopped.exit_code == 0
+
+
+def test_summaries_name_the_shutdown(stopped):
+    # The relay's own end, seen as the connections close, must not replace the reason.
+    assert stopped.log.count("session ended: shut down in relay after ") == 1
+    assert stopped.log.count("session ended: shut down before login after ") == 2
 
 
 # Shutdown with a session that finishes within the grace period
