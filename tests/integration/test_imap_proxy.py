@@ -155,28 +155,27 @@ def test_tls_matrix_logs_both_tls_sides(proxy, mail_server, pki, listener):
 END_LISTENERS = ["none-none", "none-implicit", "implicit-none"]
 
 
-@pytest.mark.parametrize("listener", END_LISTENERS)
-def test_dropped_client_summarized_as_client_close(proxy, mail_server, pki, listener):
-    outcome = "closed by client"
-    before = count_summaries(proxy, listener, outcome)
-    with imap_session(proxy, pki, listener) as client:
-        client.login("alice", mail_server.users["alice"])
-        client.shutdown()
-    summary = wait_for_summary(proxy, listener, outcome, before + 1)
-    assert f"session ended: {outcome} after " in summary
-
-
-@pytest.mark.parametrize("listener", END_LISTENERS)
-def test_logout_summarized_as_upstream_close(proxy, mail_server, pki, listener):
-    outcome = "closed by upstream"
-    before = count_summaries(proxy, listener, outcome)
-    with imap_session(proxy, pki, listener) as client:
-        client.login("alice", mail_server.users["alice"])
+def end_session(client: imaplib.IMAP4, ending: str) -> None:
+    """Drop the connection, or send LOGOUT and close only after the server closed."""
+    if ending == "logout":
         client.send(b"Z1 LOGOUT\r\n")
-        # Read until the server's close reaches the client, and only then close.
         while client.sock.recv(4096):
             pass
-        client.shutdown()
+    client.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("ending", "outcome"),
+    [("drop", "closed by client"), ("logout", "closed by upstream")],
+)
+@pytest.mark.parametrize("listener", END_LISTENERS)
+def test_summary_names_side_that_ended(
+    proxy, mail_server, pki, listener, ending, outcome
+):
+    before = count_summaries(proxy, listener, outcome)
+    with imap_session(proxy, pki, listener) as client:
+        client.login("alice", mail_server.users["alice"])
+        end_session(client, ending)
     summary = wait_for_summary(proxy, listener, outcome, before + 1)
     assert f"session ended: {outcome} after " in summary
 
