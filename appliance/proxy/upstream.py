@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from appliance.proxy.connection import Connection
 from appliance.proxy.errors import UpstreamError
+from appliance.proxy.resolver import RESOLVER
 from appliance.tls.contexts import UpstreamContext
 
 
@@ -47,30 +48,58 @@ async def open_upstream(
 
     `preface`, a PROXY protocol header, is sent first, before any TLS handshake.
     """
-    loop = asyncio.get_running_loop()
     implicit = target.mode == "implicit" and not preface
     try:
         async with asyncio.timeout(timeout):
-            _, connection = await loop.create_connection(
-                Connection,
-                target.host,
-                target.port,
-                ssl=target.context if implicit else None,
-                server_hostname=target.server_name if implicit else None,
-                ssl_handshake_timeout=timeout if implicit else None,
-            )
+            addresses = await RESOLVER.addresses(target.host, target.port)
+            connection = await _connect_first(target, addresses, implicit, timeout)
     except ssl.SSLError as exc:
         raise UpstreamError("tls", f"{target.address}: {describe_tls_error(exc)}") from None
     except TimeoutError:
+        RESOLVER.forget(target.host, target.port)
         raise UpstreamError("timeout", f"{target.address}: connect timed out") from None
     except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
+        RESOLVER.forget(target.host, target.port)
+        reason = exc.strerror or str(exc) or type(exc).__name__
         raise UpstreamError("connect", f"{target.address}: connect failed: {reason}") from None
     if preface:
         connection.send(preface)
         if target.mode == "implicit":
             await upgrade_upstream(connection, target, timeout)
     return connection
+
+
+async def _connect_first(
+    target: UpstreamTarget, addresses: list[str], implicit: bool, timeout: float
+) -> Connection:
+    """Connect to the first address that accepts, in order, as asyncio does for a name.
+
+    A TLS error ends the attempt, as in asyncio, which tries the next address only when
+    the TCP connect fails.
+    """
+    loop = asyncio.get_running_loop()
+    errors: list[OSError] = []
+    for address in addresses:
+        try:
+            _, connection = await loop.create_connection(
+                Connection,
+                address,
+                target.port,
+                ssl=target.context if implicit else None,
+                server_hostname=target.server_name if implicit else None,
+                ssl_handshake_timeout=timeout if implicit else None,
+            )
+        except ssl.SSLError:
+            raise
+        except OSError as exc:
+            errors.append(exc)
+            continue
+        return connection
+    if not errors:
+        raise OSError(f"{target.host} has no address")
+    if len(errors) == 1:
+        raise errors[0]
+    raise OSError("; ".join(f"{a}: {e.strerror or e}" for a, e in zip(addresses, errors)))
 
 
 async def upgrade_upstream(connection: Connection, target: UpstreamTarget, timeout: float) -> None:

@@ -1,0 +1,169 @@
+"""The upstream resolution cache, with a stub getaddrinfo and a hand-moved clock."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from typing import Any
+
+import pytest
+
+from appliance.proxy.errors import UpstreamError
+from appliance.proxy.resolver import Resolver, is_address
+from appliance.proxy.upstream import UpstreamTarget, open_upstream
+
+HOST = "mail.example.test"
+PORT = 993
+
+
+class StubResolution:
+    """A getaddrinfo stand-in that counts calls and returns set addresses."""
+
+    def __init__(self, addresses: list[str]) -> None:
+        self.addresses = addresses
+        self.calls = 0
+        self.error: OSError | None = None
+        self.release: asyncio.Event | None = None
+
+    async def getaddrinfo(self, host: str, port: int, **_: Any) -> list[tuple]:
+        self.calls += 1
+        if self.release is not None:
+            await self.release.wait()
+        if self.error is not None:
+            raise self.error
+        family = socket.AF_INET
+        return [(family, socket.SOCK_STREAM, 6, "", (a, port)) for a in self.addresses]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def stub() -> StubResolution:
+    return StubResolution(["192.0.2.10", "192.0.2.11", "192.0.2.10"])
+
+
+def resolver_for(stub: StubResolution, clock: Clock | None = None) -> Resolver:
+    return Resolver(ttl=30.0, clock=clock or Clock(), getaddrinfo=stub.getaddrinfo)
+
+
+async def test_result_reused_within_ttl(stub: StubResolution) -> None:
+    clock = Clock()
+    resolver = resolver_for(stub, clock)
+    first = await resolver.addresses(HOST, PORT)
+    clock.now += 29.0
+    second = await resolver.addresses(HOST, PORT)
+    assert first == ["192.0.2.10", "192.0.2.11"]
+    assert second == first
+    assert stub.calls == 1
+
+
+async def test_result_expires_after_ttl(stub: StubResolution) -> None:
+    clock = Clock()
+    resolver = resolver_for(stub, clock)
+    await resolver.addresses(HOST, PORT)
+    clock.now += 30.0
+    stub.addresses = ["192.0.2.20"]
+    assert await resolver.addresses(HOST, PORT) == ["192.0.2.20"]
+    assert stub.calls == 2
+
+
+async def test_forget_resolves_again(stub: StubResolution) -> None:
+    resolver = resolver_for(stub)
+    await resolver.addresses(HOST, PORT)
+    resolver.forget(HOST, PORT)
+    await resolver.addresses(HOST, PORT)
+    assert stub.calls == 2
+
+
+async def test_address_bypasses_lookup(stub: StubResolution) -> None:
+    resolver = resolver_for(stub)
+    assert await resolver.addresses("2001:db8::1", PORT) == ["2001:db8::1"]
+    assert await resolver.addresses("192.0.2.1", PORT) == ["192.0.2.1"]
+    assert stub.calls == 0
+
+
+async def test_failure_not_cached(stub: StubResolution) -> None:
+    resolver = resolver_for(stub)
+    stub.error = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    with pytest.raises(socket.gaierror):
+        await resolver.addresses(HOST, PORT)
+    stub.error = None
+    assert await resolver.addresses(HOST, PORT) == ["192.0.2.10", "192.0.2.11"]
+    assert stub.calls == 2
+
+
+async def test_concurrent_sessions_share_lookup(stub: StubResolution) -> None:
+    resolver = resolver_for(stub)
+    stub.release = asyncio.Event()
+    waiters = [asyncio.create_task(resolver.addresses(HOST, PORT)) for _ in range(5)]
+    await asyncio.sleep(0)
+    stub.release.set()
+    results = await asyncio.gather(*waiters)
+    assert all(result == ["192.0.2.10", "192.0.2.11"] for result in results)
+    assert stub.calls == 1
+
+
+async def test_cancelled_waiter_keeps_lookup(stub: StubResolution) -> None:
+    resolver = resolver_for(stub)
+    stub.release = asyncio.Event()
+    impatient = asyncio.create_task(resolver.addresses(HOST, PORT))
+    patient = asyncio.create_task(resolver.addresses(HOST, PORT))
+    await asyncio.sleep(0)
+    impatient.cancel()
+    stub.release.set()
+    assert await patient == ["192.0.2.10", "192.0.2.11"]
+    assert impatient.cancelled()
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [("192.0.2.1", True), ("::1", True), ("fe80::1%eth0", True), ("localhost", False)],
+)
+def test_is_address(host: str, expected: bool) -> None:
+    assert is_address(host) is expected
+
+
+def plain_target(port: int) -> UpstreamTarget:
+    return UpstreamTarget(
+        name="mail",
+        host=HOST,
+        port=port,
+        mode="none",
+        context=ssl.create_default_context(),
+        server_name=HOST,
+    )
+
+
+async def test_connects_reuse_result(
+    stub: StubResolution, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("appliance.proxy.upstream.RESOLVER", resolver_for(stub))
+    stub.addresses = ["127.0.0.1"]
+    server = await asyncio.start_server(lambda _, writer: writer.close(), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    for _ in range(2):
+        connection = await open_upstream(plain_target(port), timeout=5)
+        connection.close()
+    server.close()
+    await server.wait_closed()
+    assert stub.calls == 1
+
+
+async def test_failed_connect_drops_result(
+    stub: StubResolution, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("appliance.proxy.upstream.RESOLVER", resolver_for(stub))
+    with socket.create_server(("127.0.0.1", 0)) as unused:
+        port = unused.getsockname()[1]
+    stub.addresses = ["127.0.0.1"]
+    for _ in range(2):
+        with pytest.raises(UpstreamError, match="connect failed"):
+            await open_upstream(plain_target(port), timeout=5)
+    assert stub.calls == 2
