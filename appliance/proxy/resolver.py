@@ -5,7 +5,8 @@ proxy that connects once per login, that is a thread hand-off and a resolver cal
 session: 0.1 to 0.3 ms of CPU per sequential session here for `localhost`, and a DNS
 round trip for a remote name. `Resolver` keeps each result for `RESOLVE_TTL` seconds and
 shares one lookup among sessions that start together. It drops a result as soon as a
-connect to its addresses fails, so a moved server is found again at once.
+connect to its addresses fails, and all results when a reload applies, so a moved server
+is found again at once.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from typing import Any
 # Seconds a result is reused. getaddrinfo does not report the DNS record's TTL, so this
 # bounds how long a changed record goes unseen while connects still succeed.
 RESOLVE_TTL = 30.0
-# Results kept at most; expired ones are dropped first when the cache is full.
+# Host names kept at most. Routing by login can reach many names, so the oldest results
+# make room for new ones.
 MAX_RESULTS = 1024
 
 
@@ -34,7 +36,7 @@ def is_address(host: str) -> bool:
 
 
 class Resolver:
-    """Addresses of upstream hosts, cached for a bounded time."""
+    """Addresses of upstream host names, cached for a bounded time."""
 
     def __init__(
         self,
@@ -46,54 +48,60 @@ class Resolver:
         self.ttl = ttl
         self.clock = clock
         self._getaddrinfo = getaddrinfo
-        self._results: dict[tuple[str, int], tuple[float, list[str]]] = {}
-        self._lookups: dict[tuple[str, int], asyncio.Future[list[str]]] = {}
+        self._results: dict[str, tuple[float, list[str]]] = {}
+        # A lookup belongs to the loop that runs it, so another loop starts its own.
+        self._lookups: dict[str, asyncio.Future[list[str]]] = {}
 
-    async def addresses(self, host: str, port: int) -> list[str]:
+    async def addresses(self, host: str) -> list[str]:
         """Return the addresses to try for `host`, in getaddrinfo's order."""
         if is_address(host):
             return [host]
-        key = (host, port)
-        result = self._results.get(key)
+        result = self._results.get(host)
         if result is not None and result[0] > self.clock():
             return result[1]
-        lookup = self._lookups.get(key)
-        if lookup is None:
-            lookup = asyncio.ensure_future(self._look_up(host, port))
-            self._lookups[key] = lookup
-            lookup.add_done_callback(lambda done: self._lookup_done(key, done))
+        lookup = self._lookups.get(host)
+        if lookup is None or lookup.get_loop() is not asyncio.get_running_loop():
+            lookup = asyncio.ensure_future(self._look_up(host))
+            self._lookups[host] = lookup
+            lookup.add_done_callback(lambda done: self._lookup_done(host, done))
         # A session that times out must not cancel the lookup that others wait for.
         return await asyncio.shield(lookup)
 
-    def _lookup_done(self, key: tuple[str, int], lookup: asyncio.Future[list[str]]) -> None:
-        self._lookups.pop(key, None)
+    def forget(self, host: str) -> None:
+        """Drop the result for `host`, so that the next connect resolves it again."""
+        self._results.pop(host, None)
+
+    def clear(self) -> None:
+        """Drop every result, for a reload after which DNS may have been fixed."""
+        self._results.clear()
+
+    def _lookup_done(self, host: str, lookup: asyncio.Future[list[str]]) -> None:
+        if self._lookups.get(host) is lookup:
+            del self._lookups[host]
         if not lookup.cancelled():
             # Marks a failure as seen: the waiters get it through their shields, and
             # without one left asyncio would log it as never retrieved.
             lookup.exception()
 
-    def forget(self, host: str, port: int) -> None:
-        """Drop the result for `host`, so that the next connect resolves it again."""
-        self._results.pop((host, port), None)
-
-    async def _look_up(self, host: str, port: int) -> list[str]:
+    async def _look_up(self, host: str) -> list[str]:
         getaddrinfo = self._getaddrinfo or asyncio.get_running_loop().getaddrinfo
         infos = await getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+            host, None, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
         )
-        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-        if len(self._results) >= MAX_RESULTS:
-            self._drop_expired()
-        self._results[(host, port)] = (self.clock() + self.ttl, addresses)
+        addresses = list(dict.fromkeys(_address_text(info[4]) for info in infos))
+        self._results.pop(host, None)
+        while len(self._results) >= MAX_RESULTS:
+            del self._results[next(iter(self._results))]
+        self._results[host] = (self.clock() + self.ttl, addresses)
         return addresses
 
-    def _drop_expired(self) -> None:
-        now = self.clock()
-        for key, (expires, _) in list(self._results.items()):
-            if expires <= now:
-                del self._results[key]
-        if len(self._results) >= MAX_RESULTS:
-            self._results.clear()
+
+def _address_text(sockaddr: tuple[Any, ...]) -> str:
+    """Return the address of a getaddrinfo sockaddr, with its IPv6 scope if it has one."""
+    address = str(sockaddr[0])
+    if len(sockaddr) == 4 and sockaddr[3]:
+        return f"{address}%{sockaddr[3]}"
+    return address
 
 
 RESOLVER = Resolver()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from dataclasses import dataclass
 
@@ -51,15 +52,15 @@ async def open_upstream(
     implicit = target.mode == "implicit" and not preface
     try:
         async with asyncio.timeout(timeout):
-            addresses = await RESOLVER.addresses(target.host, target.port)
+            addresses = await RESOLVER.addresses(target.host)
             connection = await _connect_first(target, addresses, implicit, timeout)
     except ssl.SSLError as exc:
         raise UpstreamError("tls", f"{target.address}: {describe_tls_error(exc)}") from None
     except TimeoutError:
-        RESOLVER.forget(target.host, target.port)
+        RESOLVER.forget(target.host)
         raise UpstreamError("timeout", f"{target.address}: connect timed out") from None
     except OSError as exc:
-        RESOLVER.forget(target.host, target.port)
+        RESOLVER.forget(target.host)
         reason = exc.strerror or str(exc) or type(exc).__name__
         raise UpstreamError("connect", f"{target.address}: connect failed: {reason}") from None
     if preface:
@@ -74,8 +75,8 @@ async def _connect_first(
 ) -> Connection:
     """Connect to the first address that accepts, in order, as asyncio does for a name.
 
-    A TLS error ends the attempt, as in asyncio, which tries the next address only when
-    the TCP connect fails.
+    A TLS error ends the attempt. Any other OSError moves on to the next address, also
+    one during an implicit TLS handshake, where asyncio would have stopped.
     """
     loop = asyncio.get_running_loop()
     errors: list[OSError] = []
@@ -99,7 +100,8 @@ async def _connect_first(
         raise OSError(f"{target.host} has no address")
     if len(errors) == 1:
         raise errors[0]
-    raise OSError("; ".join(f"{a}: {e.strerror or e}" for a, e in zip(addresses, errors)))
+    reasons = (os.strerror(e.errno) if e.errno else str(e) for e in errors)
+    raise OSError("; ".join(f"{a}: {r}" for a, r in zip(addresses, reasons)))
 
 
 async def upgrade_upstream(connection: Connection, target: UpstreamTarget, timeout: float) -> None:

@@ -18,6 +18,7 @@ from appliance.config import AppConfig, ConfigError, LoadedConfig, load_config
 from appliance.config.settings import DEFAULT_SECRETS_DIR
 from appliance.logs import configure_logging
 from appliance.proxy.listener import BindError, Listener
+from appliance.proxy.resolver import RESOLVER
 from appliance.proxy.session import Snapshot
 from appliance.reload.diff import (
     ConfigDiff,
@@ -205,6 +206,9 @@ class Reloader:
             self._watch(self._watch_set_of(prepared.loaded))
         self._record(outcome, detail)
         self._log_summary(trigger, outcome, detail, time.monotonic() - started)
+        if outcome != "rejected":
+            # An operator who fixed DNS and reloads expects the fix to apply at once.
+            RESOLVER.clear()
         if outcome == "applied":
             await _start_all(prepared.listeners.values())
         return outcome

@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 
 from appliance.proxy.errors import UpstreamError
-from appliance.proxy.resolver import Resolver, is_address
+from appliance.proxy import resolver as resolver_module
+from appliance.proxy.resolver import Resolver, _address_text, is_address
 from appliance.proxy.upstream import UpstreamTarget, open_upstream
+from tests.support.loops import LOOPS, run_on_loop
 
 HOST = "mail.example.test"
-PORT = 993
 
 
 class StubResolution:
@@ -26,14 +27,13 @@ class StubResolution:
         self.error: OSError | None = None
         self.release: asyncio.Event | None = None
 
-    async def getaddrinfo(self, host: str, port: int, **_: Any) -> list[tuple]:
+    async def getaddrinfo(self, host: str, port: int | None, **_: Any) -> list[tuple]:
         self.calls += 1
         if self.release is not None:
             await self.release.wait()
         if self.error is not None:
             raise self.error
-        family = socket.AF_INET
-        return [(family, socket.SOCK_STREAM, 6, "", (a, port)) for a in self.addresses]
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, 0)) for a in self.addresses]
 
 
 class Clock:
@@ -56,9 +56,9 @@ def resolver_for(stub: StubResolution, clock: Clock | None = None) -> Resolver:
 async def test_result_reused_within_ttl(stub: StubResolution) -> None:
     clock = Clock()
     resolver = resolver_for(stub, clock)
-    first = await resolver.addresses(HOST, PORT)
+    first = await resolver.addresses(HOST)
     clock.now += 29.0
-    second = await resolver.addresses(HOST, PORT)
+    second = await resolver.addresses(HOST)
     assert first == ["192.0.2.10", "192.0.2.11"]
     assert second == first
     assert stub.calls == 1
@@ -67,25 +67,25 @@ async def test_result_reused_within_ttl(stub: StubResolution) -> None:
 async def test_result_expires_after_ttl(stub: StubResolution) -> None:
     clock = Clock()
     resolver = resolver_for(stub, clock)
-    await resolver.addresses(HOST, PORT)
+    await resolver.addresses(HOST)
     clock.now += 30.0
     stub.addresses = ["192.0.2.20"]
-    assert await resolver.addresses(HOST, PORT) == ["192.0.2.20"]
+    assert await resolver.addresses(HOST) == ["192.0.2.20"]
     assert stub.calls == 2
 
 
 async def test_forget_resolves_again(stub: StubResolution) -> None:
     resolver = resolver_for(stub)
-    await resolver.addresses(HOST, PORT)
-    resolver.forget(HOST, PORT)
-    await resolver.addresses(HOST, PORT)
+    await resolver.addresses(HOST)
+    resolver.forget(HOST)
+    await resolver.addresses(HOST)
     assert stub.calls == 2
 
 
 async def test_address_bypasses_lookup(stub: StubResolution) -> None:
     resolver = resolver_for(stub)
-    assert await resolver.addresses("2001:db8::1", PORT) == ["2001:db8::1"]
-    assert await resolver.addresses("192.0.2.1", PORT) == ["192.0.2.1"]
+    assert await resolver.addresses("2001:db8::1") == ["2001:db8::1"]
+    assert await resolver.addresses("192.0.2.1") == ["192.0.2.1"]
     assert stub.calls == 0
 
 
@@ -93,16 +93,16 @@ async def test_failure_not_cached(stub: StubResolution) -> None:
     resolver = resolver_for(stub)
     stub.error = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
     with pytest.raises(socket.gaierror):
-        await resolver.addresses(HOST, PORT)
+        await resolver.addresses(HOST)
     stub.error = None
-    assert await resolver.addresses(HOST, PORT) == ["192.0.2.10", "192.0.2.11"]
+    assert await resolver.addresses(HOST) == ["192.0.2.10", "192.0.2.11"]
     assert stub.calls == 2
 
 
 async def test_concurrent_sessions_share_lookup(stub: StubResolution) -> None:
     resolver = resolver_for(stub)
     stub.release = asyncio.Event()
-    waiters = [asyncio.create_task(resolver.addresses(HOST, PORT)) for _ in range(5)]
+    waiters = [asyncio.create_task(resolver.addresses(HOST)) for _ in range(5)]
     await asyncio.sleep(0)
     stub.release.set()
     results = await asyncio.gather(*waiters)
@@ -113,13 +113,71 @@ async def test_concurrent_sessions_share_lookup(stub: StubResolution) -> None:
 async def test_cancelled_waiter_keeps_lookup(stub: StubResolution) -> None:
     resolver = resolver_for(stub)
     stub.release = asyncio.Event()
-    impatient = asyncio.create_task(resolver.addresses(HOST, PORT))
-    patient = asyncio.create_task(resolver.addresses(HOST, PORT))
+    impatient = asyncio.create_task(resolver.addresses(HOST))
+    patient = asyncio.create_task(resolver.addresses(HOST))
     await asyncio.sleep(0)
     impatient.cancel()
     stub.release.set()
     assert await patient == ["192.0.2.10", "192.0.2.11"]
     assert impatient.cancelled()
+
+
+async def test_only_waiter_cancelled_keeps_result(stub: StubResolution) -> None:
+    resolver = resolver_for(stub)
+    stub.release = asyncio.Event()
+    waiter = asyncio.create_task(resolver.addresses(HOST))
+    await asyncio.sleep(0)
+    waiter.cancel()
+    stub.release.set()
+    await asyncio.sleep(0.01)
+    assert await resolver.addresses(HOST) == ["192.0.2.10", "192.0.2.11"]
+    assert stub.calls == 1
+
+
+async def test_clear_resolves_again(stub: StubResolution) -> None:
+    resolver = resolver_for(stub)
+    await resolver.addresses(HOST)
+    resolver.clear()
+    await resolver.addresses(HOST)
+    assert stub.calls == 2
+
+
+async def test_oldest_result_makes_room(
+    stub: StubResolution, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(resolver_module, "MAX_RESULTS", 2)
+    resolver = resolver_for(stub)
+    for name in ("a.example.test", "b.example.test", "c.example.test"):
+        await resolver.addresses(name)
+    await resolver.addresses("c.example.test")
+    await resolver.addresses("a.example.test")
+    assert stub.calls == 4
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_lookup_of_closed_loop_not_reused(stub: StubResolution, loop_name: str) -> None:
+    resolver = resolver_for(stub)
+    stub.release = asyncio.Event()
+    closed = asyncio.new_event_loop()
+    pending = closed.create_task(resolver.addresses(HOST))
+    closed.run_until_complete(asyncio.sleep(0.01))
+    pending.cancel()
+    closed.run_until_complete(asyncio.sleep(0))
+    closed.close()
+    stub.release = None
+    result: list[list[str]] = []
+
+    async def scenario() -> None:
+        result.append(await resolver.addresses(HOST))
+
+    run_on_loop(loop_name, scenario, timeout=10)
+    assert result == [["192.0.2.10", "192.0.2.11"]]
+
+
+def test_scoped_address_keeps_scope() -> None:
+    assert _address_text(("fe80::1", 0, 0, 2)) == "fe80::1%2"
+    assert _address_text(("2001:db8::1", 0, 0, 0)) == "2001:db8::1"
+    assert _address_text(("192.0.2.1", 0)) == "192.0.2.1"
 
 
 @pytest.mark.parametrize(
@@ -167,3 +225,32 @@ async def test_failed_connect_drops_result(
         with pytest.raises(UpstreamError, match="connect failed"):
             await open_upstream(plain_target(port), timeout=5)
     assert stub.calls == 2
+
+
+async def test_refused_address_tries_next(
+    stub: StubResolution, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("appliance.proxy.upstream.RESOLVER", resolver_for(stub))
+    server = await asyncio.start_server(lambda _, writer: writer.close(), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    # The server listens on 127.0.0.1 only, so 127.0.0.2 refuses the same port.
+    stub.addresses = ["127.0.0.2", "127.0.0.1"]
+    connection = await open_upstream(plain_target(port), timeout=5)
+    peer = connection.extra("peername")
+    connection.close()
+    server.close()
+    await server.wait_closed()
+    assert peer[0] == "127.0.0.1"
+
+
+async def test_all_refused_names_each_address(
+    stub: StubResolution, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("appliance.proxy.upstream.RESOLVER", resolver_for(stub))
+    with socket.create_server(("127.0.0.1", 0)) as unused:
+        port = unused.getsockname()[1]
+    stub.addresses = ["127.0.0.2", "127.0.0.1"]
+    with pytest.raises(UpstreamError) as failure:
+        await open_upstream(plain_target(port), timeout=5)
+    assert "127.0.0.2: Connection refused" in str(failure.value)
+    assert "127.0.0.1: Connection refused" in str(failure.value)
