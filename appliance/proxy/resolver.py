@@ -51,6 +51,9 @@ class Resolver:
         self._results: dict[str, tuple[float, list[str]]] = {}
         # A lookup belongs to the loop that runs it, so another loop starts its own.
         self._lookups: dict[str, asyncio.Future[list[str]]] = {}
+        # Raised by forget() and clear(), so that a lookup started before them does
+        # not store its result afterwards.
+        self._generation = 0
 
     async def addresses(self, host: str) -> list[str]:
         """Return the addresses to try for `host`, in getaddrinfo's order."""
@@ -61,7 +64,7 @@ class Resolver:
             return result[1]
         lookup = self._lookups.get(host)
         if lookup is None or lookup.get_loop() is not asyncio.get_running_loop():
-            lookup = asyncio.ensure_future(self._look_up(host))
+            lookup = asyncio.ensure_future(self._look_up(host, self._generation))
             self._lookups[host] = lookup
             lookup.add_done_callback(lambda done: self._lookup_done(host, done))
         # A session that times out must not cancel the lookup that others wait for.
@@ -70,10 +73,14 @@ class Resolver:
     def forget(self, host: str) -> None:
         """Drop the result for `host`, so that the next connect resolves it again."""
         self._results.pop(host, None)
+        self._lookups.pop(host, None)
+        self._generation += 1
 
     def clear(self) -> None:
         """Drop every result, for a reload after which DNS may have been fixed."""
         self._results.clear()
+        self._lookups.clear()
+        self._generation += 1
 
     def _lookup_done(self, host: str, lookup: asyncio.Future[list[str]]) -> None:
         if self._lookups.get(host) is lookup:
@@ -83,12 +90,15 @@ class Resolver:
             # without one left asyncio would log it as never retrieved.
             lookup.exception()
 
-    async def _look_up(self, host: str) -> list[str]:
+    async def _look_up(self, host: str, generation: int) -> list[str]:
         getaddrinfo = self._getaddrinfo or asyncio.get_running_loop().getaddrinfo
         infos = await getaddrinfo(
             host, None, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
         )
         addresses = list(dict.fromkeys(_address_text(info[4]) for info in infos))
+        if generation != self._generation:
+            # Its waiters still get the addresses, but new sessions look up afresh.
+            return addresses
         self._results.pop(host, None)
         while len(self._results) >= MAX_RESULTS:
             del self._results[next(iter(self._results))]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import ssl
 from dataclasses import dataclass
 
@@ -61,13 +62,22 @@ async def open_upstream(
         raise UpstreamError("timeout", f"{target.address}: connect timed out") from None
     except OSError as exc:
         RESOLVER.forget(target.host)
-        reason = exc.strerror or str(exc) or type(exc).__name__
-        raise UpstreamError("connect", f"{target.address}: connect failed: {reason}") from None
+        raise UpstreamError("connect", f"{target.address}: {_connect_failure(exc)}") from None
     if preface:
         connection.send(preface)
         if target.mode == "implicit":
             await upgrade_upstream(connection, target, timeout)
     return connection
+
+
+def _connect_failure(exc: OSError) -> str:
+    """Describe a failed lookup or connect alike on both event loops."""
+    if isinstance(exc, socket.gaierror):
+        return f"name resolution failed: {exc.strerror or exc}"
+    # asyncio words a refused connect "Connect call failed (address)", uvloop by errno.
+    if exc.errno is not None and exc.errno > 0:
+        return f"connect failed: {os.strerror(exc.errno)}"
+    return f"connect failed: {exc.strerror or str(exc) or type(exc).__name__}"
 
 
 async def _connect_first(

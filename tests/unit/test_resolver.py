@@ -174,6 +174,24 @@ def test_lookup_of_closed_loop_not_reused(stub: StubResolution, loop_name: str) 
     assert result == [["192.0.2.10", "192.0.2.11"]]
 
 
+@pytest.mark.parametrize("drop", ["clear", "forget"])
+async def test_lookup_before_drop_not_kept(stub: StubResolution, drop: str) -> None:
+    resolver = resolver_for(stub)
+    stub.release = asyncio.Event()
+    early = asyncio.create_task(resolver.addresses(HOST))
+    await asyncio.sleep(0)
+    if drop == "clear":
+        resolver.clear()
+    else:
+        resolver.forget(HOST)
+    stub.release.set()
+    await early
+    stub.release = None
+    stub.addresses = ["192.0.2.30"]
+    assert await resolver.addresses(HOST) == ["192.0.2.30"]
+    assert stub.calls == 2
+
+
 def test_scoped_address_keeps_scope() -> None:
     assert _address_text(("fe80::1", 0, 0, 2)) == "fe80::1%2"
     assert _address_text(("2001:db8::1", 0, 0, 0)) == "2001:db8::1"
@@ -254,3 +272,35 @@ async def test_all_refused_names_each_address(
         await open_upstream(plain_target(port), timeout=5)
     assert "127.0.0.2: Connection refused" in str(failure.value)
     assert "127.0.0.1: Connection refused" in str(failure.value)
+
+
+async def test_failed_lookup_named_as_resolution(
+    stub: StubResolution, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("appliance.proxy.upstream.RESOLVER", resolver_for(stub))
+    stub.error = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    with pytest.raises(UpstreamError, match="name resolution failed: Name or service"):
+        await open_upstream(plain_target(993), timeout=5)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_refused_reason_same_on_both_loops(loop_name: str) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as unused:
+        port = unused.getsockname()[1]
+    target = UpstreamTarget(
+        name="mail",
+        host="127.0.0.1",
+        port=port,
+        mode="none",
+        context=ssl.create_default_context(),
+        server_name="127.0.0.1",
+    )
+    failures: list[str] = []
+
+    async def scenario() -> None:
+        with pytest.raises(UpstreamError) as failure:
+            await open_upstream(target, timeout=5)
+        failures.append(str(failure.value))
+
+    run_on_loop(loop_name, scenario, timeout=10)
+    assert failures[0].endswith("connect failed: Connection refused")
