@@ -51,7 +51,7 @@ class Resolver:
         self._results: dict[str, tuple[float, list[str]]] = {}
         # A lookup belongs to the loop that runs it, so another loop starts its own.
         self._lookups: dict[str, asyncio.Future[list[str]]] = {}
-        # Raised by forget() and clear(), so that a lookup started before them does
+        # Increased by forget() and clear(), so that a lookup started before them does
         # not store its result afterwards.
         self._generation = 0
 

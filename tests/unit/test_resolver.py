@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from appliance.proxy.errors import UpstreamError
 from appliance.proxy import resolver as resolver_module
+from appliance.proxy.errors import UpstreamError
 from appliance.proxy.resolver import Resolver, _address_text, is_address
 from appliance.proxy.upstream import UpstreamTarget, open_upstream
 from tests.support.loops import LOOPS, run_on_loop
@@ -33,7 +33,9 @@ class StubResolution:
             await self.release.wait()
         if self.error is not None:
             raise self.error
-        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, 0)) for a in self.addresses]
+        return [
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, 0)) for a in self.addresses
+        ]
 
 
 class Clock:
@@ -206,23 +208,38 @@ def test_is_address(host: str, expected: bool) -> None:
     assert is_address(host) is expected
 
 
-def plain_target(port: int) -> UpstreamTarget:
+def plain_target(port: int, host: str = HOST) -> UpstreamTarget:
     return UpstreamTarget(
         name="mail",
-        host=HOST,
+        host=host,
         port=port,
         mode="none",
         context=ssl.create_default_context(),
-        server_name=HOST,
+        server_name=host,
     )
 
 
-async def test_connects_reuse_result(
+def refused_port() -> int:
+    """Return a loopback port that nothing listens on any more."""
+    with socket.create_server(("127.0.0.1", 0)) as unused:
+        return unused.getsockname()[1]
+
+
+@pytest.fixture
+def upstream_stub(
     stub: StubResolution, monkeypatch: pytest.MonkeyPatch
-) -> None:
+) -> StubResolution:
+    """Make open_upstream resolve through `stub`."""
     monkeypatch.setattr("appliance.proxy.upstream.RESOLVER", resolver_for(stub))
+    return stub
+
+
+async def test_connects_reuse_result(upstream_stub: StubResolution) -> None:
+    stub = upstream_stub
     stub.addresses = ["127.0.0.1"]
-    server = await asyncio.start_server(lambda _, writer: writer.close(), "127.0.0.1", 0)
+    server = await asyncio.start_server(
+        lambda _, writer: writer.close(), "127.0.0.1", 0
+    )
     port = server.sockets[0].getsockname()[1]
     for _ in range(2):
         connection = await open_upstream(plain_target(port), timeout=5)
@@ -232,12 +249,9 @@ async def test_connects_reuse_result(
     assert stub.calls == 1
 
 
-async def test_failed_connect_drops_result(
-    stub: StubResolution, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr("appliance.proxy.upstream.RESOLVER", resolver_for(stub))
-    with socket.create_server(("127.0.0.1", 0)) as unused:
-        port = unused.getsockname()[1]
+async def test_failed_connect_drops_result(upstream_stub: StubResolution) -> None:
+    stub = upstream_stub
+    port = refused_port()
     stub.addresses = ["127.0.0.1"]
     for _ in range(2):
         with pytest.raises(UpstreamError, match="connect failed"):
@@ -245,11 +259,11 @@ async def test_failed_connect_drops_result(
     assert stub.calls == 2
 
 
-async def test_refused_address_tries_next(
-    stub: StubResolution, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr("appliance.proxy.upstream.RESOLVER", resolver_for(stub))
-    server = await asyncio.start_server(lambda _, writer: writer.close(), "127.0.0.1", 0)
+async def test_refused_address_tries_next(upstream_stub: StubResolution) -> None:
+    stub = upstream_stub
+    server = await asyncio.start_server(
+        lambda _, writer: writer.close(), "127.0.0.1", 0
+    )
     port = server.sockets[0].getsockname()[1]
     # The server listens on 127.0.0.1 only, so 127.0.0.2 refuses the same port.
     stub.addresses = ["127.0.0.2", "127.0.0.1"]
@@ -261,12 +275,9 @@ async def test_refused_address_tries_next(
     assert peer[0] == "127.0.0.1"
 
 
-async def test_all_refused_names_each_address(
-    stub: StubResolution, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr("appliance.proxy.upstream.RESOLVER", resolver_for(stub))
-    with socket.create_server(("127.0.0.1", 0)) as unused:
-        port = unused.getsockname()[1]
+async def test_all_refused_names_each_address(upstream_stub: StubResolution) -> None:
+    stub = upstream_stub
+    port = refused_port()
     stub.addresses = ["127.0.0.2", "127.0.0.1"]
     with pytest.raises(UpstreamError) as failure:
         await open_upstream(plain_target(port), timeout=5)
@@ -274,10 +285,8 @@ async def test_all_refused_names_each_address(
     assert "127.0.0.1: Connection refused" in str(failure.value)
 
 
-async def test_failed_lookup_named_as_resolution(
-    stub: StubResolution, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr("appliance.proxy.upstream.RESOLVER", resolver_for(stub))
+async def test_failed_lookup_named_as_resolution(upstream_stub: StubResolution) -> None:
+    stub = upstream_stub
     stub.error = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
     with pytest.raises(UpstreamError, match="name resolution failed: Name or service"):
         await open_upstream(plain_target(993), timeout=5)
@@ -285,16 +294,8 @@ async def test_failed_lookup_named_as_resolution(
 
 @pytest.mark.parametrize("loop_name", LOOPS)
 def test_refused_reason_same_on_both_loops(loop_name: str) -> None:
-    with socket.create_server(("127.0.0.1", 0)) as unused:
-        port = unused.getsockname()[1]
-    target = UpstreamTarget(
-        name="mail",
-        host="127.0.0.1",
-        port=port,
-        mode="none",
-        context=ssl.create_default_context(),
-        server_name="127.0.0.1",
-    )
+    port = refused_port()
+    target = plain_target(port, host="127.0.0.1")
     failures: list[str] = []
 
     async def scenario() -> None:
