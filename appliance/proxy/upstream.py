@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 import ssl
@@ -86,22 +87,33 @@ async def _connect_first(
     """Connect to the first address that accepts, in order, as asyncio does for a name.
 
     A TLS error ends the attempt. Any other OSError moves on to the next address, also
-    one during an implicit TLS handshake, where asyncio would have stopped.
+    one during an implicit TLS handshake, where asyncio would have stopped. Each address
+    but the last gets an equal share of the time left, so a server that drops packets
+    without a reply does not use up the whole timeout.
     """
     loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     errors: list[OSError] = []
-    for address in addresses:
+    for index, address in enumerate(addresses):
+        last = index == len(addresses) - 1
+        share = (deadline - loop.time()) / (len(addresses) - index)
         try:
-            _, connection = await loop.create_connection(
-                Connection,
-                address,
-                target.port,
-                ssl=target.context if implicit else None,
-                server_hostname=target.server_name if implicit else None,
-                ssl_handshake_timeout=timeout if implicit else None,
-            )
+            async with asyncio.timeout(None if last else share):
+                _, connection = await loop.create_connection(
+                    Connection,
+                    address,
+                    target.port,
+                    ssl=target.context if implicit else None,
+                    server_hostname=target.server_name if implicit else None,
+                    ssl_handshake_timeout=timeout if implicit else None,
+                )
         except ssl.SSLError:
             raise
+        except TimeoutError:
+            # Only a share's own timeout lands here, because the caller's arrives as
+            # a cancellation.
+            errors.append(OSError(errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT)))
+            continue
         except OSError as exc:
             errors.append(exc)
             continue

@@ -305,3 +305,29 @@ def test_refused_reason_same_on_both_loops(loop_name: str) -> None:
 
     run_on_loop(loop_name, scenario, timeout=10)
     assert failures[0].endswith("connect failed: Connection refused")
+
+
+async def test_silent_address_leaves_time_for_next(
+    upstream_stub: StubResolution,
+) -> None:
+    live = await asyncio.start_server(lambda _, writer: writer.close(), "127.0.0.1", 0)
+    port = live.sockets[0].getsockname()[1]
+    # A listener whose accept queue is full drops further SYNs without a reply.
+    silent = socket.socket()
+    silent.bind(("127.0.0.2", port))
+    silent.listen(0)
+    queued = [socket.socket() for _ in range(3)]
+    for sock in queued:
+        sock.setblocking(False)
+        sock.connect_ex(("127.0.0.2", port))
+    upstream_stub.addresses = ["127.0.0.2", "127.0.0.1"]
+    try:
+        connection = await open_upstream(plain_target(port), timeout=3)
+        peer = connection.extra("peername")
+        connection.close()
+    finally:
+        for sock in [*queued, silent]:
+            sock.close()
+        live.close()
+        await live.wait_closed()
+    assert peer[0] == "127.0.0.1"
