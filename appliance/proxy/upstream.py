@@ -52,10 +52,11 @@ async def open_upstream(
     `preface`, a PROXY protocol header, is sent first, before any TLS handshake.
     """
     implicit = target.mode == "implicit" and not preface
+    deadline = asyncio.get_running_loop().time() + timeout
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout_at(deadline):
             addresses = await RESOLVER.addresses(target.host)
-            connection = await _connect_first(target, addresses, implicit, timeout)
+            connection = await _connect_first(target, addresses, implicit, deadline)
     except ssl.SSLError as exc:
         raise UpstreamError("tls", f"{target.address}: {describe_tls_error(exc)}") from None
     except TimeoutError:
@@ -82,7 +83,7 @@ def _connect_failure(exc: OSError) -> str:
 
 
 async def _connect_first(
-    target: UpstreamTarget, addresses: list[str], implicit: bool, timeout: float
+    target: UpstreamTarget, addresses: list[str], implicit: bool, deadline: float
 ) -> Connection:
     """Connect to the first address that accepts, in order, as asyncio does for a name.
 
@@ -92,11 +93,11 @@ async def _connect_first(
     without a reply does not use up the whole timeout.
     """
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
     errors: list[OSError] = []
     for index, address in enumerate(addresses):
         last = index == len(addresses) - 1
-        share = (deadline - loop.time()) / (len(addresses) - index)
+        # Kept above zero, which asyncio requires of a handshake timeout.
+        share = max((deadline - loop.time()) / (len(addresses) - index), 0.001)
         try:
             async with asyncio.timeout(None if last else share):
                 _, connection = await loop.create_connection(
@@ -105,7 +106,7 @@ async def _connect_first(
                     target.port,
                     ssl=target.context if implicit else None,
                     server_hostname=target.server_name if implicit else None,
-                    ssl_handshake_timeout=timeout if implicit else None,
+                    ssl_handshake_timeout=share if implicit else None,
                 )
         except ssl.SSLError:
             raise
