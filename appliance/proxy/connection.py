@@ -347,8 +347,11 @@ class Connection(asyncio.Protocol):
         sock = self.extra("socket")
         if sock is None or self.closed.done() or sock.fileno() < 0:
             return False
-        # A socket object of its own, because the transports' sockets do not offer recv.
-        raw = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.fileno())
+        try:
+            # A socket object of its own, because the transports' sockets lack recv.
+            raw = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.fileno())
+        except OSError:
+            return False
         try:
             if hasattr(socket, "TCP_INFO") and raw.family in INET_FAMILIES:
                 # The first byte of Linux's struct tcp_info is the TCP state. It shows
