@@ -15,7 +15,8 @@ import socket
 import ssl
 import time
 from asyncio import trsock
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from appliance.proxy.splice import SpliceRelay, can_splice, splice_supported
@@ -50,9 +51,20 @@ def tune_socket(transport: asyncio.BaseTransport) -> None:
         return
     # uvloop's socket stand-in builds a socket object, with a getsockname call, for
     # every setsockopt. One object for all options makes one such call instead of five.
+    with _socket_for(sock) as raw:
+        _set_options(raw)
+
+
+@contextmanager
+def _socket_for(sock: Any) -> Iterator[socket.socket]:
+    """Yield a socket object for a transport's descriptor, detached again afterwards.
+
+    The transports' own socket objects lack recv and, on uvloop, build a new socket
+    object for every call.
+    """
     raw = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.fileno())
     try:
-        _set_options(raw)
+        yield raw
     finally:
         raw.detach()
 
@@ -348,23 +360,17 @@ class Connection(asyncio.Protocol):
         if sock is None or self.closed.done() or sock.fileno() < 0:
             return False
         try:
-            # A socket object of its own, because the transports' sockets lack recv.
-            raw = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.fileno())
-        except OSError:
-            return False
-        try:
-            if hasattr(socket, "TCP_INFO") and raw.family in INET_FAMILIES:
-                # The first byte of Linux's struct tcp_info is the TCP state. It shows
-                # the end even behind unread bytes, such as a TLS close_notify alert.
-                state = raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
-                return state in (TCP_CLOSE, TCP_CLOSE_WAIT)
-            return raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            with _socket_for(sock) as raw:
+                if hasattr(socket, "TCP_INFO") and raw.family in INET_FAMILIES:
+                    # The first byte of Linux's struct tcp_info is the TCP state. It
+                    # shows the end even behind unread bytes, such as a TLS alert.
+                    state = raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+                    return state in (TCP_CLOSE, TCP_CLOSE_WAIT)
+                return raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
         except ConnectionError:
             return True
         except OSError:
             return False
-        finally:
-            raw.detach()
 
     def close(self) -> None:
         """Close after flushing bytes already written."""

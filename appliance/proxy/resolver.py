@@ -5,8 +5,8 @@ proxy that connects once per login, that is a thread hand-off and a resolver cal
 session: 0.1 to 0.3 ms of CPU per sequential session here for `localhost`, and a DNS
 round trip for a remote name. `Resolver` keeps each result for `RESOLVE_TTL` seconds and
 shares one lookup among sessions that start together. It drops a result as soon as a
-connect to its addresses fails, and all results when a reload applies, so a moved server
-is found again at once.
+connect to its addresses fails, and all results when a reload is accepted, so a moved
+server is found again at once.
 """
 
 from __future__ import annotations

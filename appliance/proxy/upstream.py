@@ -64,7 +64,8 @@ async def open_upstream(
         raise UpstreamError("timeout", f"{target.address}: connect timed out") from None
     except OSError as exc:
         RESOLVER.forget(target.host)
-        raise UpstreamError("connect", f"{target.address}: {_connect_failure(exc)}") from None
+        detail = f"{target.address}: {_connect_failure(exc)}"
+        raise UpstreamError("connect", detail) from None
     if preface:
         connection.send(preface)
         if target.mode == "implicit":
@@ -76,10 +77,17 @@ def _connect_failure(exc: OSError) -> str:
     """Describe a failed lookup or connect alike on both event loops."""
     if isinstance(exc, socket.gaierror):
         return f"name resolution failed: {exc.strerror or exc}"
-    # asyncio words a refused connect "Connect call failed (address)", uvloop by errno.
+    return f"connect failed: {_error_text(exc)}"
+
+
+def _error_text(exc: OSError) -> str:
+    """Return the error number's text, which both event loops share, or the message.
+
+    asyncio words a refused connect "Connect call failed (address)", uvloop by errno.
+    """
     if exc.errno is not None and exc.errno > 0:
-        return f"connect failed: {os.strerror(exc.errno)}"
-    return f"connect failed: {exc.strerror or str(exc) or type(exc).__name__}"
+        return os.strerror(exc.errno)
+    return exc.strerror or str(exc) or type(exc).__name__
 
 
 async def _connect_first(
@@ -123,8 +131,8 @@ async def _connect_first(
         raise OSError(f"{target.host} has no address")
     if len(errors) == 1:
         raise errors[0]
-    reasons = (os.strerror(e.errno) if e.errno else str(e) for e in errors)
-    raise OSError("; ".join(f"{a}: {r}" for a, r in zip(addresses, reasons)))
+    reasons = [f"{a}: {_error_text(error)}" for a, error in zip(addresses, errors)]
+    raise OSError("; ".join(reasons))
 
 
 async def upgrade_upstream(connection: Connection, target: UpstreamTarget, timeout: float) -> None:

@@ -24,8 +24,9 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
     return local, remote
 
 
-def end(sock: socket.socket, how: str) -> None:
-    if how == "reset":
+def end(sock: socket.socket, ending: str) -> None:
+    """Close `sock` with a FIN, or with a reset when `ending` is "reset"."""
+    if ending == "reset":
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
     sock.close()
 
@@ -48,8 +49,8 @@ async def relay_outcome(first: str, second: str, upstream_paused: bool) -> str:
         upstream.transport.pause_reading()
     remotes = {"client": mail_client, "server": mail_server}
     for step in (first, second):
-        side, how = step.split()
-        end(remotes[side], how)
+        side, ending = step.split()
+        end(remotes[side], ending)
         await asyncio.sleep(0.05)
     await asyncio.gather(client.closed, upstream.closed)
     return _relay_outcome(client, upstream)

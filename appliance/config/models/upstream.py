@@ -23,7 +23,7 @@ class UpstreamConfig(StrictModel):
 
     host: str
     """Host name or IP address of the mail server. A name's addresses are reused for
-    30 s, and looked up again at once after a failed connect or a reload."""
+    30 s, and looked up again at once after a failed connect or an accepted reload."""
 
     port: Port | None = None
     """TCP port; when unset it follows the listener's protocol and the TLS mode
