@@ -132,6 +132,8 @@ class Reloader:
                 self._record("failed", "internal error")
 
     async def _watch_files(self) -> None:
+        # NOTE: an edit made between the config load at start-up and the first watch is
+        # seen only with the next change or SIGHUP.
         restarted = False
         while not self._stopping:
             self._rewatch.clear()

@@ -243,7 +243,14 @@ def appliance_factory(tmp_path: Path) -> Iterator[Callable[..., ApplianceProcess
     def start(config: dict[str, Any], cls: type = ApplianceProcess, **extra: Any):
         appliance = cls(config, tmp_path / f"appliance{len(started)}", **extra)
         started.append(appliance)
-        return appliance.start()
+        appliance.start()
+        # The listeners accept before the file watch starts, and an edit made in
+        # between would go unseen, so the tests edit only once the watch runs.
+        wait_until(
+            lambda: "for config and certificate changes" in appliance.log_text(),
+            "the file watch to start",
+        )
+        return appliance
 
     yield start
     for appliance in started:
