@@ -20,7 +20,13 @@ from appliance.reload.diff import (
     named_files,
     plan_sockets,
 )
-from appliance.reload.reloader import Prepared, Reloader, ReloadRejected
+from appliance.reload.reloader import (
+    WATCH_START,
+    Prepared,
+    Reloader,
+    ReloadRejected,
+    start_digests,
+)
 from appliance.reload.watch import (
     WATCH_DEBOUNCE_MS,
     WATCH_RETRY_SECONDS,
@@ -35,6 +41,7 @@ __all__ = [
     "SOCKET_FIELDS",
     "WATCH_DEBOUNCE_MS",
     "WATCH_RETRY_SECONDS",
+    "WATCH_START",
     "WATCH_STEP_MS",
     "ConfigDiff",
     "Prepared",
@@ -48,4 +55,5 @@ __all__ = [
     "file_digests",
     "named_files",
     "plan_sockets",
+    "start_digests",
 ]

@@ -39,6 +39,10 @@ from appliance.tls.contexts import TlsContextError, build_all_contexts
 if TYPE_CHECKING:
     from appliance.proxy.runtime import Runtime
 
+# Trigger of the reload that runs when the file watch first starts. It applies edits
+# made after the config was loaded at start-up and is logged only when it finds one.
+WATCH_START = "change before the watch started"
+
 
 class ReloadRejected(Exception):
     """A reload step failed. The message names the field or file and the reason.
@@ -75,11 +79,19 @@ class Reloader:
         *,
         config_path: str | None,
         secrets_dir: str | None,
+        digests: dict[Path, str] | None = None,
     ) -> None:
+        """Start with the running config `loaded` and its file `digests`.
+
+        The digests must be taken before the running snapshot's TLS contexts read the
+        files. None takes them now.
+        """
         self.runtime = runtime
         self.config_path = config_path
         self.secrets_dir = secrets_dir
-        self.digests = file_digests(_all_files(loaded.config))
+        if digests is None:
+            digests = start_digests(loaded)
+        self.digests = digests
         self.watch_set = self._watch_set_of(loaded)
         self._triggers: set[str] = set()
         self._requested = asyncio.Event()
@@ -132,19 +144,17 @@ class Reloader:
                 self._record("failed", "internal error")
 
     async def _watch_files(self) -> None:
-        # NOTE: an edit made between the config load at start-up and the first watch is
-        # seen only with the next change or SIGHUP.
-        restarted = False
+        trigger = WATCH_START
         while not self._stopping:
             self._rewatch.clear()
             watch_set = self.watch_set
             folders = sorted(str(f) for f in watch_set.folders if f.is_dir())
-            if restarted:
-                # Changes made while no watch ran may have been missed. The reload reads
-                # the files only after awatch has set up the new watch, which happens
-                # before this task first yields, so nothing falls in between.
-                self.request("watch restart")
-            restarted = True
+            # Changes made while no watch ran, from the config load at start-up to the
+            # first watch or during a restart, would be missed. The reload reads the
+            # files only after awatch has set up the new watch, which happens before
+            # this task first yields, so nothing falls in between.
+            self.request(trigger)
+            trigger = "watch restart"
             try:
                 await self._watch_folders(folders, watch_set)
             except (OSError, RuntimeError) as exc:
@@ -206,8 +216,13 @@ class Reloader:
                 self._commit(prepared)
                 outcome, detail = "applied", "; ".join(prepared.diff.changes)
             self._watch(self._watch_set_of(prepared.loaded))
-        self._record(outcome, detail)
-        self._log_summary(trigger, outcome, detail, time.monotonic() - started)
+        seconds = time.monotonic() - started
+        if trigger == WATCH_START and outcome == "unchanged":
+            # The check at start-up is not a reload that the operator requested.
+            logger.debug("files unchanged since start-up; took {:.3f}s", seconds)
+        else:
+            self._record(outcome, detail)
+            self._log_summary(trigger, outcome, detail, seconds)
         if outcome != "rejected":
             # An operator who fixed DNS and reloads expects the fix to apply at once.
             RESOLVER.clear()
@@ -360,6 +375,15 @@ class Reloader:
             len(self.runtime.sessions),
             len(self.runtime.retired),
         )
+
+
+def start_digests(loaded: LoadedConfig) -> dict[Path, str]:
+    """Return the digests of the files `loaded` names, for the Reloader.
+
+    Take them before the TLS contexts read the files, as a reload does, so a file that
+    changes in between looks changed to the check when the watch starts.
+    """
+    return file_digests(_all_files(loaded.config))
 
 
 def _all_files(config: AppConfig) -> set[Path]:
