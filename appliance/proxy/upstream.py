@@ -55,8 +55,13 @@ async def open_upstream(
     deadline = asyncio.get_running_loop().time() + timeout
     try:
         async with asyncio.timeout_at(deadline):
-            addresses = await RESOLVER.addresses(target.host)
-            connection = await _connect_first(target, addresses, implicit, deadline)
+            connection = await connect_first(
+                target.host,
+                target.port,
+                deadline,
+                context=target.context if implicit else None,
+                server_name=target.server_name,
+            )
     except ssl.SSLError as exc:
         raise UpstreamError("tls", f"{target.address}: {describe_tls_error(exc)}") from None
     except TimeoutError:
@@ -90,17 +95,25 @@ def _error_text(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
 
 
-async def _connect_first(
-    target: UpstreamTarget, addresses: list[str], implicit: bool, deadline: float
+async def connect_first(
+    host: str,
+    port: int,
+    deadline: float,
+    *,
+    context: ssl.SSLContext | None = None,
+    server_name: str | None = None,
 ) -> Connection:
-    """Connect to the first address that accepts, in order, as asyncio does for a name.
+    """Connect to the first address of `host` that accepts, in order, as asyncio does.
 
-    A TLS error ends the attempt. Any other OSError moves on to the next address, also
-    one during an implicit TLS handshake, where asyncio would have stopped. Each address
-    but the last gets an equal share of the time left, so a server that drops packets
-    without a reply does not use up the whole timeout.
+    The addresses come from the shared resolver cache. With `context` the TLS handshake
+    is part of the connect. A TLS error ends the attempt. Any other OSError moves on to
+    the next address, also one during a TLS handshake, where asyncio would have stopped.
+    Each address but the last gets an equal share of the time left before `deadline`
+    (event loop time), so a server that drops packets without a reply does not use up
+    the whole timeout.
     """
     loop = asyncio.get_running_loop()
+    addresses = await RESOLVER.addresses(host)
     errors: list[OSError] = []
     for index, address in enumerate(addresses):
         last = index == len(addresses) - 1
@@ -111,10 +124,10 @@ async def _connect_first(
                 _, connection = await loop.create_connection(
                     Connection,
                     address,
-                    target.port,
-                    ssl=target.context if implicit else None,
-                    server_hostname=target.server_name if implicit else None,
-                    ssl_handshake_timeout=share if implicit else None,
+                    port,
+                    ssl=context,
+                    server_hostname=server_name if context is not None else None,
+                    ssl_handshake_timeout=share if context is not None else None,
                 )
         except ssl.SSLError:
             raise
@@ -128,7 +141,7 @@ async def _connect_first(
             continue
         return connection
     if not errors:
-        raise OSError(f"{target.host} has no address")
+        raise OSError(f"{host} has no address")
     if len(errors) == 1:
         raise errors[0]
     reasons = [f"{a}: {_error_text(error)}" for a, error in zip(addresses, errors)]

@@ -33,6 +33,7 @@ from appliance.protocols.imap import capabilities as imap_capabilities
 from appliance.protocols.pop3 import Continuation, Multiline, format_command, parse_capa
 from appliance.protocols.pop3 import ResponseReader as Pop3ResponseReader
 from appliance.proxy.connection import Connection, ConnectionClosed
+from appliance.proxy.upstream import connect_first
 
 # Higher is stronger. A learned record moves only to a higher value on its own.
 MODE_STRENGTH = {"none": 0, "starttls": 1, "implicit": 2}
@@ -335,16 +336,16 @@ class _Probe:
 async def _connect(
     settings: ProbeSettings, port: int, context: ssl.SSLContext | None
 ) -> Connection:
-    loop = asyncio.get_running_loop()
-    _, connection = await loop.create_connection(
-        Connection,
+    # Uses the resolver cache and address order of sessions, so a probe reaches the same
+    # server as the sessions that use its result.
+    deadline = asyncio.get_running_loop().time() + settings.timeout
+    return await connect_first(
         settings.host,
         port,
-        ssl=context,
-        server_hostname=settings.server_name if context is not None else None,
-        ssl_handshake_timeout=settings.timeout if context is not None else None,
+        deadline,
+        context=context,
+        server_name=settings.server_name,
     )
-    return connection
 
 
 async def _probe_implicit(

@@ -13,6 +13,7 @@ from appliance.proxy import resolver as resolver_module
 from appliance.proxy.errors import UpstreamError
 from appliance.proxy.resolver import Resolver, _address_text, is_address
 from appliance.proxy.upstream import UpstreamTarget, open_upstream
+from appliance.tls.probe import ProbeSettings, probe_client_context, probe_server
 from tests.support.loops import LOOPS, run_on_loop
 
 HOST = "mail.example.test"
@@ -331,3 +332,49 @@ async def test_silent_address_leaves_time_for_next(
         live.close()
         await live.wait_closed()
     assert peer[0] == "127.0.0.1"
+
+
+async def serve_plain_imap(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """Send a greeting, list no STARTTLS in CAPABILITY, and reply OK to every command."""
+    writer.write(b"* OK IMAP ready\r\n")
+    try:
+        while line := await reader.readline():
+            tag, _, command = line.decode("ascii", "replace").strip().partition(" ")
+            if command.upper() == "CAPABILITY":
+                writer.write(b"* CAPABILITY IMAP4rev1\r\n")
+            writer.write(f"{tag} OK done\r\n".encode())
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+async def test_probe_uses_the_cache(
+    stub: StubResolution, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("appliance.proxy.upstream.RESOLVER", resolver_for(stub))
+    server = await asyncio.start_server(serve_plain_imap, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    # 127.0.0.2 refuses the port, so the probe must move on as sessions do.
+    stub.addresses = ["127.0.0.2", "127.0.0.1"]
+    settings = ProbeSettings(
+        host=HOST,
+        protocol="imap",
+        port=port,
+        context=probe_client_context(None, verify=False),
+        server_name=HOST,
+        timeout=5,
+    )
+    try:
+        report = await probe_server(settings)
+    finally:
+        server.close()
+        await server.wait_closed()
+    # The implicit-TLS and the plain-port connection share one lookup.
+    assert stub.calls == 1
+    assert report.mode("none").reached
+    assert report.mode("none").usable
+    assert not report.mode("starttls").offered
