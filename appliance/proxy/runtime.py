@@ -39,7 +39,8 @@ class ReloadStatus:
     detail: str = ""
     """Summary of the last reload: its changes, or the reason it was rejected."""
     last_reload_at: float | None = None
-    """Unix time of the last reload whatever its outcome, or None before the first."""
+    """Unix time of the last reload whatever its outcome, or None before the first. The
+    check when the file watch starts counts only when it finds a change."""
 
 
 class Runtime:

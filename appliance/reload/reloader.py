@@ -40,8 +40,8 @@ if TYPE_CHECKING:
     from appliance.proxy.runtime import Runtime
 
 # Trigger of the reload that runs when the file watch first starts. It applies edits
-# made after the config was loaded at start-up and is logged only when it finds one.
-WATCH_START = "change before the watch started"
+# made after the config was loaded at start-up, and logs at INFO only when it finds one.
+WATCH_START = "start-up check"
 
 
 class ReloadRejected(Exception):
@@ -79,18 +79,16 @@ class Reloader:
         *,
         config_path: str | None,
         secrets_dir: str | None,
-        digests: dict[Path, str] | None = None,
+        digests: dict[Path, str],
     ) -> None:
         """Start with the running config `loaded` and its file `digests`.
 
-        The digests must be taken before the running snapshot's TLS contexts read the
-        files. None takes them now.
+        Take the digests with `start_digests` before the running snapshot's TLS contexts
+        read the files.
         """
         self.runtime = runtime
         self.config_path = config_path
         self.secrets_dir = secrets_dir
-        if digests is None:
-            digests = start_digests(loaded)
         self.digests = digests
         self.watch_set = self._watch_set_of(loaded)
         self._triggers: set[str] = set()
@@ -218,11 +216,12 @@ class Reloader:
             self._watch(self._watch_set_of(prepared.loaded))
         seconds = time.monotonic() - started
         if trigger == WATCH_START and outcome == "unchanged":
-            # The check at start-up is not a reload that the operator requested.
+            # The check at start-up is not a reload that the operator requested, so
+            # the metrics, the status and the resolver cache stay as they are.
             logger.debug("files unchanged since start-up; took {:.3f}s", seconds)
-        else:
-            self._record(outcome, detail)
-            self._log_summary(trigger, outcome, detail, seconds)
+            return outcome
+        self._record(outcome, detail)
+        self._log_summary(trigger, outcome, detail, seconds)
         if outcome != "rejected":
             # An operator who fixed DNS and reloads expects the fix to apply at once.
             RESOLVER.clear()

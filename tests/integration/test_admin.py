@@ -372,10 +372,13 @@ def test_healthcheck_after_stop_fails(
 
 
 def test_reloads_counted_by_outcome(mail_server: DovecotServer, tmp_path: Path) -> None:
-    config = admin_config(mail_server)
+    config = {**admin_config(mail_server), "logging": {"level": "DEBUG"}}
     with ApplianceProcess(config, tmp_path) as process:
         wait_for_port(HOST, config["admin"]["port"])
-        process.write_config({**config, "logging": {"level": "DEBUG"}})
+        # An edit during the check when the file watch starts would be applied twice,
+        # by the check and by the file change, and the second finds no changes.
+        process.wait_for_log("files unchanged since start-up")
+        process.write_config({**config, "limits": {"max_connections": 999}})
         applied = wait_for_metric(
             process, "appliance_reloads_total", 1, outcome="applied"
         )

@@ -244,12 +244,9 @@ def appliance_factory(tmp_path: Path) -> Iterator[Callable[..., ApplianceProcess
         appliance = cls(config, tmp_path / f"appliance{len(started)}", **extra)
         started.append(appliance)
         appliance.start()
-        # The listeners accept before the file watch starts, and an edit made in
-        # between would go unseen, so the tests edit only once the watch runs.
-        wait_until(
-            lambda: "for config and certificate changes" in appliance.log_text(),
-            "the file watch to start",
-        )
+        # The check when the file watch starts would also apply an edit made while
+        # it runs, so the tests edit only after it, and each edit gets one reload.
+        appliance.wait_for_log("files unchanged since start-up", timeout=TIMEOUT)
         return appliance
 
     yield start

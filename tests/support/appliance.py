@@ -107,6 +107,17 @@ class ApplianceProcess:
     def log_text(self) -> str:
         return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
 
+    def wait_for_log(self, text: str, timeout: float = 15.0) -> None:
+        """Wait until the log contains `text`; raise AssertionError after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log_text():
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"timed out after {timeout}s waiting for {text!r} in the log:\n"
+                    f"{self.log_text()[-3000:]}"
+                )
+            time.sleep(0.05)
+
     def send_signal(self, signum: int) -> None:
         assert self.process is not None
         self.process.send_signal(signum)

@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from loguru import logger
 
+from appliance import metrics
 from appliance.config import loader
 from appliance.config.loader import load_config
+from appliance.proxy import runtime as runtime_module
 from appliance.proxy.runtime import Runtime, build_snapshot
 from appliance.reload import WATCH_START, Reloader, start_digests
+from tests.support.appliance import free_port
+from tests.support.certs import TestPKI
 
 # Generous: the first watch starts within milliseconds, a reload within a second.
 WAIT_SECONDS = 20.0
@@ -43,6 +48,9 @@ def isolated_sources(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
             monkeypatch.delenv(name)
     monkeypatch.setattr(loader, "DEFAULT_CONFIG_PATH", tmp_path / "etc" / "absent.yaml")
     monkeypatch.setattr(loader, "DEFAULT_SECRETS_DIR", tmp_path / "run" / "absent")
+    monkeypatch.setattr(
+        "appliance.reload.reloader.DEFAULT_SECRETS_DIR", tmp_path / "run" / "absent"
+    )
 
 
 @pytest.fixture
@@ -54,10 +62,22 @@ def messages() -> Iterator[list[str]]:
     logger.remove(sink)
 
 
-async def wait_for(predicate, what: str) -> None:
-    async with asyncio.timeout(WAIT_SECONDS):
-        while not predicate():
-            await asyncio.sleep(0.02)
+async def wait_for(predicate, description: str) -> None:
+    try:
+        async with asyncio.timeout(WAIT_SECONDS):
+            while not predicate():
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(
+            f"timed out after {WAIT_SECONDS}s waiting for {description}"
+        ) from None
+
+
+def reloads_counted(outcome: str) -> float:
+    value = metrics.REGISTRY.get_sample_value(
+        "appliance_reloads_total", {"outcome": outcome}
+    )
+    return value or 0.0
 
 
 def write(path: Path, max_connections: int) -> None:
@@ -97,11 +117,10 @@ async def test_early_edit_applied(tmp_path: Path, messages: list[str]) -> None:
         await reloader.stop()
 
 
-async def test_unchanged_start_logs_nothing(
-    tmp_path: Path, messages: list[str]
-) -> None:
+async def test_unchanged_start_not_counted(tmp_path: Path, messages: list[str]) -> None:
     path = tmp_path / "appliance.yaml"
     write(path, 100)
+    unchanged_before = reloads_counted("unchanged")
     reloader = start_reloader(path)
     try:
         await wait_for(
@@ -111,6 +130,7 @@ async def test_unchanged_start_logs_nothing(
         assert not [m for m in messages if "config reload" in m]
         assert reloader.runtime.snapshot.version == 1
         assert reloader.runtime.status.last_reload_at is None
+        assert reloads_counted("unchanged") == unchanged_before
         # The watch runs: a later edit is a normal reload.
         write(path, 300)
         await wait_for(lambda: reloader.runtime.snapshot.version == 2, "the edit")
@@ -142,3 +162,61 @@ async def test_early_broken_edit_rejected(tmp_path: Path, messages: list[str]) -
         assert runtime.snapshot.version == 1
     finally:
         await reloader.stop()
+
+
+async def test_certificate_replaced_during_start_applied(
+    tmp_path: Path, messages: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run_appliance takes the digests before its TLS contexts read the files.
+
+    The certificate is replaced just after the start-up contexts read it. Digests taken
+    after that read would already match the new file, and the old certificate would stay.
+    """
+    pki = TestPKI(tmp_path / "pki")
+    first = pki.issue_server_cert("first")
+    second = pki.issue_server_cert("second")
+    cert_file = tmp_path / "listener.pem"
+    key_file = tmp_path / "listener.key"
+    cert_file.write_bytes(first.cert_file.read_bytes())
+    key_file.write_bytes(first.key_file.read_bytes())
+    path = tmp_path / "appliance.yaml"
+    text = CONFIG.format(max_connections=100) + (
+        f"state_dir: {tmp_path / 'state'}\n"
+        "listeners:\n"
+        "  imaps:\n"
+        "    protocol: imap\n"
+        "    bind: 127.0.0.1\n"
+        f"    port: {free_port()}\n"
+        "    upstream: mail\n"
+        "    tls: implicit\n"
+        f"    cert_file: {cert_file}\n"
+        f"    key_file: {key_file}\n"
+    )
+    path.write_text(text)
+    real_build = runtime_module.build_snapshot
+
+    def build_then_replace(loaded, version=1):
+        snapshot = real_build(loaded, version)
+        cert_file.write_bytes(second.cert_file.read_bytes())
+        key_file.write_bytes(second.key_file.read_bytes())
+        return snapshot
+
+    monkeypatch.setattr(runtime_module, "build_snapshot", build_then_replace)
+    running = asyncio.create_task(
+        runtime_module.run_appliance(load_config(path), config_arg=str(path))
+    )
+    try:
+        await wait_for(
+            lambda: any(f"({WATCH_START}) applied version 2" in m for m in messages),
+            "the replaced certificate to be applied",
+        )
+    finally:
+        # run_appliance stops on SIGTERM through its loop signal handler.
+        await wait_for(
+            lambda: running.done() or any("appliance ready" in m for m in messages),
+            "the appliance to be ready",
+        )
+        if not running.done():
+            os.kill(os.getpid(), signal.SIGTERM)
+        exit_code = await asyncio.wait_for(running, WAIT_SECONDS)
+    assert exit_code == 0
