@@ -78,6 +78,15 @@ async def open_upstream(
     return connection
 
 
+class AllAddressesFailed(OSError):
+    """Every address of a host name failed to connect. The message names each error."""
+
+    def __init__(self, errors: list[tuple[str, OSError]]) -> None:
+        super().__init__("; ".join(f"{a}: {_error_text(e)}" for a, e in errors))
+        self.errors = errors
+        """Each address with its error, in the order they were tried."""
+
+
 def _connect_failure(exc: OSError) -> str:
     """Describe a failed lookup or connect alike on both event loops."""
     if isinstance(exc, socket.gaierror):
@@ -144,8 +153,7 @@ async def connect_first(
         raise OSError(f"{host} has no address")
     if len(errors) == 1:
         raise errors[0]
-    reasons = [f"{a}: {_error_text(error)}" for a, error in zip(addresses, errors)]
-    raise OSError("; ".join(reasons))
+    raise AllAddressesFailed(list(zip(addresses, errors)))
 
 
 async def upgrade_upstream(connection: Connection, target: UpstreamTarget, timeout: float) -> None:

@@ -33,7 +33,8 @@ from appliance.protocols.imap import capabilities as imap_capabilities
 from appliance.protocols.pop3 import Continuation, Multiline, format_command, parse_capa
 from appliance.protocols.pop3 import ResponseReader as Pop3ResponseReader
 from appliance.proxy.connection import Connection, ConnectionClosed
-from appliance.proxy.upstream import connect_first
+from appliance.proxy.resolver import RESOLVER
+from appliance.proxy.upstream import AllAddressesFailed, connect_first
 
 # Higher is stronger. A learned record moves only to a higher value on its own.
 MODE_STRENGTH = {"none": 0, "starttls": 1, "implicit": 2}
@@ -204,12 +205,16 @@ async def probe_server(settings: ProbeSettings) -> ProbeReport:
     finally:
         implicit_task.cancel()
         plain_task.cancel()
-    return ProbeReport(
+    report = ProbeReport(
         protocol=settings.protocol,
         host=settings.host,
         port=settings.port,
         modes=(implicit, starttls, plain),
     )
+    if not report.reachable:
+        # As after a session's failed connect, the next lookup finds a moved server.
+        RESOLVER.forget(settings.host)
+    return report
 
 
 def _skipped_plain_port(port: int) -> tuple[ModeReport, ModeReport]:
@@ -360,6 +365,11 @@ async def _probe_implicit(
                 connection = await _connect(settings, port, context)
             except (ssl.SSLError, ConnectionError) as exc:
                 return _handshake_failure(base, exc, reached=True)
+            except AllAddressesFailed as exc:
+                handshake = _failed_handshakes(exc)
+                if not handshake:
+                    raise
+                return _handshake_failure(base, handshake[-1], reached=True)
             report = replace(
                 base, offered=True, reached=True, **_tls_details(connection, context)
             )
@@ -376,6 +386,15 @@ async def _probe_implicit(
     finally:
         if connection is not None:
             connection.abort()
+
+
+def _failed_handshakes(exc: AllAddressesFailed) -> list[OSError]:
+    """Return the errors of addresses that accepted the TCP connection but broke off."""
+    return [
+        error
+        for _, error in exc.errors
+        if isinstance(error, (ConnectionResetError, ConnectionAbortedError))
+    ]
 
 
 def _closed_after_handshake(
@@ -518,7 +537,7 @@ def certificate_fingerprint(ssl_object: ssl.SSLObject | None) -> str | None:
 def _os_error_text(exc: OSError) -> str:
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
-    return f"connect failed: {exc.strerror or type(exc).__name__}"
+    return f"connect failed: {exc.strerror or str(exc) or type(exc).__name__}"
 
 
 def probe_client_context(ca_file: str | None, *, verify: bool) -> ssl.SSLContext:

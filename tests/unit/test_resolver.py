@@ -352,15 +352,17 @@ async def serve_plain_imap(
         writer.close()
 
 
-async def test_probe_uses_the_cache(
-    stub: StubResolution, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr("appliance.proxy.upstream.RESOLVER", resolver_for(stub))
-    server = await asyncio.start_server(serve_plain_imap, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    # 127.0.0.2 refuses the port, so the probe must move on as sessions do.
-    stub.addresses = ["127.0.0.2", "127.0.0.1"]
-    settings = ProbeSettings(
+@pytest.fixture
+def probe_stub(stub: StubResolution, monkeypatch: pytest.MonkeyPatch) -> Resolver:
+    """Make the probe resolve through `stub`, and return the resolver it uses."""
+    resolver = resolver_for(stub)
+    monkeypatch.setattr("appliance.proxy.upstream.RESOLVER", resolver)
+    monkeypatch.setattr("appliance.tls.probe.RESOLVER", resolver)
+    return resolver
+
+
+def probe_settings(port: int) -> ProbeSettings:
+    return ProbeSettings(
         host=HOST,
         protocol="imap",
         port=port,
@@ -368,6 +370,14 @@ async def test_probe_uses_the_cache(
         server_name=HOST,
         timeout=5,
     )
+
+
+async def test_probe_uses_the_cache(stub: StubResolution, probe_stub: Resolver) -> None:
+    server = await asyncio.start_server(serve_plain_imap, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    # 127.0.0.2 refuses the port, so the probe must move on as sessions do.
+    stub.addresses = ["127.0.0.2", "127.0.0.1"]
+    settings = probe_settings(port)
     try:
         report = await probe_server(settings)
     finally:
@@ -378,3 +388,49 @@ async def test_probe_uses_the_cache(
     assert report.mode("none").reached
     assert report.mode("none").usable
     assert not report.mode("starttls").offered
+
+
+async def test_probe_names_each_refused_address(
+    stub: StubResolution, probe_stub: Resolver
+) -> None:
+    stub.addresses = ["127.0.0.2", "127.0.0.1"]
+    report = await probe_server(probe_settings(refused_port()))
+    detail = report.mode("implicit").detail
+    assert "127.0.0.2: Connection refused" in detail
+    assert "127.0.0.1: Connection refused" in detail
+    assert not report.reachable
+
+
+async def test_unreachable_probe_forgets_addresses(
+    stub: StubResolution, probe_stub: Resolver
+) -> None:
+    stub.addresses = ["127.0.0.1"]
+    port = refused_port()
+    await probe_server(probe_settings(port))
+    await probe_server(probe_settings(port))
+    # One lookup per probe: its two connections share it, and the failure drops it.
+    assert stub.calls == 2
+
+
+async def test_probe_reset_on_every_address_reached(
+    stub: StubResolution, probe_stub: Resolver
+) -> None:
+    """Addresses that accept and then reset the handshake were reached."""
+
+    async def reset(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.transport.abort()
+
+    server = await asyncio.start_server(reset, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    second = await asyncio.start_server(reset, "127.0.0.2", port)
+    stub.addresses = ["127.0.0.2", "127.0.0.1"]
+    try:
+        report = await probe_server(probe_settings(port))
+    finally:
+        for listening in (server, second):
+            listening.close()
+            await listening.wait_closed()
+    implicit = report.mode("implicit")
+    assert implicit.reached
+    assert not implicit.offered
+    assert implicit.detail.startswith("the port does not speak TLS")
