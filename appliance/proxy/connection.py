@@ -35,6 +35,14 @@ INET_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 # Linux TCP states (include/net/tcp_states.h) after the remote side's reset or FIN.
 TCP_CLOSE = 7
 TCP_CLOSE_WAIT = 8
+# Seconds the upstream may stay silent after the client's end of stream (a half-close)
+# before the relay closes both sides. The server still replies to the commands sent
+# before the end, and one that waits for more commands is not kept for the idle timeout.
+HALF_CLOSE_TIMEOUT = 60.0
+# The same bound when the end cannot be passed on, because TLS has no half-close. The
+# server then waits for more commands, and the client may be gone rather than half-closed,
+# so the relay keeps only replies that follow each other closely.
+UNFORWARDED_END_TIMEOUT = 2.0
 
 
 class ConnectionClosed(Exception):
@@ -90,6 +98,7 @@ class Connection(asyncio.Protocol):
         "_buffer",
         "_drain_waiter",
         "_eof",
+        "_half_close_timer",
         "_peer",
         "_read_waiter",
         "_tls_info",
@@ -98,6 +107,7 @@ class Connection(asyncio.Protocol):
         "bytes_sent",
         "closed",
         "closed_here",
+        "half_close",
         "last_activity",
         "on_made",
         "remote_end",
@@ -130,6 +140,10 @@ class Connection(asyncio.Protocol):
         self._tls_info: tuple[str, str] | None = None
         # Set while a SpliceRelay moves this connection's bytes instead of the transport.
         self.splice: SpliceRelay | None = None
+        # The client's side: in the relay its end of stream is passed on as a half-close,
+        # and the other direction runs until the peer ends it. Set by `join`.
+        self.half_close = False
+        self._half_close_timer: asyncio.TimerHandle | None = None
 
     # asyncio.Protocol callbacks
 
@@ -157,18 +171,29 @@ class Connection(asyncio.Protocol):
         self._wake_reader()
 
     def eof_received(self) -> bool:
+        first = not self._eof
         self._eof = True
         if not self.closed_here:
             self.note_remote_end()
         self._wake_reader()
-        if self._peer is not None:
-            # The peer's pending bytes are flushed before its transport closes.
-            # NOTE: an end of stream closes both sides, also in the spliced relay. So a
-            # client that half-closes after LOGOUT or QUIT never gets the reply.
-            self._peer.close()
+        plain = self.extra("ssl_object") is None
+        if self._peer is None:
+            # Before the relay the session still replies to commands that came before the
+            # end, so a plain transport stays open for writing until the session ends.
+            # A TLS transport closes anyway, and asyncio warns when asked to keep it.
+            return plain
+        if self.half_close and plain:
+            if first:
+                self.end_relayed_stream()
+            return True
+        # The peer's pending bytes are flushed before its transport closes.
+        self._peer.close()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._half_close_timer is not None:
+            self._half_close_timer.cancel()
+            self._half_close_timer = None
         if not self.closed_here:
             # A transport may report the peer's close only here, without eof_received.
             self.note_remote_end()
@@ -326,9 +351,53 @@ class Connection(asyncio.Protocol):
             return
         transport.set_write_buffer_limits(high=RELAY_HIGH_WATER, low=RELAY_LOW_WATER)
         if self._eof:
-            peer.close()
+            if self.half_close:
+                self.end_relayed_stream()
+            else:
+                peer.close()
         elif not peer._write_paused:
             transport.resume_reading()
+
+    def end_relayed_stream(self) -> None:
+        """Pass this side's end of stream on to the peer as a half-close.
+
+        The peer's transport shuts down its write side once its buffer is flushed (the
+        spliced relay does the same itself). The other direction keeps running until the
+        peer ends it, or until the peer has been silent for HALF_CLOSE_TIMEOUT seconds.
+        A TLS peer cannot get the end, so there the bound is UNFORWARDED_END_TIMEOUT.
+        """
+        peer = self._peer
+        if peer is None or self._half_close_timer is not None:
+            return
+        peer_transport = peer.transport
+        forwarded = peer.splice is not None
+        if (
+            not forwarded
+            and peer_transport is not None
+            and not peer_transport.is_closing()
+            and peer_transport.can_write_eof()
+        ):
+            peer_transport.write_eof()
+            forwarded = True
+        timeout = HALF_CLOSE_TIMEOUT if forwarded else UNFORWARDED_END_TIMEOUT
+        self._half_close_timer = asyncio.get_running_loop().call_later(
+            timeout, self._check_half_close, timeout
+        )
+
+    def _check_half_close(self, timeout: float) -> None:
+        peer = self._peer
+        if peer is None:
+            self._half_close_timer = None
+            return
+        remaining = peer.last_activity + timeout - time.monotonic()
+        if remaining > 0:
+            self._half_close_timer = asyncio.get_running_loop().call_later(
+                remaining, self._check_half_close, timeout
+            )
+            return
+        self._half_close_timer = None
+        self.close()
+        peer.close()
 
     # Closing
 
@@ -414,6 +483,7 @@ def join(client: Connection, upstream: Connection) -> None:
     Two plain TCP connections are joined by splice(2) where Linux offers it; TLS on
     either side needs the bytes in Python, so those use the transports.
     """
+    client.half_close = True
     if splice_supported() and can_splice(client) and can_splice(upstream):
         try:
             relay = SpliceRelay(client, upstream)

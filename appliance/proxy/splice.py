@@ -97,6 +97,7 @@ class _Pump:
     __slots__ = (
         "destination",
         "destination_fd",
+        "ending",
         "finished",
         "loop",
         "pending",
@@ -126,6 +127,9 @@ class _Pump:
         self.reading = False
         self.writing = False
         self.finished = False
+        # Set at the source's end of stream. The pump then reads no more, and shuts down
+        # the destination's write side once the pipe is empty.
+        self.ending = False
 
     def start_reading(self) -> None:
         if not self.reading and not self.finished:
@@ -153,7 +157,7 @@ class _Pump:
             return
         if size == 0:
             self.source.note_remote_end()
-            self.relay.end_of_stream()
+            self.relay.end_of_stream(self)
             return
         self.source.bytes_received += size
         self.source.last_activity = time.monotonic()
@@ -193,8 +197,18 @@ class _Pump:
         if self.relay.closing:
             self.finished = True
             self.relay.pump_finished()
+        elif self.ending:
+            self.finished = True
+            _shutdown_write(self.destination_fd)
         else:
             self.start_reading()
+
+    def end_half(self) -> None:
+        """Stop reading and pass the end of stream on once the pipe is empty."""
+        self.ending = True
+        self.stop_reading()
+        if not self.pending:
+            self._flush()
 
     def drain_and_finish(self) -> None:
         """Stop reading; finish once the bytes already in the pipe are written."""
@@ -219,9 +233,10 @@ class _Pump:
 class SpliceRelay:
     """Both directions between two plain connections, moved by splice(2).
 
-    The relay ends like the asyncio relay: an end of stream from either side, or
-    `Connection.close` on either connection, writes what is already read and then closes
-    both transports. An error or `Connection.abort` closes both at once.
+    The relay ends like the asyncio relay. The client's end of stream is passed on as a
+    half-close, and the upstream's bytes still reach the client. The upstream's end of
+    stream, or `Connection.close` on either connection, writes what is already read and
+    then closes both transports. An error or `Connection.abort` closes both at once.
     """
 
     __slots__ = ("client", "closing", "loop", "pumps", "released", "upstream")
@@ -248,8 +263,12 @@ class SpliceRelay:
         for pump in self.pumps:
             pump.start_reading()
 
-    def end_of_stream(self) -> None:
-        self.close()
+    def end_of_stream(self, pump: _Pump) -> None:
+        if pump.source is self.client and self.client.half_close and not self.closing:
+            pump.end_half()
+            self.client.end_relayed_stream()
+        else:
+            self.close()
 
     def close(self) -> None:
         """Write the bytes already read, then close both transports."""
@@ -287,6 +306,18 @@ class SpliceRelay:
             pump.release()
         for connection in (self.client, self.upstream):
             connection.splice = None
+
+
+def _shutdown_write(fd: int) -> None:
+    """Send FIN on the socket behind `fd`; the peer may read on after it."""
+    sock = socket.socket(fileno=fd)
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        # The peer is gone already, so its end of stream or reset ends the relay.
+        pass
+    finally:
+        sock.detach()
 
 
 def _fileno(connection: Connection) -> int:

@@ -18,7 +18,11 @@ from contextlib import contextmanager
 
 import pytest
 
-from tests.support.appliance import ApplianceProcess, dovecot_config
+from tests.support.appliance import (
+    ApplianceProcess,
+    dovecot_config,
+    send_and_half_close,
+)
 from tests.support.certs import TestPKI
 from tests.support.dovecot import LARGE_MESSAGE_INDEX, DovecotServer
 from tests.support.scripted_server import (
@@ -178,6 +182,50 @@ def test_summary_names_side_that_ended(
         end_session(client, ending)
     summary = wait_for_summary(proxy, listener, outcome, before + 1)
     assert f"session ended: {outcome} after " in summary
+
+
+# Plain-text clients that half-close after their last command. none-none is relayed by
+# splice(2), none-implicit through the transports to a TLS upstream, which cannot be
+# sent a half-close.
+HALF_CLOSE_LISTENERS = ["none-none", "none-implicit"]
+
+
+def login_line(mail_server: DovecotServer) -> bytes:
+    password = imap_quoted(mail_server.users["alice"].encode())
+    return b"a LOGIN alice " + password + b"\r\n"
+
+
+@pytest.mark.parametrize("listener", HALF_CLOSE_LISTENERS)
+def test_half_close_keeps_replies(proxy, mail_server, listener):
+    commands = login_line(mail_server) + b"b SELECT INBOX\r\nc LOGOUT\r\n"
+    replies = send_and_half_close(proxy.port(listener), commands)
+    assert b"\r\na OK " in replies, replies
+    assert b"\r\nb OK [READ-WRITE]" in replies, replies
+    assert b"\r\n* BYE " in replies, replies
+    assert b"\r\nc OK " in replies, replies
+
+
+def test_half_close_before_login_answered(proxy):
+    replies = send_and_half_close(proxy.port("none-none"), b"a CAPABILITY\r\n")
+    assert replies.startswith(b"* OK "), replies
+    assert b"\r\n* CAPABILITY " in replies, replies
+    assert replies.endswith(b"\r\na OK CAPABILITY completed\r\n"), replies
+
+
+@pytest.mark.parametrize("listener", HALF_CLOSE_LISTENERS)
+def test_half_close_without_logout_ends(proxy, mail_server, listener):
+    """End the session without LOGOUT.
+
+    A plain upstream receives the end of stream and closes. A TLS upstream is closed
+    after a short silence.
+    """
+    before = count_summaries(proxy, listener, "closed by client")
+    replies = send_and_half_close(
+        proxy.port(listener), login_line(mail_server) + b"b SELECT INBOX\r\n"
+    )
+    assert b"\r\nb OK [READ-WRITE]" in replies, replies
+    summary = wait_for_summary(proxy, listener, "closed by client", before + 1)
+    assert "session ended: closed by client after " in summary
 
 
 # curl as a second, independent client

@@ -18,7 +18,11 @@ from typing import Any
 
 import pytest
 
-from tests.support.appliance import ApplianceProcess, dovecot_config
+from tests.support.appliance import (
+    ApplianceProcess,
+    dovecot_config,
+    send_and_half_close,
+)
 from tests.support.certs import TestPKI
 from tests.support.dovecot import LARGE_MESSAGE_INDEX, DovecotServer
 
@@ -242,6 +246,23 @@ def test_quit_and_drop_summarized_apart(proxy, pki, server, client_mode, upstrea
     wait_for_summaries(proxy, name, "closed by client", by_client + 1)
 
     assert count_summaries(proxy, name, "closed by upstream") == by_upstream + 1
+
+
+@pytest.mark.parametrize(
+    ("client_mode", "upstream_mode"), [("none", "none"), ("none", "implicit")]
+)
+def test_half_close_keeps_replies(proxy, server, client_mode, upstream_mode):
+    """A client that sends QUIT and half-closes still gets every reply."""
+    password = server.users[USER]
+    commands = f"USER {USER}\r\nPASS {password}\r\nSTAT\r\nQUIT\r\n".encode()
+    port = proxy.port(listener_name(client_mode, upstream_mode))
+    replies = send_and_half_close(port, commands).split(b"\r\n")
+    assert replies[0].startswith(b"+OK"), replies
+    assert replies[1].startswith(b"+OK"), replies
+    assert replies[2].startswith(b"+OK"), replies
+    assert replies[3].startswith(b"+OK "), replies
+    assert replies[4].startswith(b"+OK"), replies
+    assert replies[5] == b"", replies
 
 
 @pytest.mark.parametrize(("client_mode", "upstream_mode"), MATRIX)

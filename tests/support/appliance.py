@@ -28,6 +28,21 @@ def free_port(host: str = "127.0.0.1") -> int:
     return pick_free_port(host)
 
 
+def send_and_half_close(port: int, data: bytes, timeout: float = 30.0) -> bytes:
+    """Send `data` to a plain-text listener, shut down the write side, read to the end.
+
+    This is what `printf ... | nc -N` and other scripts do. The end of stream means that
+    no more commands follow, not that the replies are unwanted.
+    """
+    received = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
 def wait_for_port(host: str, port: int, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

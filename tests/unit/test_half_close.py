@@ -1,0 +1,162 @@
+"""A client's half-close in the relay, over loopback TCP on both loops and both relays.
+
+A client that sends its last commands and then shuts down its write side still expects
+the replies. The relay passes the end of stream on to the server and keeps relaying the
+server's bytes until the server closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from appliance.proxy import connection as connection_module
+from appliance.proxy.connection import Connection, join
+from appliance.proxy.session import _relay_outcome
+from tests.support.loops import LOOPS, run_on_loop
+
+RELAYS = ["splice", "transport"]
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Return the two ends of one loopback TCP connection."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        remote = socket.create_connection(listener.getsockname())
+        local, _ = listener.accept()
+    return local, remote
+
+
+async def read_to_end(sock: socket.socket) -> bytes:
+    """Read from a non-blocking socket until end of stream."""
+    loop = asyncio.get_running_loop()
+    received = b""
+    while chunk := await loop.sock_recv(sock, 65536):
+        received += chunk
+    return received
+
+
+async def joined() -> tuple[Connection, Connection, socket.socket, socket.socket]:
+    """Return a joined client and upstream connection and their remote sockets."""
+    loop = asyncio.get_running_loop()
+    client_side, mail_client = tcp_pair()
+    upstream_side, mail_server = tcp_pair()
+    for sock in (mail_client, mail_server):
+        sock.setblocking(False)
+    _, client = await loop.connect_accepted_socket(Connection, client_side)
+    _, upstream = await loop.connect_accepted_socket(Connection, upstream_side)
+    join(client, upstream)
+    return client, upstream, mail_client, mail_server
+
+
+def run(loop_name: str, relay: str, monkeypatch, scenario) -> None:
+    monkeypatch.setattr(
+        connection_module, "splice_supported", lambda: relay == "splice"
+    )
+    run_on_loop(loop_name, scenario, timeout=20)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+@pytest.mark.parametrize("relay", RELAYS)
+def test_replies_after_half_close_delivered(
+    loop_name: str, relay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    results: dict[str, object] = {}
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        client, upstream, mail_client, mail_server = await joined()
+        results["splice"] = client.splice is not None
+        await loop.sock_sendall(mail_client, b"b LOGOUT\r\n")
+        mail_client.shutdown(socket.SHUT_WR)
+        results["server read"] = await read_to_end(mail_server)
+        await loop.sock_sendall(mail_server, b"* BYE\r\nb OK done\r\n")
+        mail_server.close()
+        results["client read"] = await read_to_end(mail_client)
+        await asyncio.gather(client.closed, upstream.closed)
+        results["outcome"] = _relay_outcome(client, upstream)
+        mail_client.close()
+
+    run(loop_name, relay, monkeypatch, scenario)
+    assert results["splice"] == (relay == "splice")
+    assert results["server read"] == b"b LOGOUT\r\n"
+    assert results["client read"] == b"* BYE\r\nb OK done\r\n"
+    assert results["outcome"] == "closed by client"
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+@pytest.mark.parametrize("relay", RELAYS)
+def test_silent_server_closed_after_timeout(
+    loop_name: str, relay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(connection_module, "HALF_CLOSE_TIMEOUT", 0.3)
+    results: dict[str, object] = {}
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        client, upstream, mail_client, mail_server = await joined()
+        mail_client.shutdown(socket.SHUT_WR)
+        # The server reads the end of stream but neither replies nor closes.
+        results["server read"] = await read_to_end(mail_server)
+        started = loop.time()
+        await asyncio.gather(client.closed, upstream.closed)
+        results["waited"] = loop.time() - started
+        results["client read"] = await read_to_end(mail_client)
+        results["outcome"] = _relay_outcome(client, upstream)
+        mail_client.close()
+        mail_server.close()
+
+    run(loop_name, relay, monkeypatch, scenario)
+    assert results["server read"] == b""
+    assert results["waited"] >= 0.2
+    assert results["client read"] == b""
+    assert results["outcome"] == "closed by client"
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+@pytest.mark.parametrize("relay", RELAYS)
+def test_server_bytes_extend_timeout(
+    loop_name: str, relay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bound counts silence, so a long reply is not cut."""
+    monkeypatch.setattr(connection_module, "HALF_CLOSE_TIMEOUT", 0.3)
+    results: dict[str, object] = {}
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        client, upstream, mail_client, mail_server = await joined()
+        mail_client.shutdown(socket.SHUT_WR)
+        await read_to_end(mail_server)
+        for index in range(6):
+            await loop.sock_sendall(mail_server, b"* %d EXISTS\r\n" % index)
+            await asyncio.sleep(0.1)
+        mail_server.close()
+        results["client read"] = await read_to_end(mail_client)
+        await asyncio.gather(client.closed, upstream.closed)
+        mail_client.close()
+
+    run(loop_name, relay, monkeypatch, scenario)
+    expected = b"".join(b"* %d EXISTS\r\n" % index for index in range(6))
+    assert results["client read"] == expected
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+@pytest.mark.parametrize("relay", RELAYS)
+def test_server_end_still_closes_both(
+    loop_name: str, relay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the client's end is a half-close. The server's end closes the session."""
+    results: dict[str, object] = {}
+
+    async def scenario() -> None:
+        client, upstream, mail_client, mail_server = await joined()
+        mail_server.close()
+        results["client read"] = await read_to_end(mail_client)
+        await asyncio.gather(client.closed, upstream.closed)
+        results["outcome"] = _relay_outcome(client, upstream)
+        mail_client.close()
+
+    run(loop_name, relay, monkeypatch, scenario)
+    assert results["client read"] == b""
+    assert results["outcome"] == "closed by upstream"
