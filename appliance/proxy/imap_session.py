@@ -61,7 +61,10 @@ class ImapSession(Session):
 
     async def _setup_upstream(self, target: UpstreamTarget) -> None:
         self.upstream = await open_upstream(
-            target, self.limits.connect_timeout, self.upstream_preface(target)
+            target,
+            self.limits.connect_timeout,
+            self.upstream_preface(target),
+            log=self.log,
         )
         self.responses = ResponseReader(
             max_line_length=self.limits.max_line_length,

@@ -41,7 +41,10 @@ class Pop3Session(Session):
 
     async def _setup_upstream(self, target: UpstreamTarget) -> None:
         self.upstream = await open_upstream(
-            target, self.limits.connect_timeout, self.upstream_preface(target)
+            target,
+            self.limits.connect_timeout,
+            self.upstream_preface(target),
+            log=self.log,
         )
         self.responses = ResponseReader(max_line_length=self.limits.max_line_length)
         greeting = await self._status()

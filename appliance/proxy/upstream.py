@@ -8,6 +8,7 @@ import os
 import socket
 import ssl
 from dataclasses import dataclass
+from typing import Any
 
 from appliance.proxy.connection import Connection
 from appliance.proxy.errors import UpstreamError
@@ -45,11 +46,12 @@ def describe_tls_error(exc: BaseException) -> str:
 
 
 async def open_upstream(
-    target: UpstreamTarget, timeout: float, preface: bytes = b""
+    target: UpstreamTarget, timeout: float, preface: bytes = b"", log: Any = None
 ) -> Connection:
     """Connect to the target; with implicit TLS the handshake is part of the connect.
 
-    `preface`, a PROXY protocol header, is sent first, before any TLS handshake.
+    `preface`, a PROXY protocol header, is sent first, before any TLS handshake. `log`
+    is the session's logger for `connect_first`.
     """
     implicit = target.mode == "implicit" and not preface
     deadline = asyncio.get_running_loop().time() + timeout
@@ -61,6 +63,7 @@ async def open_upstream(
                 deadline,
                 context=target.context if implicit else None,
                 server_name=target.server_name,
+                log=log,
             )
     except ssl.SSLError as exc:
         raise UpstreamError("tls", f"{target.address}: {describe_tls_error(exc)}") from None
@@ -111,6 +114,7 @@ async def connect_first(
     *,
     context: ssl.SSLContext | None = None,
     server_name: str | None = None,
+    log: Any = None,
 ) -> Connection:
     """Connect to the first address of `host` that accepts, in order, as asyncio does.
 
@@ -119,7 +123,8 @@ async def connect_first(
     the next address, also one during a TLS handshake, where asyncio would have stopped.
     Each address but the last gets an equal share of the time left before `deadline`
     (event loop time), so a server that drops packets without a reply does not use up
-    the whole timeout.
+    the whole timeout. `log`, a session's logger, gets a DEBUG line for each address
+    that failed before the next one is tried.
     """
     loop = asyncio.get_running_loop()
     addresses = await RESOLVER.addresses(host)
@@ -144,11 +149,18 @@ async def connect_first(
             # Only a share's own timeout lands here, because the caller's arrives as
             # a cancellation.
             errors.append(OSError(errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT)))
-            continue
         except OSError as exc:
             errors.append(exc)
-            continue
-        return connection
+        else:
+            return connection
+        if log is not None and not last:
+            log.debug(
+                "upstream address {} port {} failed: {}; trying {}",
+                address,
+                port,
+                _error_text(errors[-1]),
+                addresses[index + 1],
+            )
     if not errors:
         raise OSError(f"{host} has no address")
     if len(errors) == 1:

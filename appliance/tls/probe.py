@@ -90,6 +90,9 @@ class ModeReport:
     verification was off or no certificate was seen."""
     reached: bool = False
     """A TCP connection to the port succeeded."""
+    address: str | None = None
+    """The server address that the connection reached, where it is known. A host name
+    can have several, which are tried in order."""
 
 
 @dataclass(frozen=True)
@@ -152,7 +155,7 @@ class ProbeReport:
 
 def _describe(report: ModeReport) -> str:
     if not report.offered:
-        return f"not offered ({report.detail})"
+        return f"{_not_offered(report)} ({report.detail})"
     if report.mode == "none":
         return (
             "offered" if report.usable else f"offered but not usable ({report.detail})"
@@ -249,6 +252,7 @@ def _merge_inspection(failed: ModeReport, inspected: ModeReport) -> ModeReport:
         tls_version=inspected.tls_version,
         cipher=inspected.cipher,
         certificate=inspected.certificate,
+        address=failed.address or inspected.address,
     )
 
 
@@ -371,7 +375,11 @@ async def _probe_implicit(
                     raise
                 return _handshake_failure(base, handshake[-1], reached=True)
             report = replace(
-                base, offered=True, reached=True, **_tls_details(connection, context)
+                base,
+                offered=True,
+                reached=True,
+                address=_address_of(connection),
+                **_tls_details(connection, context),
             )
             probe = _Probe(settings, connection)
             usable, reason = (await probe.greeting())[:2]
@@ -437,8 +445,9 @@ async def _probe_plain_port(
     try:
         async with asyncio.timeout(settings.timeout):
             connection = await _connect(settings, port, None)
-            starttls = replace(starttls, reached=True)
-            plain = replace(plain, reached=True)
+            address = _address_of(connection)
+            starttls = replace(starttls, reached=True, address=address)
+            plain = replace(plain, reached=True, address=address)
             probe = _Probe(settings, connection)
             ok, reason, caps = await probe.greeting()
             if not ok:
@@ -534,9 +543,18 @@ def certificate_fingerprint(ssl_object: ssl.SSLObject | None) -> str | None:
     return hashlib.sha256(der).hexdigest() if der else None
 
 
+def _address_of(connection: Connection) -> str | None:
+    peer = connection.extra("peername")
+    return str(peer[0]) if peer else None
+
+
 def _os_error_text(exc: OSError) -> str:
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
+    if isinstance(exc, AllAddressesFailed) and all(
+        isinstance(error, ConnectionRefusedError) for _, error in exc.errors
+    ):
+        return "connection refused at " + ", ".join(a for a, _ in exc.errors)
     return f"connect failed: {exc.strerror or str(exc) or type(exc).__name__}"
 
 
@@ -584,13 +602,23 @@ def format_report(report: ProbeReport) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _not_offered(report: ModeReport) -> str:
+    """Return "not reached" when no TCP connection succeeded, else "not offered"."""
+    return "not offered" if report.reached else "not reached"
+
+
 def _format_mode(report: ModeReport) -> list[str]:
-    if not report.offered:
-        return [f"{report.mode:<9} port {report.port:<5}  not offered: {report.detail}"]
-    state = (
-        "offered, usable" if report.usable else f"offered, not usable: {report.detail}"
-    )
+    if report.offered:
+        state = "offered, usable" if report.usable else "offered, not usable"
+        if not report.usable:
+            state += f": {report.detail}"
+    else:
+        state = f"{_not_offered(report)}: {report.detail}"
     lines = [f"{report.mode:<9} port {report.port:<5}  {state}"]
+    if report.address is not None:
+        lines.append(f"  address  {report.address}")
+    if not report.offered:
+        return lines
     if report.tls_version is not None:
         lines.append(f"  TLS version {report.tls_version}, cipher {report.cipher}")
     certificate = report.certificate

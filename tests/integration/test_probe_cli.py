@@ -67,6 +67,7 @@ def test_probe_shows_implicit_tls_details(both: DovecotServer) -> None:
     assert "expires  " in out
     assert "SHA-256  " in out
     assert "verified yes" in out
+    assert "  address  127.0.0.1\n" in out
     assert "tls: auto would record: implicit" in out
 
 
@@ -90,6 +91,7 @@ def test_probe_reports_failed_verification(both: DovecotServer) -> None:
     assert "certificate verification failed" in result.stdout
     assert "verified no" in result.stdout
     assert "subject  CN=localhost" in result.stdout
+    assert "  address  127.0.0.1\n" in result.stdout
     assert "tls: auto would record: implicit" in result.stdout
     assert "not usable now (certificate verification failed" in result.stdout
 
@@ -146,7 +148,8 @@ def test_probe_closed_port_exits_one() -> None:
 
     assert result.returncode == 1
     assert "could not probe 127.0.0.1" in result.stderr
-    assert "connection refused" in result.stdout
+    assert "not reached: connection refused" in result.stdout
+    assert "not offered" not in result.stdout
 
 
 def test_probe_rejects_invalid_host() -> None:

@@ -276,6 +276,38 @@ async def test_refused_address_tries_next(upstream_stub: StubResolution) -> None
     assert peer[0] == "127.0.0.1"
 
 
+class DebugLines:
+    """A stand-in for a session's logger that keeps its DEBUG lines."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def debug(self, message: str, *args: object) -> None:
+        self.lines.append(message.format(*args))
+
+
+async def test_failed_address_logged_before_next(
+    upstream_stub: StubResolution,
+) -> None:
+    server = await asyncio.start_server(
+        lambda _, writer: writer.close(), "127.0.0.1", 0
+    )
+    port = server.sockets[0].getsockname()[1]
+    upstream_stub.addresses = ["127.0.0.2", "127.0.0.1"]
+    log = DebugLines()
+    try:
+        connection = await open_upstream(plain_target(port), timeout=5, log=log)
+        connection.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    expected = (
+        f"upstream address 127.0.0.2 port {port} failed: Connection refused; "
+        "trying 127.0.0.1"
+    )
+    assert log.lines == [expected]
+
+
 async def test_all_refused_names_each_address(upstream_stub: StubResolution) -> None:
     stub = upstream_stub
     port = refused_port()
@@ -386,6 +418,7 @@ async def test_probe_uses_the_cache(stub: StubResolution, probe_stub: Resolver) 
     # The implicit-TLS and the plain-port connection share one lookup.
     assert stub.calls == 1
     assert report.mode("none").reached
+    assert report.mode("none").address == "127.0.0.1"
     assert report.mode("none").usable
     assert not report.mode("starttls").offered
 
@@ -395,9 +428,9 @@ async def test_probe_names_each_refused_address(
 ) -> None:
     stub.addresses = ["127.0.0.2", "127.0.0.1"]
     report = await probe_server(probe_settings(refused_port()))
-    detail = report.mode("implicit").detail
-    assert "127.0.0.2: Connection refused" in detail
-    assert "127.0.0.1: Connection refused" in detail
+    assert (
+        report.mode("implicit").detail == "connection refused at 127.0.0.2, 127.0.0.1"
+    )
     assert not report.reachable
 
 

@@ -364,7 +364,9 @@ async def run_pre_auth(
             UpstreamTarget(name, "127.0.0.1", 1, "none", UNUSED_CONTEXT, "127.0.0.1")
         ]
 
-    async def open_upstream(target: UpstreamTarget, *options: Any) -> Connection:
+    async def open_upstream(
+        target: UpstreamTarget, *options: Any, **settings: Any
+    ) -> Connection:
         return upstream.open(lambda: client_transport.tls)
 
     async def feed() -> None:
