@@ -101,6 +101,7 @@ class Connection(asyncio.Protocol):
         "_half_close_timer",
         "_peer",
         "_read_waiter",
+        "_tls",
         "_tls_info",
         "_write_paused",
         "bytes_received",
@@ -137,6 +138,9 @@ class Connection(asyncio.Protocol):
         self.on_made: Callable[[Connection], None] | None = None
         # Implicit TLS: nothing may be read before the handshake starts.
         self.tls_on_connect = False
+        # Set when TLS starts. Until start_tls returns, the transport is still the plain
+        # one, and the TLS layer may already call eof_received.
+        self._tls = False
         self._tls_info: tuple[str, str] | None = None
         # Set while a SpliceRelay moves this connection's bytes instead of the transport.
         self.splice: SpliceRelay | None = None
@@ -176,7 +180,7 @@ class Connection(asyncio.Protocol):
         if not self.closed_here:
             self.note_remote_end()
         self._wake_reader()
-        plain = self.extra("ssl_object") is None
+        plain = not self.uses_tls()
         if self._peer is None:
             # Before the relay the session still replies to commands that came before the
             # end, so a plain transport stays open for writing until the session ends.
@@ -213,6 +217,8 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        # The remote side read the buffered bytes, which counts as activity.
+        self.last_activity = time.monotonic()
         if self._peer is not None and self._peer.transport is not None:
             self._peer.transport.resume_reading()
         if self._drain_waiter is not None and not self._drain_waiter.done():
@@ -290,6 +296,7 @@ class Connection(asyncio.Protocol):
     ) -> None:
         """Upgrade to TLS; bytes still buffered from before the upgrade are discarded."""
         assert self.transport is not None
+        self._tls = True
         # Stop reading before anything can yield, so bytes sent after this point (the peer's
         # handshake) reach the TLS layer, and bytes already read are dropped as plaintext.
         self.transport.pause_reading()
@@ -316,6 +323,10 @@ class Connection(asyncio.Protocol):
         if transport is None:
             raise ConnectionClosed
         self.transport = transport
+
+    def uses_tls(self) -> bool:
+        """Return whether this connection speaks TLS, or is about to."""
+        return self._tls or self.tls_on_connect or self.extra("ssl_object") is not None
 
     @property
     def tls_info(self) -> tuple[str, str] | None:
@@ -389,9 +400,16 @@ class Connection(asyncio.Protocol):
         if peer is None:
             self._half_close_timer = None
             return
-        remaining = peer.last_activity + timeout - time.monotonic()
+        loop = asyncio.get_running_loop()
+        # Bytes written to this side count too, and so do bytes still waiting for it:
+        # flow control stops reading the peer while this side reads slowly. A reader
+        # that never reads is bounded by the idle timeout.
+        last = max(peer.last_activity, self.last_activity)
+        remaining = last + timeout - time.monotonic()
+        if remaining <= 0 and self.output_pending():
+            remaining = timeout
         if remaining > 0:
-            self._half_close_timer = asyncio.get_running_loop().call_later(
+            self._half_close_timer = loop.call_later(
                 remaining, self._check_half_close, timeout
             )
             return
@@ -440,6 +458,13 @@ class Connection(asyncio.Protocol):
             return True
         except OSError:
             return False
+
+    def output_pending(self) -> bool:
+        """Return whether bytes for this side are read from the peer but not written."""
+        if self.splice is not None:
+            return self.splice.pending_to(self) > 0
+        transport = self.transport
+        return transport is not None and transport.get_write_buffer_size() > 0
 
     def close(self) -> None:
         """Close after flushing bytes already written."""

@@ -40,6 +40,7 @@ from appliance.proxy.errors import UpstreamError
 from appliance.proxy.guard import ClientGuard, format_login_outcome
 from appliance.proxy.proxy_protocol import read_proxy_header
 from appliance.proxy.routing import Route, resolve_route, routed_config
+from appliance.proxy.splice import FLUSH_TIMEOUT
 from appliance.proxy.upstream import (
     UpstreamTarget,
     describe_tls_error,
@@ -584,7 +585,7 @@ class Session:
             connection.close()
         waiters = [c.closed for c in connections]
         try:
-            async with asyncio.timeout(5):
+            async with asyncio.timeout(FLUSH_TIMEOUT):
                 await asyncio.gather(*waiters)
         except TimeoutError:
             for connection in connections:

@@ -38,6 +38,9 @@ PIPE_POOL_SIZE = 32
 # Each spliced session uses two more descriptors than an asyncio one. Below this soft
 # RLIMIT_NOFILE the relay stays on asyncio, so a low limit does not halve the sessions.
 MIN_OPEN_FILES = 8192
+# Seconds a closing relay may spend writing the bytes it has read before it aborts both
+# sides. A session waits as long for its transports to flush when it ends.
+FLUSH_TIMEOUT = 5.0
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 
@@ -239,7 +242,15 @@ class SpliceRelay:
     then closes both transports. An error or `Connection.abort` closes both at once.
     """
 
-    __slots__ = ("client", "closing", "loop", "pumps", "released", "upstream")
+    __slots__ = (
+        "_flush_deadline",
+        "client",
+        "closing",
+        "loop",
+        "pumps",
+        "released",
+        "upstream",
+    )
 
     def __init__(self, client: Connection, upstream: Connection) -> None:
         self.loop = asyncio.get_running_loop()
@@ -247,6 +258,7 @@ class SpliceRelay:
         self.upstream = upstream
         self.closing = False
         self.released = False
+        self._flush_deadline: asyncio.TimerHandle | None = None
         to_upstream = _Pump(self, client, upstream)
         try:
             to_client = _Pump(self, upstream, client)
@@ -277,6 +289,13 @@ class SpliceRelay:
         self.closing = True
         for pump in self.pumps:
             pump.drain_and_finish()
+        if not self.released:
+            # A reader that stopped reading would otherwise keep the session forever.
+            self._flush_deadline = self.loop.call_later(FLUSH_TIMEOUT, self.abort)
+
+    def pending_to(self, connection: Connection) -> int:
+        """Return the bytes read for `connection` and not yet written to it."""
+        return sum(p.pending for p in self.pumps if p.destination is connection)
 
     def pump_finished(self) -> None:
         if all(pump.finished for pump in self.pumps):
@@ -302,6 +321,9 @@ class SpliceRelay:
         if self.released:
             return
         self.released = True
+        if self._flush_deadline is not None:
+            self._flush_deadline.cancel()
+            self._flush_deadline = None
         for pump in self.pumps:
             pump.release()
         for connection in (self.client, self.upstream):
@@ -309,7 +331,7 @@ class SpliceRelay:
 
 
 def _shutdown_write(fd: int) -> None:
-    """Send FIN on the socket behind `fd`; the peer may read on after it."""
+    """Send FIN on the socket behind `fd`. The peer may still send after it."""
     sock = socket.socket(fileno=fd)
     try:
         sock.shutdown(socket.SHUT_WR)

@@ -8,13 +8,17 @@ server's bytes until the server closes.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
+import ssl
 
 import pytest
 
 from appliance.proxy import connection as connection_module
+from appliance.proxy import splice as splice_module
 from appliance.proxy.connection import Connection, join
 from appliance.proxy.session import _relay_outcome
+from tests.support.certs import TestPKI
 from tests.support.loops import LOOPS, run_on_loop
 
 RELAYS = ["splice", "transport"]
@@ -160,3 +164,137 @@ def test_server_end_still_closes_both(
     run(loop_name, relay, monkeypatch, scenario)
     assert results["client read"] == b""
     assert results["outcome"] == "closed by upstream"
+
+
+# 32 MiB: more than the relay's buffers and the loopback socket buffers hold.
+LARGE_REPLY = bytes(range(256)) * 131072
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+@pytest.mark.parametrize("relay", RELAYS)
+def test_slow_reader_keeps_whole_reply(
+    loop_name: str, relay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bytes waiting for the client stop the bound, even while the server is paused."""
+    monkeypatch.setattr(connection_module, "HALF_CLOSE_TIMEOUT", 0.2)
+    results: dict[str, object] = {}
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        client, upstream, mail_client, mail_server = await joined()
+        mail_client.shutdown(socket.SHUT_WR)
+        await read_to_end(mail_server)
+
+        async def serve() -> None:
+            await loop.sock_sendall(mail_server, LARGE_REPLY)
+            mail_server.close()
+
+        sending = asyncio.create_task(serve())
+        # Flow control pauses the server long before the client starts to read.
+        await asyncio.sleep(1.0)
+        results["client read"] = await read_to_end(mail_client)
+        await sending
+        await asyncio.gather(client.closed, upstream.closed)
+        mail_client.close()
+
+    run(loop_name, relay, monkeypatch, scenario)
+    assert len(results["client read"]) == len(LARGE_REPLY)
+    assert results["client read"] == LARGE_REPLY
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_stalled_reader_aborted_after_flush_timeout(
+    loop_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A closing spliced relay does not wait forever for a client that never reads."""
+    monkeypatch.setattr(splice_module, "FLUSH_TIMEOUT", 0.3)
+    results: dict[str, object] = {}
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        client, upstream, mail_client, mail_server = await joined()
+        results["splice"] = client.splice is not None
+        sending = asyncio.create_task(loop.sock_sendall(mail_server, LARGE_REPLY))
+        await asyncio.sleep(0.5)
+        # As the idle timer does: the relay cannot flush to a client that never reads.
+        client.close()
+        upstream.close()
+        started = loop.time()
+        await asyncio.gather(client.closed, upstream.closed)
+        results["waited"] = loop.time() - started
+        sending.cancel()
+        await asyncio.gather(sending, return_exceptions=True)
+        mail_client.close()
+        mail_server.close()
+
+    run(loop_name, "splice", monkeypatch, scenario)
+    assert results["splice"] is True
+    assert results["waited"] >= 0.2
+
+
+# TLS has no half-close, so a TLS client's end closes the connection.
+
+
+def implicit_tls_connection() -> Connection:
+    """Return a connection that starts TLS at once, as on an implicit-TLS listener."""
+    connection = Connection()
+    connection.tls_on_connect = True
+    return connection
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_tls_end_in_last_flight_no_warning(
+    loop_name: str, tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The end of stream that arrives with the client's Finished is not kept open.
+
+    Until start_tls returns, the connection's transport is still the plain one, and
+    asyncio warns when a TLS protocol is asked to stay open after the end of stream.
+    """
+    pki = TestPKI(tmp_path)
+    cert = pki.issue_server_cert("half-close")
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(cert.cert_file, cert.key_file)
+    client_context = ssl.create_default_context(cafile=str(pki.ca_file))
+    results: dict[str, object] = {}
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        server_side, mail_client = tcp_pair()
+        mail_client.setblocking(False)
+        _, connection = await loop.connect_accepted_socket(
+            implicit_tls_connection, server_side
+        )
+        upgrade = asyncio.create_task(
+            connection.start_tls(server_context, server_side=True, handshake_timeout=5)
+        )
+
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = client_context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await loop.sock_sendall(mail_client, outgoing.read())
+                incoming.write(await loop.sock_recv(mail_client, 65536))
+
+        # Finished, a command and close_notify in one segment, then the TCP end.
+        tls.write(b"a CAPABILITY\r\n")
+        try:
+            tls.unwrap()
+        except ssl.SSLWantReadError:
+            pass
+        await loop.sock_sendall(mail_client, outgoing.read())
+        mail_client.shutdown(socket.SHUT_WR)
+        await asyncio.gather(upgrade, return_exceptions=True)
+
+        results["read"] = await connection.read_some()
+        connection.close()
+        await connection.closed
+        mail_client.close()
+
+    with caplog.at_level(logging.WARNING, logger="asyncio"):
+        run_on_loop(loop_name, scenario, timeout=20)
+    assert results["read"] == b"a CAPABILITY\r\n"
+    assert "eof_received" not in caplog.text
