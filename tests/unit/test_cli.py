@@ -12,8 +12,9 @@ import pytest
 import yaml
 
 from appliance.cli import EXIT_CONFIG_ERROR, EXIT_OK, config_schema, main
-from appliance.config import load_config, loader
+from appliance.config import load_config
 from tests.support.certs import TestPKI
+from tests.support.sources import isolate_config_sources
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_FILE = REPO_ROOT / "schemas" / "appliance.schema.json"
@@ -37,12 +38,7 @@ logging:
 
 @pytest.fixture(autouse=True)
 def isolated_sources(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Hide the caller's APPLIANCE_* variables and the real default file and folder."""
-    for name in list(os.environ):
-        if name.upper().startswith("APPLIANCE_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setattr(loader, "DEFAULT_CONFIG_PATH", tmp_path / "etc" / "absent.yaml")
-    monkeypatch.setattr(loader, "DEFAULT_SECRETS_DIR", tmp_path / "run" / "absent")
+    isolate_config_sources(monkeypatch, tmp_path)
 
 
 @pytest.fixture

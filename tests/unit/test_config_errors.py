@@ -10,7 +10,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from appliance.config import ConfigError, load_config, loader
+from appliance.config import ConfigError, load_config
+from tests.support.sources import isolate_config_sources
 
 UPSTREAM_YAML = "upstreams:\n  mail:\n    host: mail.example.org\n"
 
@@ -37,12 +38,7 @@ FIELD_NAMES = [
 
 @pytest.fixture(autouse=True)
 def isolated_sources(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Hide the caller's APPLIANCE_* variables and the real default file and folder."""
-    for name in list(os.environ):
-        if name.upper().startswith("APPLIANCE_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setattr(loader, "DEFAULT_CONFIG_PATH", tmp_path / "etc" / "absent.yaml")
-    monkeypatch.setattr(loader, "DEFAULT_SECRETS_DIR", tmp_path / "run" / "absent")
+    isolate_config_sources(monkeypatch, tmp_path)
 
 
 @pytest.fixture

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from appliance.config import ConfigError, LoadedConfig, load_config, loader
 from appliance.config.loader import unknown_variable_warnings
+from tests.support.sources import isolate_config_sources
 
 LEVEL_PATH = ("logging", "level")
 LEVEL_VARIABLE = "APPLIANCE_LOGGING__LEVEL"
@@ -68,12 +68,7 @@ json = true
 
 @pytest.fixture(autouse=True)
 def isolated_sources(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Hide the caller's APPLIANCE_* variables and the real default file and folder."""
-    for name in list(os.environ):
-        if name.upper().startswith("APPLIANCE_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setattr(loader, "DEFAULT_CONFIG_PATH", tmp_path / "etc" / "absent.yaml")
-    monkeypatch.setattr(loader, "DEFAULT_SECRETS_DIR", tmp_path / "run" / "absent")
+    isolate_config_sources(monkeypatch, tmp_path)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import socket
 import ssl
+from dataclasses import dataclass
 
 import pytest
 
@@ -41,7 +42,38 @@ async def read_to_end(sock: socket.socket) -> bytes:
     return received
 
 
-async def joined() -> tuple[Connection, Connection, socket.socket, socket.socket]:
+@dataclass
+class Relayed:
+    """A joined client and upstream connection and the remote socket of each."""
+
+    client: Connection
+    upstream: Connection
+    mail_client: socket.socket
+    mail_server: socket.socket
+
+    async def half_close(self, last: bytes = b"") -> bytes:
+        """Send `last` from the client and half-close; return what the server read."""
+        loop = asyncio.get_running_loop()
+        if last:
+            await loop.sock_sendall(self.mail_client, last)
+        self.mail_client.shutdown(socket.SHUT_WR)
+        return await read_to_end(self.mail_server)
+
+    async def ended(self) -> float:
+        """Wait until the relay closed both sides, close the sockets, return the wait."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.gather(self.client.closed, self.upstream.closed)
+        waited = loop.time() - started
+        self.mail_client.close()
+        self.mail_server.close()
+        return waited
+
+    def outcome(self) -> str:
+        return _relay_outcome(self.client, self.upstream)
+
+
+async def joined() -> Relayed:
     """Return a joined client and upstream connection and their remote sockets."""
     loop = asyncio.get_running_loop()
     client_side, mail_client = tcp_pair()
@@ -51,7 +83,7 @@ async def joined() -> tuple[Connection, Connection, socket.socket, socket.socket
     _, client = await loop.connect_accepted_socket(Connection, client_side)
     _, upstream = await loop.connect_accepted_socket(Connection, upstream_side)
     join(client, upstream)
-    return client, upstream, mail_client, mail_server
+    return Relayed(client, upstream, mail_client, mail_server)
 
 
 def run(loop_name: str, relay: str, monkeypatch, scenario) -> None:
@@ -70,17 +102,14 @@ def test_replies_after_half_close_delivered(
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
-        client, upstream, mail_client, mail_server = await joined()
-        results["splice"] = client.splice is not None
-        await loop.sock_sendall(mail_client, b"b LOGOUT\r\n")
-        mail_client.shutdown(socket.SHUT_WR)
-        results["server read"] = await read_to_end(mail_server)
-        await loop.sock_sendall(mail_server, b"* BYE\r\nb OK done\r\n")
-        mail_server.close()
-        results["client read"] = await read_to_end(mail_client)
-        await asyncio.gather(client.closed, upstream.closed)
-        results["outcome"] = _relay_outcome(client, upstream)
-        mail_client.close()
+        pair = await joined()
+        results["splice"] = pair.client.splice is not None
+        results["server read"] = await pair.half_close(b"b LOGOUT\r\n")
+        await loop.sock_sendall(pair.mail_server, b"* BYE\r\nb OK done\r\n")
+        pair.mail_server.close()
+        results["client read"] = await read_to_end(pair.mail_client)
+        await pair.ended()
+        results["outcome"] = pair.outcome()
 
     run(loop_name, relay, monkeypatch, scenario)
     assert results["splice"] == (relay == "splice")
@@ -99,22 +128,19 @@ def test_silent_server_closed_after_timeout(
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
-        client, upstream, mail_client, mail_server = await joined()
-        mail_client.shutdown(socket.SHUT_WR)
-        # The server reads the end of stream but neither replies nor closes.
-        results["server read"] = await read_to_end(mail_server)
+        pair = await joined()
         started = loop.time()
-        await asyncio.gather(client.closed, upstream.closed)
+        # The server reads the end of stream but neither replies nor closes.
+        results["server read"] = await pair.half_close()
+        results["client read"] = await read_to_end(pair.mail_client)
         results["waited"] = loop.time() - started
-        results["client read"] = await read_to_end(mail_client)
-        results["outcome"] = _relay_outcome(client, upstream)
-        mail_client.close()
-        mail_server.close()
+        await pair.ended()
+        results["outcome"] = pair.outcome()
 
     run(loop_name, relay, monkeypatch, scenario)
     assert results["server read"] == b""
-    assert results["waited"] >= 0.2
     assert results["client read"] == b""
+    assert results["waited"] >= 0.2
     assert results["outcome"] == "closed by client"
 
 
@@ -129,16 +155,14 @@ def test_server_bytes_extend_timeout(
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
-        client, upstream, mail_client, mail_server = await joined()
-        mail_client.shutdown(socket.SHUT_WR)
-        await read_to_end(mail_server)
+        pair = await joined()
+        await pair.half_close()
         for index in range(6):
-            await loop.sock_sendall(mail_server, b"* %d EXISTS\r\n" % index)
+            await loop.sock_sendall(pair.mail_server, b"* %d EXISTS\r\n" % index)
             await asyncio.sleep(0.1)
-        mail_server.close()
-        results["client read"] = await read_to_end(mail_client)
-        await asyncio.gather(client.closed, upstream.closed)
-        mail_client.close()
+        pair.mail_server.close()
+        results["client read"] = await read_to_end(pair.mail_client)
+        await pair.ended()
 
     run(loop_name, relay, monkeypatch, scenario)
     expected = b"".join(b"* %d EXISTS\r\n" % index for index in range(6))
@@ -154,12 +178,11 @@ def test_server_end_still_closes_both(
     results: dict[str, object] = {}
 
     async def scenario() -> None:
-        client, upstream, mail_client, mail_server = await joined()
-        mail_server.close()
-        results["client read"] = await read_to_end(mail_client)
-        await asyncio.gather(client.closed, upstream.closed)
-        results["outcome"] = _relay_outcome(client, upstream)
-        mail_client.close()
+        pair = await joined()
+        pair.mail_server.close()
+        results["client read"] = await read_to_end(pair.mail_client)
+        await pair.ended()
+        results["outcome"] = pair.outcome()
 
     run(loop_name, relay, monkeypatch, scenario)
     assert results["client read"] == b""
@@ -181,21 +204,19 @@ def test_slow_reader_keeps_whole_reply(
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
-        client, upstream, mail_client, mail_server = await joined()
-        mail_client.shutdown(socket.SHUT_WR)
-        await read_to_end(mail_server)
+        pair = await joined()
+        await pair.half_close()
 
         async def serve() -> None:
-            await loop.sock_sendall(mail_server, LARGE_REPLY)
-            mail_server.close()
+            await loop.sock_sendall(pair.mail_server, LARGE_REPLY)
+            pair.mail_server.close()
 
         sending = asyncio.create_task(serve())
         # Flow control pauses the server long before the client starts to read.
         await asyncio.sleep(1.0)
-        results["client read"] = await read_to_end(mail_client)
+        results["client read"] = await read_to_end(pair.mail_client)
         await sending
-        await asyncio.gather(client.closed, upstream.closed)
-        mail_client.close()
+        await pair.ended()
 
     run(loop_name, relay, monkeypatch, scenario)
     assert len(results["client read"]) == len(LARGE_REPLY)
@@ -212,20 +233,17 @@ def test_stalled_reader_aborted_after_flush_timeout(
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
-        client, upstream, mail_client, mail_server = await joined()
-        results["splice"] = client.splice is not None
-        sending = asyncio.create_task(loop.sock_sendall(mail_server, LARGE_REPLY))
+        pair = await joined()
+        results["splice"] = pair.client.splice is not None
+        reply = loop.sock_sendall(pair.mail_server, LARGE_REPLY)
+        sending = asyncio.create_task(reply)
         await asyncio.sleep(0.5)
         # As the idle timer does: the relay cannot flush to a client that never reads.
-        client.close()
-        upstream.close()
-        started = loop.time()
-        await asyncio.gather(client.closed, upstream.closed)
-        results["waited"] = loop.time() - started
+        pair.client.close()
+        pair.upstream.close()
         sending.cancel()
         await asyncio.gather(sending, return_exceptions=True)
-        mail_client.close()
-        mail_server.close()
+        results["waited"] = await pair.ended()
 
     run(loop_name, "splice", monkeypatch, scenario)
     assert results["splice"] is True

@@ -17,13 +17,13 @@ import pytest
 from loguru import logger
 
 from appliance import metrics
-from appliance.config import loader
 from appliance.config.loader import load_config
 from appliance.proxy import runtime as runtime_module
 from appliance.proxy.runtime import Runtime, build_snapshot
 from appliance.reload import WATCH_START, Reloader, start_digests
 from tests.support.appliance import free_port
 from tests.support.certs import TestPKI
+from tests.support.sources import isolate_config_sources
 
 # Generous: the first watch starts within milliseconds, a reload within a second.
 WAIT_SECONDS = 20.0
@@ -42,15 +42,7 @@ limits:
 
 @pytest.fixture(autouse=True)
 def isolated_sources(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Hide the caller's APPLIANCE_* variables and the real default file and folder."""
-    for name in list(os.environ):
-        if name.upper().startswith("APPLIANCE_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setattr(loader, "DEFAULT_CONFIG_PATH", tmp_path / "etc" / "absent.yaml")
-    monkeypatch.setattr(loader, "DEFAULT_SECRETS_DIR", tmp_path / "run" / "absent")
-    monkeypatch.setattr(
-        "appliance.reload.reloader.DEFAULT_SECRETS_DIR", tmp_path / "run" / "absent"
-    )
+    isolate_config_sources(monkeypatch, tmp_path)
 
 
 @pytest.fixture
