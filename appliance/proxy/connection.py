@@ -374,8 +374,9 @@ class Connection(asyncio.Protocol):
 
         The peer's transport shuts down its write side once its buffer is flushed (the
         spliced relay does the same itself). The other direction keeps running until the
-        peer ends it, or until the peer has been silent for HALF_CLOSE_TIMEOUT seconds.
-        A TLS peer cannot get the end, so there the bound is UNFORWARDED_END_TIMEOUT.
+        peer ends it, or until HALF_CLOSE_TIMEOUT seconds pass with no bytes either way
+        and none waiting for this side. A TLS peer cannot get the end, so there the
+        bound is UNFORWARDED_END_TIMEOUT.
         """
         peer = self._peer
         if peer is None or self._half_close_timer is not None:
