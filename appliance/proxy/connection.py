@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from appliance.proxy import splice
 from appliance.proxy.splice import SpliceRelay, can_splice, splice_supported
 
 # Bytes buffered before login while no reader takes them; reading pauses above this.
@@ -462,10 +463,16 @@ class Connection(asyncio.Protocol):
 
     def output_pending(self) -> bool:
         """Return whether bytes for this side are read from the peer but not written."""
+        return self.unsent() > 0
+
+    def unsent(self) -> int:
+        """Return the bytes for this side that are read or written but not yet sent."""
         if self.splice is not None:
-            return self.splice.pending_to(self) > 0
+            return self.splice.pending_to(self)
         transport = self.transport
-        return transport is not None and transport.get_write_buffer_size() > 0
+        if transport is None or transport.is_closing() and self.closed.done():
+            return 0
+        return transport.get_write_buffer_size()
 
     def close(self) -> None:
         """Close after flushing bytes already written."""
@@ -501,6 +508,29 @@ def _feed_protocol(transport: asyncio.BaseTransport, data: bytes) -> None:
         buffer[:size] = view[:size]
         protocol.buffer_updated(size)
         view = view[size:]
+
+
+async def close_flushed(connections: list[Connection]) -> None:
+    """Close the connections once their unsent bytes are written, or abort them.
+
+    They are aborted when FLUSH_TIMEOUT seconds pass in which no unsent byte went out,
+    or when FLUSH_LIMIT seconds pass in all (both in splice.py, which applies the same
+    limits to a closing spliced relay).
+    """
+    for connection in connections:
+        connection.close()
+    waiting = {c.closed for c in connections if not c.closed.done()}
+    limit = time.monotonic() + splice.FLUSH_LIMIT
+    unsent = sum(c.unsent() for c in connections)
+    while waiting:
+        _, waiting = await asyncio.wait(waiting, timeout=splice.FLUSH_TIMEOUT)
+        now_unsent = sum(c.unsent() for c in connections)
+        if waiting and (now_unsent >= unsent or time.monotonic() >= limit):
+            break
+        unsent = now_unsent
+    if waiting:
+        for connection in connections:
+            connection.abort()
 
 
 def join(client: Connection, upstream: Connection) -> None:

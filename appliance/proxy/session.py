@@ -35,12 +35,16 @@ from appliance.protocols.proxy_header import (
     canonical_ip,
     starts_like_header,
 )
-from appliance.proxy.connection import Connection, ConnectionClosed, join
+from appliance.proxy.connection import (
+    Connection,
+    ConnectionClosed,
+    close_flushed,
+    join,
+)
 from appliance.proxy.errors import UpstreamError
 from appliance.proxy.guard import ClientGuard, format_login_outcome
 from appliance.proxy.proxy_protocol import read_proxy_header
 from appliance.proxy.routing import Route, resolve_route, routed_config
-from appliance.proxy.splice import FLUSH_TIMEOUT
 from appliance.proxy.upstream import (
     UpstreamTarget,
     describe_tls_error,
@@ -581,15 +585,7 @@ class Session:
     async def _close(self) -> None:
         self.phase = "closing"
         connections = [c for c in (self.client, self.upstream) if c is not None]
-        for connection in connections:
-            connection.close()
-        waiters = [c.closed for c in connections]
-        try:
-            async with asyncio.timeout(FLUSH_TIMEOUT):
-                await asyncio.gather(*waiters)
-        except TimeoutError:
-            for connection in connections:
-                connection.abort()
+        await close_flushed(connections)
 
     def _upstream_label(self) -> str:
         target = self.upstream_target

@@ -38,9 +38,11 @@ PIPE_POOL_SIZE = 32
 # Each spliced session uses two more descriptors than an asyncio one. Below this soft
 # RLIMIT_NOFILE the relay stays on asyncio, so a low limit does not halve the sessions.
 MIN_OPEN_FILES = 8192
-# Seconds a closing relay may spend writing the bytes it has read before it aborts both
-# sides. A session waits as long for its transports to flush when it ends.
+# A closing relay writes the bytes it has read to a side that still reads them, but
+# aborts both sides after FLUSH_TIMEOUT seconds in which no byte went out, or after
+# FLUSH_LIMIT seconds in all, so a reader that takes a trickle cannot keep its slot.
 FLUSH_TIMEOUT = 5.0
+FLUSH_LIMIT = 60.0
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 
@@ -244,6 +246,7 @@ class SpliceRelay:
 
     __slots__ = (
         "_flush_deadline",
+        "_flush_limit",
         "client",
         "closing",
         "loop",
@@ -259,6 +262,7 @@ class SpliceRelay:
         self.closing = False
         self.released = False
         self._flush_deadline: asyncio.TimerHandle | None = None
+        self._flush_limit = 0.0
         to_upstream = _Pump(self, client, upstream)
         try:
             to_client = _Pump(self, upstream, client)
@@ -291,7 +295,24 @@ class SpliceRelay:
             pump.drain_and_finish()
         if not self.released:
             # A reader that stopped reading would otherwise keep the session forever.
-            self._flush_deadline = self.loop.call_later(FLUSH_TIMEOUT, self.abort)
+            self._flush_limit = time.monotonic() + FLUSH_LIMIT
+            self._flush_deadline = self.loop.call_later(
+                FLUSH_TIMEOUT, self._check_flush
+            )
+
+    def _check_flush(self) -> None:
+        """Abort unless a side still takes the bytes read for it, within the limits."""
+        self._flush_deadline = None
+        if self.released:
+            return
+        now = time.monotonic()
+        waiting = [pump for pump in self.pumps if pump.pending]
+        last = max((pump.destination.last_activity for pump in waiting), default=0.0)
+        remaining = min(last + FLUSH_TIMEOUT, self._flush_limit) - now
+        if remaining > 0:
+            self._flush_deadline = self.loop.call_later(remaining, self._check_flush)
+        else:
+            self.abort()
 
     def pending_to(self, connection: Connection) -> int:
         """Return the bytes read for `connection` and not yet written to it."""

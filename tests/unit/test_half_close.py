@@ -17,7 +17,7 @@ import pytest
 
 from appliance.proxy import connection as connection_module
 from appliance.proxy import splice as splice_module
-from appliance.proxy.connection import Connection, join
+from appliance.proxy.connection import Connection, close_flushed, join
 from appliance.proxy.session import _relay_outcome
 from tests.support.certs import TestPKI
 from tests.support.loops import LOOPS, run_on_loop
@@ -316,3 +316,88 @@ def test_tls_end_in_last_flight_no_warning(
         run_on_loop(loop_name, scenario, timeout=20)
     assert results["read"] == b"a CAPABILITY\r\n"
     assert "eof_received" not in caplog.text
+
+
+# Closing: bytes still on their way to a client that reads slowly are written out.
+SLOW_REPLY = bytes(range(256)) * 2400  # 600 KiB
+SMALL_BUFFER = 16 * 1024
+
+
+async def joined_slow_client() -> Relayed:
+    """Return a joined pair whose client side has small socket buffers."""
+    loop = asyncio.get_running_loop()
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        mail_client = socket.socket()
+        mail_client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUFFER)
+        mail_client.connect(listener.getsockname())
+        client_side, _ = listener.accept()
+    client_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
+    upstream_side, mail_server = tcp_pair()
+    for sock in (mail_client, mail_server):
+        sock.setblocking(False)
+    _, client = await loop.connect_accepted_socket(Connection, client_side)
+    _, upstream = await loop.connect_accepted_socket(Connection, upstream_side)
+    join(client, upstream)
+    return Relayed(client, upstream, mail_client, mail_server)
+
+
+async def read_slowly(sock: socket.socket) -> bytes:
+    """Read 16 KiB every 50 ms, about 320 KiB/s, until end of stream."""
+    loop = asyncio.get_running_loop()
+    received = b""
+    while chunk := await loop.sock_recv(sock, SMALL_BUFFER):
+        received += chunk
+        await asyncio.sleep(0.05)
+    return received
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+@pytest.mark.parametrize("relay", RELAYS)
+def test_slow_reader_gets_reply_at_close(
+    loop_name: str, relay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flush bound counts stalls, not the whole flush after the server's end."""
+    monkeypatch.setattr(splice_module, "FLUSH_TIMEOUT", 0.3)
+    results: dict[str, object] = {}
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        pair = await joined_slow_client()
+        reading = asyncio.create_task(read_slowly(pair.mail_client))
+        await loop.sock_sendall(pair.mail_server, SLOW_REPLY)
+        pair.mail_server.close()
+        await pair.upstream.closed
+        # As a session does when its relay ends.
+        await close_flushed([pair.client, pair.upstream])
+        results["client read"] = await reading
+        await pair.ended()
+
+    run(loop_name, relay, monkeypatch, scenario)
+    assert len(results["client read"]) == len(SLOW_REPLY)
+    assert results["client read"] == SLOW_REPLY
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_stalled_reader_aborted_at_close(
+    loop_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the transport relay a client that never reads is aborted after a stall."""
+    monkeypatch.setattr(splice_module, "FLUSH_TIMEOUT", 0.3)
+    results: dict[str, object] = {}
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        pair = await joined_slow_client()
+        sending = asyncio.create_task(loop.sock_sendall(pair.mail_server, SLOW_REPLY))
+        # Flow control stops the relay once the client's buffers are full.
+        await asyncio.sleep(0.5)
+        started = loop.time()
+        await close_flushed([pair.client, pair.upstream])
+        results["waited"] = loop.time() - started
+        sending.cancel()
+        await asyncio.gather(sending, return_exceptions=True)
+        await pair.ended()
+
+    run(loop_name, "transport", monkeypatch, scenario)
+    assert results["waited"] >= 0.2
+    assert results["waited"] < 5.0
