@@ -408,7 +408,7 @@ class Connection(asyncio.Protocol):
         # that never reads is bounded by the idle timeout.
         last = max(peer.last_activity, self.last_activity)
         remaining = last + timeout - time.monotonic()
-        if remaining <= 0 and self.output_pending():
+        if remaining <= 0 and self.unsent() > 0:
             remaining = timeout
         if remaining > 0:
             self._half_close_timer = loop.call_later(
@@ -461,16 +461,12 @@ class Connection(asyncio.Protocol):
         except OSError:
             return False
 
-    def output_pending(self) -> bool:
-        """Return whether bytes for this side are read from the peer but not written."""
-        return self.unsent() > 0
-
     def unsent(self) -> int:
         """Return the bytes for this side that are read or written but not yet sent."""
         if self.splice is not None:
             return self.splice.pending_to(self)
         transport = self.transport
-        if transport is None or transport.is_closing() and self.closed.done():
+        if transport is None or (transport.is_closing() and self.closed.done()):
             return 0
         return transport.get_write_buffer_size()
 

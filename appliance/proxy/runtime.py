@@ -18,7 +18,7 @@ from appliance.proxy.imap_session import ImapSession
 from appliance.proxy.listener import BindError, Listener
 from appliance.proxy.pop3_session import Pop3Session
 from appliance.proxy.session import Session, SessionEnv, Snapshot
-from appliance.reload import Reloader, start_digests
+from appliance.reload import Reloader, named_file_digests
 from appliance.tls.contexts import TlsContextError, build_all_contexts
 from appliance.tls.known_servers import KnownServerStore, StateDirError
 from appliance.tls.policy import UpstreamPlanner
@@ -140,7 +140,7 @@ async def run_appliance(
     config_arg: str | None = None,
     secrets_dir_arg: str | None = None,
 ) -> int:
-    digests = start_digests(loaded)
+    digests = named_file_digests(loaded)
     try:
         snapshot = build_snapshot(loaded)
     except TlsContextError as exc:

@@ -38,7 +38,7 @@ PIPE_POOL_SIZE = 32
 # Each spliced session uses two more descriptors than an asyncio one. Below this soft
 # RLIMIT_NOFILE the relay stays on asyncio, so a low limit does not halve the sessions.
 MIN_OPEN_FILES = 8192
-# A closing relay writes the bytes it has read to a side that still reads them, but
+# A closing relay writes the bytes it has read to a side that still reads them. It
 # aborts both sides after FLUSH_TIMEOUT seconds in which no byte went out, or after
 # FLUSH_LIMIT seconds in all, so a reader that takes a trickle cannot keep its slot.
 FLUSH_TIMEOUT = 5.0

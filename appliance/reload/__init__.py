@@ -25,7 +25,7 @@ from appliance.reload.reloader import (
     Prepared,
     Reloader,
     ReloadRejected,
-    start_digests,
+    named_file_digests,
 )
 from appliance.reload.watch import (
     WATCH_DEBOUNCE_MS,
@@ -53,7 +53,7 @@ __all__ = [
     "changed_fields",
     "diff_configs",
     "file_digests",
+    "named_file_digests",
     "named_files",
     "plan_sockets",
-    "start_digests",
 ]

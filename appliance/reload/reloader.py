@@ -83,8 +83,8 @@ class Reloader:
     ) -> None:
         """Start with the running config `loaded` and its file `digests`.
 
-        Take the digests with `start_digests` before the running snapshot's TLS contexts
-        read the files.
+        Take the digests with `named_file_digests` before the running snapshot's TLS
+        contexts read the files.
         """
         self.runtime = runtime
         self.config_path = config_path
@@ -240,7 +240,7 @@ class Reloader:
             loaded = load_config(self.config_path, secrets_dir=self.secrets_dir)
         except ConfigError as exc:
             raise ReloadRejected("; ".join(exc.problems)) from None
-        digests = file_digests(_all_files(loaded.config))
+        digests = named_file_digests(loaded)
         try:
             contexts = build_all_contexts(loaded.config)
         except TlsContextError as exc:
@@ -376,11 +376,11 @@ class Reloader:
         )
 
 
-def start_digests(loaded: LoadedConfig) -> dict[Path, str]:
-    """Return the digests of the files `loaded` names, for the Reloader.
+def named_file_digests(loaded: LoadedConfig) -> dict[Path, str]:
+    """Return the digests of the files that `loaded` names.
 
-    Take them before the TLS contexts read the files, as a reload does, so a file that
-    changes in between looks changed to the check when the watch starts.
+    Take them before the TLS contexts read the files, so a file that changes in between
+    looks changed to the next reload.
     """
     return file_digests(_all_files(loaded.config))
 

@@ -20,7 +20,7 @@ from appliance import metrics
 from appliance.config.loader import load_config
 from appliance.proxy import runtime as runtime_module
 from appliance.proxy.runtime import Runtime, build_snapshot
-from appliance.reload import WATCH_START, Reloader, start_digests
+from appliance.reload import WATCH_START, Reloader, named_file_digests
 from tests.support.appliance import free_port
 from tests.support.certs import TestPKI
 from tests.support.sources import isolate_config_sources
@@ -83,7 +83,7 @@ def start_reloader(path: Path, *, edit_after_load: int | None = None) -> Reloade
     loaded = load_config(path)
     if edit_after_load is not None:
         write(path, edit_after_load)
-    digests = start_digests(loaded)
+    digests = named_file_digests(loaded)
     runtime = Runtime(build_snapshot(loaded))
     reloader = Reloader(
         runtime, loaded, config_path=str(path), secrets_dir=None, digests=digests
@@ -144,7 +144,7 @@ async def test_early_broken_edit_rejected(tmp_path: Path, messages: list[str]) -
         loaded,
         config_path=str(path),
         secrets_dir=None,
-        digests=start_digests(loaded),
+        digests=named_file_digests(loaded),
     )
     reloader.start()
     try:
