@@ -25,20 +25,37 @@ from tests.support.loops import LOOPS, run_on_loop
 RELAYS = ["splice", "transport"]
 
 
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    """Return the two ends of one loopback TCP connection."""
+def tcp_pair(buffer_size: int | None = None) -> tuple[socket.socket, socket.socket]:
+    """Return the two ends of one loopback TCP connection.
+
+    With `buffer_size` the remote end's receive buffer and the local end's send buffer
+    are that small, as on a slow link to the remote end.
+    """
     with socket.create_server(("127.0.0.1", 0)) as listener:
-        remote = socket.create_connection(listener.getsockname())
+        remote = socket.socket()
+        if buffer_size is not None:
+            # Set before connecting, because the TCP window is agreed in the handshake.
+            remote.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_size)
+        remote.connect(listener.getsockname())
         local, _ = listener.accept()
+    if buffer_size is not None:
+        local.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_size)
     return local, remote
 
 
-async def read_to_end(sock: socket.socket) -> bytes:
-    """Read from a non-blocking socket until end of stream."""
+async def read_to_end(
+    sock: socket.socket, size: int = 65536, pause: float = 0.0
+) -> bytes:
+    """Read from a non-blocking socket until end of stream, `size` bytes at a time.
+
+    A `pause` after each read makes a slow reader.
+    """
     loop = asyncio.get_running_loop()
     received = b""
-    while chunk := await loop.sock_recv(sock, 65536):
+    while chunk := await loop.sock_recv(sock, size):
         received += chunk
+        if pause:
+            await asyncio.sleep(pause)
     return received
 
 
@@ -73,10 +90,13 @@ class Relayed:
         return _relay_outcome(self.client, self.upstream)
 
 
-async def joined() -> Relayed:
-    """Return a joined client and upstream connection and their remote sockets."""
+async def joined(client_buffer_size: int | None = None) -> Relayed:
+    """Return a joined client and upstream connection and their remote sockets.
+
+    `client_buffer_size` makes the client side's socket buffers that small.
+    """
     loop = asyncio.get_running_loop()
-    client_side, mail_client = tcp_pair()
+    client_side, mail_client = tcp_pair(client_buffer_size)
     upstream_side, mail_server = tcp_pair()
     for sock in (mail_client, mail_server):
         sock.setblocking(False)
@@ -323,34 +343,6 @@ SLOW_REPLY = bytes(range(256)) * 2400  # 600 KiB
 SMALL_BUFFER = 16 * 1024
 
 
-async def joined_slow_client() -> Relayed:
-    """Return a joined pair whose client side has small socket buffers."""
-    loop = asyncio.get_running_loop()
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        mail_client = socket.socket()
-        mail_client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUFFER)
-        mail_client.connect(listener.getsockname())
-        client_side, _ = listener.accept()
-    client_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
-    upstream_side, mail_server = tcp_pair()
-    for sock in (mail_client, mail_server):
-        sock.setblocking(False)
-    _, client = await loop.connect_accepted_socket(Connection, client_side)
-    _, upstream = await loop.connect_accepted_socket(Connection, upstream_side)
-    join(client, upstream)
-    return Relayed(client, upstream, mail_client, mail_server)
-
-
-async def read_slowly(sock: socket.socket) -> bytes:
-    """Read 16 KiB every 50 ms, about 320 KiB/s, until end of stream."""
-    loop = asyncio.get_running_loop()
-    received = b""
-    while chunk := await loop.sock_recv(sock, SMALL_BUFFER):
-        received += chunk
-        await asyncio.sleep(0.05)
-    return received
-
-
 @pytest.mark.parametrize("loop_name", LOOPS)
 @pytest.mark.parametrize("relay", RELAYS)
 def test_slow_reader_gets_reply_at_close(
@@ -362,8 +354,10 @@ def test_slow_reader_gets_reply_at_close(
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
-        pair = await joined_slow_client()
-        reading = asyncio.create_task(read_slowly(pair.mail_client))
+        pair = await joined(SMALL_BUFFER)
+        # 16 KiB every 50 ms is about 320 KiB/s.
+        slow_read = read_to_end(pair.mail_client, SMALL_BUFFER, pause=0.05)
+        reading = asyncio.create_task(slow_read)
         await loop.sock_sendall(pair.mail_server, SLOW_REPLY)
         pair.mail_server.close()
         await pair.upstream.closed
@@ -387,7 +381,7 @@ def test_stalled_reader_aborted_at_close(
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
-        pair = await joined_slow_client()
+        pair = await joined(SMALL_BUFFER)
         sending = asyncio.create_task(loop.sock_sendall(pair.mail_server, SLOW_REPLY))
         # Flow control stops the relay once the client's buffers are full.
         await asyncio.sleep(0.5)
