@@ -57,6 +57,7 @@ OUTCOME_LABELS = {
     "closed by upstream": "closed_by_upstream",
     "logged out before login": "logged_out_before_login",
     "idle timeout": "idle_timeout",
+    "half-close timeout": "half_close_timeout",
     "pre-auth timeout": "pre_auth_timeout",
     "client protocol error": "client_protocol_error",
     "client disconnected before login": "client_disconnected",

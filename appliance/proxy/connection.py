@@ -110,6 +110,7 @@ class Connection(asyncio.Protocol):
         "closed",
         "closed_here",
         "half_close",
+        "half_close_expired",
         "last_activity",
         "on_made",
         "remote_end",
@@ -148,6 +149,9 @@ class Connection(asyncio.Protocol):
         # The client's side: in the relay its end of stream is passed on as a half-close,
         # and the other direction runs until the peer ends it. Set by `join`.
         self.half_close = False
+        # Set when the relay closed because the peer received this side's end of stream
+        # and then sent nothing for HALF_CLOSE_TIMEOUT. The session logs that outcome.
+        self.half_close_expired = False
         self._half_close_timer: asyncio.TimerHandle | None = None
 
     # asyncio.Protocol callbacks
@@ -394,10 +398,10 @@ class Connection(asyncio.Protocol):
             forwarded = True
         timeout = HALF_CLOSE_TIMEOUT if forwarded else UNFORWARDED_END_TIMEOUT
         self._half_close_timer = asyncio.get_running_loop().call_later(
-            timeout, self._check_half_close, timeout
+            timeout, self._check_half_close, timeout, forwarded
         )
 
-    def _check_half_close(self, timeout: float) -> None:
+    def _check_half_close(self, timeout: float, forwarded: bool) -> None:
         peer = self._peer
         if peer is None:
             self._half_close_timer = None
@@ -412,10 +416,12 @@ class Connection(asyncio.Protocol):
             remaining = timeout
         if remaining > 0:
             self._half_close_timer = loop.call_later(
-                remaining, self._check_half_close, timeout
+                remaining, self._check_half_close, timeout, forwarded
             )
             return
         self._half_close_timer = None
+        # Without the end passed on, the client may simply have closed its socket.
+        self.half_close_expired = forwarded
         self.close()
         peer.close()
 

@@ -616,8 +616,12 @@ def _relay_outcome(client: Connection, upstream: Connection) -> str:
     The relay does not parse LOGOUT or QUIT. A server closes by itself after either,
     so a logout ends as "closed by upstream", and a client that drops the connection
     ends as "closed by client". Ends at the same time count as the upstream's: a client
-    that closes as soon as it reads the LOGOUT reply races the server's own close.
+    that closes as soon as it reads the LOGOUT reply races the server's own close. A
+    relay that the half-close bound closed, because the upstream stayed silent after
+    the client's end of stream, ends as "half-close timeout".
     """
+    if client.half_close_expired:
+        return "half-close timeout"
     if client.remote_end is None and upstream.remote_end is None:
         return "closed"
     if upstream.remote_end is None:

@@ -161,6 +161,30 @@ def test_silent_server_closed_after_timeout(
     assert results["server read"] == b""
     assert results["client read"] == b""
     assert results["waited"] >= 0.2
+    assert results["outcome"] == "half-close timeout"
+
+
+def test_unforwarded_end_closed_by_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a half-close toward the server, the client may simply have left."""
+    monkeypatch.setattr(connection_module, "UNFORWARDED_END_TIMEOUT", 0.3)
+    results: dict[str, object] = {}
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        pair = await joined()
+        # A TLS upstream's transport cannot write an end of stream. asyncio's plain
+        # transport plays that part here.
+        pair.upstream.transport.can_write_eof = lambda: False
+        started = loop.time()
+        pair.mail_client.shutdown(socket.SHUT_WR)
+        results["client read"] = await read_to_end(pair.mail_client)
+        results["waited"] = loop.time() - started
+        await pair.ended()
+        results["outcome"] = pair.outcome()
+
+    run("asyncio", "transport", monkeypatch, scenario)
+    assert results["client read"] == b""
+    assert results["waited"] >= 0.2
     assert results["outcome"] == "closed by client"
 
 

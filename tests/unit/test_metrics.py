@@ -99,6 +99,7 @@ def sample(registry: CollectorRegistry, metric: str, **labels: str) -> float | N
         ("closed by client", "closed_by_client"),
         ("closed by upstream", "closed_by_upstream"),
         ("idle timeout", "idle_timeout"),
+        ("half-close timeout", "half_close_timeout"),
         ("pre-auth timeout", "pre_auth_timeout"),
         ("shut down in relay", "shutdown"),
         ("rejected: listener at max_connections", "rejected_max_connections"),
