@@ -221,10 +221,15 @@ async def probe_server(settings: ProbeSettings) -> ProbeReport:
 
 
 def _skipped_plain_port(port: int) -> tuple[ModeReport, ModeReport]:
+    # The implicit TLS probe reached this port, so both modes read "not offered".
     detail = "the port speaks implicit TLS"
     return (
-        ModeReport("starttls", port, offered=False, usable=False, detail=detail),
-        ModeReport("none", port, offered=False, usable=False, detail=detail),
+        ModeReport(
+            "starttls", port, offered=False, usable=False, reached=True, detail=detail
+        ),
+        ModeReport(
+            "none", port, offered=False, usable=False, reached=True, detail=detail
+        ),
     )
 
 

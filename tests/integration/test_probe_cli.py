@@ -84,6 +84,16 @@ def test_probe_plain_port_shows_starttls_and_none(both: DovecotServer) -> None:
     assert "tls: auto would record: starttls" in result.stdout
 
 
+def test_probe_implicit_port_skips_plain_modes(both: DovecotServer) -> None:
+    result = probe("--port", str(both.ports["imaps"]), "--ca-file", str(both.ca_file))
+    lines = result.stdout.splitlines()
+
+    assert result.returncode == 0
+    for mode in ("starttls", "none"):
+        line = next(line for line in lines if line.startswith(f"{mode} "))
+        assert "not offered: the port speaks implicit TLS" in line
+
+
 def test_probe_reports_failed_verification(both: DovecotServer) -> None:
     result = probe("--port", str(both.ports["imaps"]))
 
