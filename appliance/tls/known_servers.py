@@ -11,7 +11,8 @@ appliance picks up edits made with the command.
 
 A file that cannot be read or parsed is logged, renamed to
 `known_servers.json.corrupt-<UTC timestamp>` and rebuilt from memory and new probes; it
-never stops the appliance.
+never stops the appliance. Of two records for one server in a hand-edited file, the
+safer one is used: the pinned one, then the one with the stronger mode.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 from loguru import logger
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from appliance.tls.probe import mode_strength
 
@@ -77,11 +78,11 @@ class KnownServerRecord(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     protocol: Literal["imap", "pop3"]
-    host: str
-    port: int | None
+    host: str = Field(min_length=1)
+    port: int | None = Field(ge=1, le=65535)
     """Configured upstream port that the record applies to; None for standard ports."""
     mode: Mode
-    connect_port: int
+    connect_port: int = Field(ge=1, le=65535)
     """Port that `mode` connects to."""
     first_seen: datetime
     last_seen: datetime
@@ -230,7 +231,7 @@ class KnownServerStore:
                 raise StoreReadError(f"{self.path} is unreadable or corrupt: {reason}")
             self._set_aside(signature, reason)
             return
-        records = {record.key: record for record in parsed.servers}
+        records = _index_records(parsed.servers, self.path)
         with self._lock:
             self._records = records
             self._signature = signature
@@ -464,6 +465,41 @@ def prepare_state_dir(state_dir: Path) -> None:
         raise StateDirError(
             f"state_dir {str(state_dir)!r} is not writable: {exc.strerror}; {hint}"
         ) from None
+
+
+def _index_records(
+    servers: list[KnownServerRecord], path: Path
+) -> dict[ServerKey, KnownServerRecord]:
+    """Return the records by server; of two for one server, keep the safer.
+
+    A hand edit can leave two records for one server. The pinned one wins, and then the
+    stronger mode, so that a duplicate never lowers a server's TLS mode.
+    """
+    records: dict[ServerKey, KnownServerRecord] = {}
+    for record in servers:
+        old = records.get(record.key)
+        if old is not None:
+            kept = _safer_record(old, record)
+            logger.warning(
+                "known-servers file {} has two records for {} ({} and {}); using {}",
+                path,
+                record.key,
+                old.mode,
+                record.mode,
+                kept.mode,
+            )
+            record = kept
+        records[record.key] = record
+    return records
+
+
+def _safer_record(
+    first: KnownServerRecord, second: KnownServerRecord
+) -> KnownServerRecord:
+    def rank(record: KnownServerRecord) -> tuple[bool, int]:
+        return record.pinned, mode_strength(record.mode)
+
+    return second if rank(second) > rank(first) else first
 
 
 def _unused_path(path: Path) -> Path:

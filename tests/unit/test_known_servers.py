@@ -183,6 +183,49 @@ def test_unknown_fields_are_ignored(store: KnownServerStore) -> None:
     assert store.get(KEY) == make_record()
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("host", ""), ("port", 99999), ("port", 0), ("connect_port", 70000)],
+)
+def test_invalid_record_field_is_corrupt(
+    store: KnownServerStore, field: str, value: object
+) -> None:
+    data = json.loads(make_record().model_dump_json())
+    data[field] = value
+    store.path.write_text(json.dumps({"format": 1, "servers": [data]}))
+
+    assert store.records() == []
+    assert any(".corrupt-" in name for name in leftover_files(store.state_dir))
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "expected"),
+    [
+        (("starttls", False), ("none", False), ("starttls", False)),
+        (("none", False), ("implicit", False), ("implicit", False)),
+        (("implicit", False), ("none", True), ("none", True)),
+        (("none", True), ("implicit", False), ("none", True)),
+    ],
+)
+def test_duplicate_records_keep_safer(
+    store: KnownServerStore,
+    log_lines: list[str],
+    first: tuple[str, bool],
+    second: tuple[str, bool],
+    expected: tuple[str, bool],
+) -> None:
+    servers = [
+        json.loads(make_record(mode, pinned=pinned).model_dump_json())
+        for mode, pinned in (first, second)
+    ]
+    store.path.write_text(json.dumps({"format": 1, "servers": servers}))
+
+    record = store.get(KEY)
+
+    assert (record.mode, record.pinned) == expected
+    assert any("has two records for" in line for line in log_lines)
+
+
 # Edits by another writer, such as the known-servers command
 
 
