@@ -75,11 +75,12 @@ class ImapSession(Session):
         self._check_greeting(greeting, target)
         self.greeting = greeting
         caps = response_capabilities(greeting) or await self._capability()
-        if target.mode == "starttls":
-            if not capabilities.has_capability(caps, "STARTTLS"):
-                raise UpstreamError(
-                    "starttls", f"{target.address}: server does not offer STARTTLS"
-                )
+        offered = capabilities.has_capability(caps, "STARTTLS")
+        if target.mode == "starttls" and not offered:
+            raise UpstreamError(
+                "starttls", f"{target.address}: server does not offer STARTTLS"
+            )
+        if target.mode == "starttls" or (target.starttls_if_offered and offered):
             tagged, _ = await self._command(b"STARTTLS")
             if tagged.status != "OK":
                 raise UpstreamError("starttls", f"{target.address}: server rejected STARTTLS")

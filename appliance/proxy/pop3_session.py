@@ -52,12 +52,13 @@ class Pop3Session(Session):
             raise UpstreamError("greeting", f"{target.address}: server greeting is -ERR")
         self.greeting = greeting
         self.upstream_caps = await self._capa()
-        if target.mode != "starttls":
-            return
-        if not capabilities.has_capability(self.upstream_caps, "STLS"):
+        offered = capabilities.has_capability(self.upstream_caps, "STLS")
+        if target.mode == "starttls" and not offered:
             raise UpstreamError(
                 "starttls", f"{target.address}: server does not offer STLS in CAPA"
             )
+        if target.mode != "starttls" and not (target.starttls_if_offered and offered):
+            return
         self.upstream.send(format_command("STLS"))
         if not (await self._status()).ok:
             raise UpstreamError("starttls", f"{target.address}: server rejected STLS")

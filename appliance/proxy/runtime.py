@@ -77,9 +77,11 @@ class Runtime:
             return await self.planner.plan(routed or snapshot, name, protocol)
 
         def report_upstream(
-            protocol, target, connection, error, routed: Snapshot | None = None
+            protocol, target, connection, error, routed: Snapshot | None = None, log=None
         ) -> None:
-            self.planner.report(routed or snapshot, protocol, target, connection, error)
+            self.planner.report(
+                routed or snapshot, protocol, target, connection, error, log=log
+            )
 
         return SessionEnv(
             listener_name=listener_name,

@@ -74,7 +74,8 @@ class SessionEnv:
     on_finished: Callable[[Session], None] = lambda session: None
     # Receives (protocol, target, upstream connection or None, UpstreamError or None)
     # after each upstream setup attempt, so `tls: auto` can check its learned records.
-    report_upstream: Callable[..., None] = lambda *outcome: None
+    # The keyword `log` is the session's logger, for warnings about the attempt.
+    report_upstream: Callable[..., None] = lambda *outcome, **options: None
     # The runtime passes one guard to every session; a private one suits tests only.
     guard: ClientGuard = field(default_factory=ClientGuard)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -292,7 +293,7 @@ class Session:
                 async with asyncio.timeout(self.limits.connect_timeout):
                     await setup(target)
                 self.env.report_upstream(
-                    self.protocol, target, self.upstream, None, *routed
+                    self.protocol, target, self.upstream, None, *routed, log=self.log
                 )
                 assert self.upstream is not None
                 ssl_object = self.upstream.extra("ssl_object")
@@ -307,7 +308,9 @@ class Session:
                 failure = exc if isinstance(exc, UpstreamError) else UpstreamError(
                     "protocol", f"{target.address}: {exc.message}"
                 )
-            self.env.report_upstream(self.protocol, target, None, failure, *routed)
+            self.env.report_upstream(
+                self.protocol, target, None, failure, *routed, log=self.log
+            )
             if self.upstream is not None:
                 self.upstream.abort()
                 self.upstream = None

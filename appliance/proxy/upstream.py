@@ -27,6 +27,9 @@ class UpstreamTarget:
     """`implicit`, `starttls` or `none`."""
     context: ssl.SSLContext
     server_name: str
+    starttls_if_offered: bool = False
+    """For `none` learned by `tls: auto`: upgrade when the server offers STARTTLS, so a
+    probe that an attacker stripped of STARTTLS does not send passwords in plain text."""
 
     @property
     def address(self) -> str:

@@ -10,11 +10,18 @@ mode fails, the session fails closed and the record stays as it is.
 Records move upward on their own only: a background probe of a record older than
 `tls_auto.max_record_age`, started by the next session that needs it, may move plain text
 to STARTTLS or STARTTLS to implicit TLS, never down.
+
+A record of plain text is the one an attacker can plant, by removing STARTTLS from the
+server's capabilities during the first probe. So such a record gets two more checks. A
+session that the record would refuse probes again first, at most once per
+PLAINTEXT_RECHECK_INTERVAL. A session that may use plain text still upgrades with
+STARTTLS when the server offers it, and then a probe moves the record up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Coroutine
 from datetime import datetime
 from typing import Any
@@ -49,6 +56,9 @@ from appliance.tls.probe import (
 DOWNGRADE_REASONS = frozenset({"starttls", "preauth", "tls"})
 # A successful session refreshes `last_seen` on disk at most this often (seconds).
 LAST_SEEN_WRITE_INTERVAL = 3600.0
+# Minimum time between two probes of a server recorded as plain text only, started by
+# sessions that the record would refuse (seconds).
+PLAINTEXT_RECHECK_INTERVAL = 60.0
 
 
 def pinned_mode(
@@ -120,16 +130,22 @@ class UpstreamPlanner:
     ) -> list[UpstreamTarget]:
         """Return the targets a session tries, in order; raise UpstreamError if none."""
         upstream = snapshot.config.upstreams[name]
-        mode = upstream.tls
-        if mode == "auto":
-            mode = await self._auto_mode(snapshot, name, protocol)
-        return [self._target(snapshot, name, upstream, mode, protocol)]
+        if upstream.tls != "auto":
+            return [self._target(snapshot, name, upstream, upstream.tls, protocol)]
+        mode, learned = await self._auto_mode(snapshot, name, protocol)
+        target = self._target(snapshot, name, upstream, mode, protocol)
+        if learned and mode == "none":
+            target = dataclasses.replace(target, starttls_if_offered=True)
+        return [target]
 
-    async def _auto_mode(self, snapshot: Snapshot, name: str, protocol: str) -> str:
+    async def _auto_mode(
+        self, snapshot: Snapshot, name: str, protocol: str
+    ) -> tuple[str, bool]:
+        """Return the mode for `tls: auto`, and whether a probe learned it."""
         upstream = snapshot.config.upstreams[name]
         pinned = pinned_mode(snapshot.config, upstream.host, upstream.port, protocol)
         if pinned:
-            return pinned
+            return pinned, False
         key = server_key(upstream, protocol)
         record = self.store.get(key)
         if record is None:
@@ -140,9 +156,26 @@ class UpstreamPlanner:
                     "probe",
                     f"{key}: the probe reached the server in no mode: {report.summary()}",
                 )
+        elif self._needs_plaintext_recheck(upstream, record):
+            logger.info(
+                "probing {} again before refusing a session: its record is plain text",
+                key,
+            )
+            await self._shared_probe(snapshot, name, key, record)
+            record = self.store.get(key) or record
         elif self._is_stale(snapshot, key, record):
             self._start_background_probe(snapshot, name, key, record)
-        return self._allowed_mode(upstream, name, record)
+        return self._allowed_mode(upstream, name, record), not record.pinned
+
+    @staticmethod
+    def _needs_plaintext_recheck(
+        upstream: UpstreamConfig, record: KnownServerRecord
+    ) -> bool:
+        """Return whether a learned plain-text record that refuses sessions is due a probe."""
+        if record.mode != "none" or record.pinned or upstream.allow_plaintext:
+            return False
+        age = (utc_now() - record.last_probed).total_seconds()
+        return age >= PLAINTEXT_RECHECK_INTERVAL
 
     @staticmethod
     def _allowed_mode(
@@ -153,8 +186,10 @@ class UpstreamPlanner:
         probed = record.last_probed.strftime("%Y-%m-%d %H:%M:%S UTC")
         raise PolicyError(
             "policy",
-            f"{record.key} offered no TLS, only plain text, when probed at {probed}; "
-            f"tls: auto uses plain text only with upstreams.{name}.allow_plaintext: true",
+            f"{record.key} offered no TLS, only plain text, when probed at {probed}. "
+            f"Sessions probe it again at most every {PLAINTEXT_RECHECK_INTERVAL:.0f}s. "
+            f"tls: auto uses plain text only with upstreams.{name}.allow_plaintext: "
+            "true, and then still upgrades with STARTTLS when the server offers it",
         )
 
     def _is_stale(
@@ -286,8 +321,14 @@ class UpstreamPlanner:
         target: UpstreamTarget,
         connection: Connection | None,
         error: UpstreamError | None,
+        *,
+        log: Any = None,
     ) -> None:
-        """Take the outcome of one session's upstream setup in `target.mode`."""
+        """Take the outcome of one session's upstream setup in `target.mode`.
+
+        `log` is the session's logger, so that warnings carry the session id.
+        """
+        log = log or logger
         upstream = snapshot.config.upstreams.get(target.name)
         if upstream is None or upstream.tls != "auto":
             return
@@ -296,9 +337,16 @@ class UpstreamPlanner:
         if record is None or record.mode != target.mode:
             return
         if error is None:
-            self._note_success(key, record, connection)
+            upgraded = connection is not None and connection.tls_info is not None
+            if target.mode == "none" and upgraded:
+                self._probe_after_upgrade(snapshot, target.name, key, record, log)
+            else:
+                self._note_success(key, record, connection)
+        elif target.starttls_if_offered and error.reason in DOWNGRADE_REASONS:
+            # The server offered STARTTLS, but the upgrade failed.
+            self._probe_after_upgrade(snapshot, target.name, key, record, log)
         elif record.mode != "none" and error.reason in DOWNGRADE_REASONS:
-            logger.warning(
+            log.warning(
                 "{} failed in its recorded mode {} ({}); this looks like a downgrade, so "
                 "the session fails closed and the record stays {}; if the server really "
                 "dropped TLS, run `appliance known-servers forget {}`",
@@ -308,6 +356,25 @@ class UpstreamPlanner:
                 record.mode,
                 key.host,
             )
+
+    def _probe_after_upgrade(
+        self,
+        snapshot: Snapshot,
+        name: str,
+        key: ServerKey,
+        record: KnownServerRecord,
+        log: Any,
+    ) -> None:
+        """Start a probe to move a plain-text record up after a session's STARTTLS."""
+        if key in self._probes:
+            return
+        log.warning(
+            "{} offered STARTTLS to a session although its record is plain text; an "
+            "attacker may have removed STARTTLS during the probe that made the record. "
+            "Probing again",
+            key,
+        )
+        self._start_probe(snapshot, name, key, record)
 
     def _note_success(
         self, key: ServerKey, record: KnownServerRecord, connection: Connection | None

@@ -389,11 +389,56 @@ def test_stripped_starttls_fails_closed(
         reply = first_line(appliance.port("imap"), send=login)
         downgrade_logged = wait_for_log(appliance, "looks like a downgrade")
 
+    downgrade_lines = [
+        line
+        for line in appliance.log_text().splitlines()
+        if "looks like a downgrade" in line
+    ]
     assert reply.startswith(b"* BYE [UNAVAILABLE]")
     assert downgrade_logged
+    assert all("[session=" in line for line in downgrade_lines)
     assert PASSWORD.encode() not in relay.from_proxy
     assert b"LOGIN" not in relay.from_proxy.upper()
     assert records(appliance)["imap"]["mode"] == "starttls"
+
+
+@pytest.mark.parametrize("protocol", ["imap", "pop3"])
+def test_stripped_first_probe_still_upgrades(
+    protocol: str,
+    starttls_only: DovecotServer,
+    tmp_path: Path,
+    appliances: list[ApplianceProcess],
+) -> None:
+    """An attacker who strips the first probe gets one plain-text login at most."""
+    login = imap_login if protocol == "imap" else pop3_login
+    with CapabilityRelay(starttls_only.ports[protocol]) as relay:
+        relay.strip = True
+        entry = upstream(relay.port, starttls_only, allow_plaintext=True)
+        appliance = start(appliance_config(**{protocol: entry}), tmp_path)
+        appliances.append(appliance)
+        # The probe and this session both meet the stripped server.
+        login(appliance.port(protocol))
+        assert records(appliance)[protocol]["mode"] == "none"
+        relay.strip = False
+        relay.from_proxy.clear()
+
+        second = login(appliance.port(protocol))
+        moved = wait_for_record(appliance, protocol, "starttls")
+
+    sent = bytes(relay.from_proxy).upper()
+    assert second in ("OK", b"+OK Logged in.")
+    assert (b"STARTTLS" if protocol == "imap" else b"STLS") in sent
+    # The proxy logs in with AUTHENTICATE PLAIN (IMAP) or AUTH, USER and PASS (POP3).
+    for command in (b"AUTHENTICATE", b"LOGIN", b"AUTH ", b"USER ", b"PASS "):
+        assert command not in sent
+    upgrade_lines = [
+        line
+        for line in appliance.log_text().splitlines()
+        if "offered STARTTLS to a session" in line
+    ]
+    assert moved is not None
+    assert upgrade_lines
+    assert all("[session=" in line for line in upgrade_lines)
 
 
 def test_plain_record_moves_up(

@@ -19,7 +19,7 @@ from appliance.proxy.session import Snapshot
 from appliance.tls import known_servers
 from appliance.tls.contexts import build_all_contexts
 from appliance.tls.known_servers import KnownServerStore, ServerKey, utc_now
-from appliance.tls.policy import UpstreamPlanner
+from appliance.tls.policy import PLAINTEXT_RECHECK_INTERVAL, UpstreamPlanner
 from appliance.tls.probe import ModeReport, ProbeReport, ProbeSettings, probe_server
 
 KEY = ServerKey("imap", "mail.example.org", None)
@@ -252,6 +252,53 @@ async def test_plain_only_server_with_setting() -> None:
     assert await plan_modes(planner, snapshot) == ["none"]
 
 
+async def test_plain_record_reprobed_before_refusal(log_lines: list[str]) -> None:
+    snapshot = make_snapshot()
+    probe = ScriptedProbe(server_report("none"), server_report("starttls", "none"))
+    planner = make_planner(snapshot, probe)
+    with pytest.raises(PolicyError):
+        await plan_modes(planner, snapshot)
+    age_record(planner, PLAINTEXT_RECHECK_INTERVAL + 1)
+
+    modes = await plan_modes(planner, snapshot)
+
+    assert modes == ["starttls"]
+    assert len(probe.calls) == 2
+    assert any("moved up from none to starttls" in line for line in log_lines)
+
+
+async def test_plain_recheck_is_rate_limited() -> None:
+    snapshot = make_snapshot()
+    probe = ScriptedProbe(server_report("none"))
+    planner = make_planner(snapshot, probe)
+    for _ in range(3):
+        with pytest.raises(PolicyError):
+            await plan_modes(planner, snapshot)
+
+    assert len(probe.calls) == 1
+
+
+async def test_learned_plain_target_upgrades_if_offered() -> None:
+    snapshot = make_snapshot(allow_plaintext=True)
+    planner = make_planner(snapshot, ScriptedProbe(server_report("none")))
+
+    [target] = await planner.plan(snapshot, "mail", "imap")
+
+    assert target.mode == "none"
+    assert target.starttls_if_offered
+
+
+async def test_pinned_plain_target_never_upgrades() -> None:
+    snapshot = make_snapshot()
+    planner = make_planner(snapshot, ScriptedProbe(server_report("starttls")))
+    planner.store.pin(KEY, "none", 143)
+
+    [target] = await planner.plan(snapshot, "mail", "imap")
+
+    assert target.mode == "none"
+    assert not target.starttls_if_offered
+
+
 async def test_unusable_tls_never_falls_back() -> None:
     snapshot = make_snapshot(allow_plaintext=True)
     report = server_report("starttls", "none", unusable=("starttls",))
@@ -300,6 +347,43 @@ async def test_recorded_tls_failure_is_downgrade(log_lines: list[str]) -> None:
     )
 
     assert any("looks like a downgrade" in line for line in log_lines)
+    assert learned(planner).mode == "starttls"
+
+
+class UpgradedConnection:
+    """A session's upstream connection after STARTTLS, as report() reads it."""
+
+    tls_info = ("TLSv1.3", "TLS_AES_128_GCM_SHA256")
+
+    def extra(self, name: str) -> None:
+        return None
+
+
+async def test_upgraded_plain_session_moves_record_up(log_lines: list[str]) -> None:
+    snapshot = make_snapshot(allow_plaintext=True)
+    probe = ScriptedProbe(server_report("none"), server_report("starttls", "none"))
+    planner = make_planner(snapshot, probe)
+    [target] = await planner.plan(snapshot, "mail", "imap")
+
+    planner.report(snapshot, "imap", target, UpgradedConnection(), None)
+    await planner.drain()
+
+    assert any("offered STARTTLS to a session" in line for line in log_lines)
+    assert learned(planner).mode == "starttls"
+    assert learned(planner).tls_version == "TLSv1.3"
+
+
+async def test_failed_upgrade_probes_again(log_lines: list[str]) -> None:
+    snapshot = make_snapshot(allow_plaintext=True)
+    probe = ScriptedProbe(server_report("none"), server_report("starttls"))
+    planner = make_planner(snapshot, probe)
+    [target] = await planner.plan(snapshot, "mail", "imap")
+    error = UpstreamError("tls", "certificate verification failed")
+
+    planner.report(snapshot, "imap", target, None, error)
+    await planner.drain()
+
+    assert len(probe.calls) == 2
     assert learned(planner).mode == "starttls"
 
 
