@@ -36,7 +36,12 @@ from appliance.protocols.imap import (
 )
 from appliance.protocols.imap import capabilities as response_capabilities
 from appliance.proxy.errors import UpstreamError
-from appliance.proxy.session import CLIENT_FAULTS, GOODBYE_TEXTS, Session
+from appliance.proxy.session import (
+    CLIENT_FAULTS,
+    GOODBYE_TEXTS,
+    LOGIN_SIZE_ERROR,
+    Session,
+)
 from appliance.proxy.upstream import UpstreamTarget, open_upstream, upgrade_upstream
 
 # LOGIN and SASL arguments are strings, while a literal8 carries binary data (RFC 3516).
@@ -356,6 +361,9 @@ class ImapSession(Session):
         self, client_tag: str, login: bytes, password: bytes
     ) -> bool | None:
         """Log in upstream, first choosing and connecting the upstream when routing."""
+        if self.reject_oversized_login(login, password):
+            self.client.send(format_tagged(client_tag, "NO", LOGIN_SIZE_ERROR, "LIMIT"))
+            return None
         await self.delay_login()
         if not self.routes_by_login:
             return await self._login(client_tag, login, password)

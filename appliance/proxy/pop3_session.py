@@ -23,7 +23,13 @@ from appliance.protocols.pop3 import (
     sasl_mechanisms,
 )
 from appliance.proxy.errors import UpstreamError
-from appliance.proxy.session import CLIENT_FAULTS, GOODBYE_TEXTS, Session, SessionEnd
+from appliance.proxy.session import (
+    CLIENT_FAULTS,
+    GOODBYE_TEXTS,
+    LOGIN_SIZE_ERROR,
+    Session,
+    SessionEnd,
+)
 from appliance.proxy.upstream import UpstreamTarget, open_upstream, upgrade_upstream
 
 
@@ -225,6 +231,9 @@ class Pop3Session(Session):
             self.client.send(format_err("APOP needs a user name and a digest"))
             return None
         user, digest = command.args
+        if self.reject_oversized_login(user, b""):
+            self.client.send(format_err(LOGIN_SIZE_ERROR, "AUTH"))
+            return None
         if self.routes_by_login:
             self.client.send(format_err("APOP is not available here; use USER or AUTH"))
             return None
@@ -237,6 +246,9 @@ class Pop3Session(Session):
 
     async def _start_login(self, login: bytes, password: bytes) -> bool | None:
         """Log in upstream, first choosing and connecting the upstream when routing."""
+        if self.reject_oversized_login(login, password):
+            self.client.send(format_err(LOGIN_SIZE_ERROR, "AUTH"))
+            return None
         await self.delay_login()
         if not self.routes_by_login:
             return await self._login(login, password)

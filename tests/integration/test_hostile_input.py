@@ -25,6 +25,7 @@ from typing import Any, Self
 
 import pytest
 
+from appliance.proxy.session import MAX_LOGIN_USER_SIZE
 from tests.support.appliance import ApplianceProcess, listener_config
 from tests.support.certs import TestPKI
 from tests.support.scripted_server import LineClient, Step, converse
@@ -722,6 +723,23 @@ def test_sasl_fatal_error_answered_once(strict):
         reply = client.read_until_closed()
     assert reply.count(b"BAD") == 1, reply
     assert reply.startswith(b"A1 BAD bare CR"), reply
+
+
+@pytest.mark.parametrize(
+    ("user", "reply"),
+    [(MAX_LOGIN_USER_SIZE, b"L1 OK"), (MAX_LOGIN_USER_SIZE + 1, b"L1 NO [LIMIT]")],
+    ids=["at-limit", "over-limit"],
+)
+def test_login_user_size_limit(strict, upstreams, user, reply):
+    before = len(upstreams["imap"].received)
+    with connect(strict, "imap") as client:
+        steps = [
+            Step(b"L1 LOGIN {%d}\r\n" % user, b"+"),
+            Step(b"u" * user + b" right\r\n", reply),
+        ]
+        converse(client, steps)
+    forwarded = b"AUTHENTICATE" in bytes(upstreams["imap"].received[before:])
+    assert forwarded == (user <= MAX_LOGIN_USER_SIZE)
 
 
 def test_pop3_user_before_tls_rejected(strict, upstreams):
