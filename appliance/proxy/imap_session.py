@@ -46,6 +46,9 @@ from appliance.proxy.upstream import UpstreamTarget, open_upstream, upgrade_upst
 
 # LOGIN and SASL arguments are strings, while a literal8 carries binary data (RFC 3516).
 LITERAL8_LOGIN_ERROR = "Login arguments are strings; literal8 (~{n}) is for binary data"
+# Commands that the proxy replies to itself and whose grammar has no arguments (RFC 3501
+# and RFC 9051).
+COMMANDS_WITHOUT_ARGUMENTS = frozenset({"CAPABILITY", "NOOP", "LOGOUT", "STARTTLS"})
 
 
 class _Cancelled(Exception):
@@ -255,7 +258,9 @@ class ImapSession(Session):
 
     async def _dispatch(self, command: Command) -> bool | None:
         tag, name = command.tag, command.name
-        if name == "CAPABILITY":
+        if name in COMMANDS_WITHOUT_ARGUMENTS and command.args:
+            self._protocol_error(f"{name} takes no arguments", tag)
+        elif name == "CAPABILITY":
             self.client.send(format_capability(self._pre_auth_caps()))
             self.client.send(format_tagged(tag, "OK", "CAPABILITY completed"))
         elif name == "NOOP":

@@ -33,6 +33,11 @@ from appliance.proxy.session import (
 from appliance.proxy.upstream import UpstreamTarget, open_upstream, upgrade_upstream
 
 
+# Commands that the proxy replies to itself and that take no arguments (RFC 1939, RFC 2449
+# and RFC 2595).
+COMMANDS_WITHOUT_ARGUMENTS = frozenset({"CAPA", "STLS", "QUIT"})
+
+
 class Pop3Session(Session):
     protocol = "pop3"
     pre_auth_state = ("commands", "responses", "greeting", "upstream_caps")
@@ -127,7 +132,9 @@ class Pop3Session(Session):
 
     async def _dispatch(self, command: Command) -> bool | None:
         name = command.name
-        if name == "CAPA":
+        if name in COMMANDS_WITHOUT_ARGUMENTS and command.argument:
+            self._protocol_error(f"{name} takes no arguments")
+        elif name == "CAPA":
             if self.routes_by_login:
                 base: list[str] = list(capabilities.ROUTING_POP3_BASE)
             else:
