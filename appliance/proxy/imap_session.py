@@ -150,7 +150,7 @@ class ImapSession(Session):
         untagged = []
         while True:
             response = await self.next_upstream_event(self.responses)
-            if response.kind == "tagged" and response.tag == tag:
+            if _is_reply_to(response, tag):
                 return response, untagged
             if response.kind == "untagged" and response.status == "BYE":
                 raise UpstreamError("closed", "server sent BYE during setup")
@@ -425,7 +425,7 @@ class ImapSession(Session):
             response = await self.next_upstream_event(self.responses)
             if response.kind == "continuation":
                 self.upstream.send(queue.pop(0) if queue else b"*\r\n")
-            elif response.kind == "tagged" and response.tag == tag:
+            elif _is_reply_to(response, tag):
                 return response
             elif response.kind == "untagged":
                 self._forward_untagged(response)
@@ -468,6 +468,20 @@ class ImapSession(Session):
             self.upstream.send(pending_client)
         if pending_upstream:
             self.client.send(pending_upstream)
+
+
+def _is_reply_to(response: Response, tag: str) -> bool:
+    """Return whether `response` is the tagged reply to the proxy's command `tag`.
+
+    Raises UpstreamProtocolError for a tagged reply under another tag: the proxy has one
+    command in flight, so the reply that it waits for would never come.
+    """
+    if response.kind != "tagged":
+        return False
+    if response.tag != tag:
+        message = "server sent a tagged reply under a tag the proxy did not send"
+        raise UpstreamProtocolError(message)
+    return True
 
 
 def _is_string(value: object) -> bool:
