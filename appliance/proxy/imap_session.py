@@ -275,8 +275,7 @@ class ImapSession(Session):
         elif name == "STARTTLS":
             await self._starttls(tag)
         elif name in ("LOGIN", "AUTHENTICATE") and not self.client_state.login_allowed:
-            user = command.args[0] if name == "LOGIN" and command.args else None
-            self._reject_before_tls(tag, user)
+            self._reject_before_tls(tag, _login_user(command))
         elif name == "LOGIN":
             return await self._login_command(command)
         elif name == "AUTHENTICATE":
@@ -468,6 +467,19 @@ class ImapSession(Session):
             self.upstream.send(pending_client)
         if pending_upstream:
             self.client.send(pending_upstream)
+
+
+def _login_user(command: Command) -> object:
+    """Return the user name of a LOGIN, or of an AUTHENTICATE initial response."""
+    if not command.args:
+        return None
+    if command.name == "LOGIN":
+        return command.args[0]
+    mechanism = command.args[0]
+    initial = command.args[1] if len(command.args) > 1 else None
+    if not isinstance(mechanism, str) or not _is_string(initial):
+        return None
+    return sasl.initial_response_user(mechanism.upper(), _to_bytes(initial))
 
 
 def _is_reply_to(response: Response, tag: str) -> bool:

@@ -149,8 +149,7 @@ class Pop3Session(Session):
         elif name == "NOOP":
             self.client.send(format_err("NOOP is not valid before login"))
         elif name in ("USER", "PASS", "AUTH", "APOP") and not self.client_state.login_allowed:
-            names_user = name in ("USER", "APOP") and command.args
-            self.record_login("rejected", command.args[0] if names_user else None)
+            self.record_login("rejected", _login_user(command))
             self.client.send(
                 format_err("Login is disabled until TLS is active; use STLS first", "AUTH")
             )
@@ -319,6 +318,18 @@ class Pop3Session(Session):
             self.upstream.send(pending_client)
         if pending_upstream:
             self.client.send(pending_upstream)
+
+
+def _login_user(command: Command) -> bytes | None:
+    """Return the user name of USER or APOP, or of an AUTH initial response."""
+    if not command.args:
+        return None
+    if command.name in ("USER", "APOP"):
+        return command.args[0]
+    if command.name == "AUTH" and len(command.args) > 1:
+        mechanism = command.args[0].decode("ascii", "replace").upper()
+        return sasl.initial_response_user(mechanism, command.args[1])
+    return None
 
 
 class _Cancelled(Exception):

@@ -742,6 +742,44 @@ def test_login_user_size_limit(strict, upstreams, user, reply):
     assert forwarded == (user <= MAX_LOGIN_USER_SIZE)
 
 
+# Each case: listener, command before TLS, and the user name that the log line names.
+PRE_TLS_SASL_USERS = {
+    "imap-plain": (
+        "imap_starttls",
+        b"a1 AUTHENTICATE PLAIN " + plain(b"jo", b"pw"),
+        "jo",
+    ),
+    "imap-plain-authzid": (
+        "imap_starttls",
+        b"a1 AUTHENTICATE PLAIN " + base64.b64encode(b"jo\0jo\0pw"),
+        "jo",
+    ),
+    "imap-login": (
+        "imap_starttls",
+        b"a1 AUTHENTICATE LOGIN " + base64.b64encode(b"jo"),
+        "jo",
+    ),
+    "imap-invalid": ("imap_starttls", b"a1 AUTHENTICATE PLAIN bm90IHBsYWlu", ""),
+    "imap-empty": ("imap_starttls", b"a1 AUTHENTICATE PLAIN =", ""),
+    "pop3-plain": ("pop3_starttls", b"AUTH PLAIN " + plain(b"jo", b"pw"), "jo"),
+    "pop3-login": ("pop3_starttls", b"AUTH LOGIN " + base64.b64encode(b"jo"), "jo"),
+    "pop3-invalid": ("pop3_starttls", b"AUTH PLAIN not*base64!", ""),
+}
+
+
+@pytest.mark.parametrize("case", PRE_TLS_SASL_USERS, ids=list(PRE_TLS_SASL_USERS))
+def test_sasl_before_tls_logs_user(strict, case):
+    listener, command, user = PRE_TLS_SASL_USERS[case]
+    source = next_source()
+    with connect(strict, listener, source) as client:
+        client.send(command + b"\r\n")
+        reply = client.read_line()
+    assert reply.startswith((b"a1 NO [PRIVACYREQUIRED]", b"-ERR [AUTH]")), reply
+    line = wait_for_log(strict, f"login rejected: client {source} ")
+    assert line.endswith(f'user "{user}"'), line
+    assert "pw" not in line.rpartition(" user ")[2], line
+
+
 def test_pop3_user_before_tls_rejected(strict, upstreams):
     before = len(upstreams["pop3"].received)
     with connect(strict, "pop3_starttls") as client:
