@@ -47,6 +47,24 @@ def encode_plain(authcid: bytes, password: bytes, authzid: bytes = b"") -> bytes
     return encode_base64(b"\0".join((authzid, authcid, password)))
 
 
+def initial_response_user(mechanism: str, initial: bytes | None) -> bytes | None:
+    """Return the user name in a PLAIN or LOGIN initial response (RFC 4959, RFC 5034).
+
+    Returns None for another mechanism and for a response that is missing, empty
+    ("=") or invalid. The password of a PLAIN response is never returned.
+    """
+    if initial is None or initial == b"=":
+        return None
+    try:
+        if mechanism == "PLAIN":
+            return decode_plain(initial)[1]
+        if mechanism == "LOGIN":
+            return decode_login_step(initial) or None
+    except ClientProtocolError:
+        return None
+    return None
+
+
 def is_cancel(line: bytes) -> bool:
     """Return whether a client's SASL response is "*", which aborts the exchange."""
     return line.rstrip(b"\r\n") == b"*"

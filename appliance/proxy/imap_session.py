@@ -36,11 +36,19 @@ from appliance.protocols.imap import (
 )
 from appliance.protocols.imap import capabilities as response_capabilities
 from appliance.proxy.errors import UpstreamError
-from appliance.proxy.session import CLIENT_FAULTS, GOODBYE_TEXTS, Session
+from appliance.proxy.session import (
+    CLIENT_FAULTS,
+    GOODBYE_TEXTS,
+    LOGIN_SIZE_ERROR,
+    Session,
+)
 from appliance.proxy.upstream import UpstreamTarget, open_upstream, upgrade_upstream
 
 # LOGIN and SASL arguments are strings, while a literal8 carries binary data (RFC 3516).
 LITERAL8_LOGIN_ERROR = "Login arguments are strings; literal8 (~{n}) is for binary data"
+# Commands that the proxy replies to itself and whose grammar has no arguments (RFC 3501
+# and RFC 9051).
+COMMANDS_WITHOUT_ARGUMENTS = frozenset({"CAPABILITY", "NOOP", "LOGOUT", "STARTTLS"})
 
 
 class _Cancelled(Exception):
@@ -143,7 +151,7 @@ class ImapSession(Session):
         untagged = []
         while True:
             response = await self.next_upstream_event(self.responses)
-            if response.kind == "tagged" and response.tag == tag:
+            if _is_reply_to(response, tag):
                 return response, untagged
             if response.kind == "untagged" and response.status == "BYE":
                 raise UpstreamError("closed", "server sent BYE during setup")
@@ -251,7 +259,9 @@ class ImapSession(Session):
 
     async def _dispatch(self, command: Command) -> bool | None:
         tag, name = command.tag, command.name
-        if name == "CAPABILITY":
+        if name in COMMANDS_WITHOUT_ARGUMENTS and command.args:
+            self._protocol_error(f"{name} takes no arguments", tag)
+        elif name == "CAPABILITY":
             self.client.send(format_capability(self._pre_auth_caps()))
             self.client.send(format_tagged(tag, "OK", "CAPABILITY completed"))
         elif name == "NOOP":
@@ -266,8 +276,7 @@ class ImapSession(Session):
         elif name == "STARTTLS":
             await self._starttls(tag)
         elif name in ("LOGIN", "AUTHENTICATE") and not self.client_state.login_allowed:
-            user = command.args[0] if name == "LOGIN" and command.args else None
-            self._reject_before_tls(tag, user)
+            self._reject_before_tls(tag, _login_user(command))
         elif name == "LOGIN":
             return await self._login_command(command)
         elif name == "AUTHENTICATE":
@@ -357,6 +366,9 @@ class ImapSession(Session):
         self, client_tag: str, login: bytes, password: bytes
     ) -> bool | None:
         """Log in upstream, first choosing and connecting the upstream when routing."""
+        if self.reject_oversized_login(login, password):
+            self.client.send(format_tagged(client_tag, "NO", LOGIN_SIZE_ERROR, "LIMIT"))
+            return None
         await self.delay_login()
         if not self.routes_by_login:
             return await self._login(client_tag, login, password)
@@ -413,7 +425,7 @@ class ImapSession(Session):
             response = await self.next_upstream_event(self.responses)
             if response.kind == "continuation":
                 self.upstream.send(queue.pop(0) if queue else b"*\r\n")
-            elif response.kind == "tagged" and response.tag == tag:
+            elif _is_reply_to(response, tag):
                 return response
             elif response.kind == "untagged":
                 self._forward_untagged(response)
@@ -456,6 +468,33 @@ class ImapSession(Session):
             self.upstream.send(pending_client)
         if pending_upstream:
             self.client.send(pending_upstream)
+
+
+def _login_user(command: Command) -> object:
+    """Return the user name of a LOGIN, or of an AUTHENTICATE initial response."""
+    if not command.args:
+        return None
+    if command.name == "LOGIN":
+        return command.args[0]
+    mechanism = command.args[0]
+    initial = command.args[1] if len(command.args) > 1 else None
+    if not isinstance(mechanism, str) or not _is_string(initial):
+        return None
+    return sasl.initial_response_user(mechanism.upper(), _to_bytes(initial))
+
+
+def _is_reply_to(response: Response, tag: str) -> bool:
+    """Return whether `response` is the tagged reply to the proxy's command `tag`.
+
+    Raises UpstreamProtocolError for a tagged reply under another tag: the proxy has one
+    command in flight, so the reply that it waits for would never come.
+    """
+    if response.kind != "tagged":
+        return False
+    if response.tag != tag:
+        message = "server sent a tagged reply under a tag the proxy did not send"
+        raise UpstreamProtocolError(message)
+    return True
 
 
 def _is_string(value: object) -> bool:

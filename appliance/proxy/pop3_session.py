@@ -23,8 +23,19 @@ from appliance.protocols.pop3 import (
     sasl_mechanisms,
 )
 from appliance.proxy.errors import UpstreamError
-from appliance.proxy.session import CLIENT_FAULTS, GOODBYE_TEXTS, Session, SessionEnd
+from appliance.proxy.session import (
+    CLIENT_FAULTS,
+    GOODBYE_TEXTS,
+    LOGIN_SIZE_ERROR,
+    Session,
+    SessionEnd,
+)
 from appliance.proxy.upstream import UpstreamTarget, open_upstream, upgrade_upstream
+
+
+# Commands that the proxy replies to itself and that take no arguments (RFC 1939, RFC 2449
+# and RFC 2595).
+COMMANDS_WITHOUT_ARGUMENTS = frozenset({"CAPA", "STLS", "QUIT"})
 
 
 class Pop3Session(Session):
@@ -122,7 +133,9 @@ class Pop3Session(Session):
 
     async def _dispatch(self, command: Command) -> bool | None:
         name = command.name
-        if name == "CAPA":
+        if name in COMMANDS_WITHOUT_ARGUMENTS and command.argument:
+            self._protocol_error(f"{name} takes no arguments")
+        elif name == "CAPA":
             if self.routes_by_login:
                 base: list[str] = list(capabilities.ROUTING_POP3_BASE)
             else:
@@ -137,8 +150,7 @@ class Pop3Session(Session):
         elif name == "NOOP":
             self.client.send(format_err("NOOP is not valid before login"))
         elif name in ("USER", "PASS", "AUTH", "APOP") and not self.client_state.login_allowed:
-            names_user = name in ("USER", "APOP") and command.args
-            self.record_login("rejected", command.args[0] if names_user else None)
+            self.record_login("rejected", _login_user(command))
             self.client.send(
                 format_err("Login is disabled until TLS is active; use STLS first", "AUTH")
             )
@@ -226,6 +238,9 @@ class Pop3Session(Session):
             self.client.send(format_err("APOP needs a user name and a digest"))
             return None
         user, digest = command.args
+        if self.reject_oversized_login(user, b""):
+            self.client.send(format_err(LOGIN_SIZE_ERROR, "AUTH"))
+            return None
         if self.routes_by_login:
             self.client.send(format_err("APOP is not available here; use USER or AUTH"))
             return None
@@ -238,6 +253,9 @@ class Pop3Session(Session):
 
     async def _start_login(self, login: bytes, password: bytes) -> bool | None:
         """Log in upstream, first choosing and connecting the upstream when routing."""
+        if self.reject_oversized_login(login, password):
+            self.client.send(format_err(LOGIN_SIZE_ERROR, "AUTH"))
+            return None
         await self.delay_login()
         if not self.routes_by_login:
             return await self._login(login, password)
@@ -301,6 +319,18 @@ class Pop3Session(Session):
             self.upstream.send(pending_client)
         if pending_upstream:
             self.client.send(pending_upstream)
+
+
+def _login_user(command: Command) -> bytes | None:
+    """Return the user name of USER or APOP, or of an AUTH initial response."""
+    if not command.args:
+        return None
+    if command.name in ("USER", "APOP"):
+        return command.args[0]
+    if command.name == "AUTH" and len(command.args) > 1:
+        mechanism = command.args[0].decode("ascii", "replace").upper()
+        return sasl.initial_response_user(mechanism, command.args[1])
+    return None
 
 
 class _Cancelled(Exception):

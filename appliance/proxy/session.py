@@ -98,6 +98,20 @@ GOODBYE_TEXTS = {
 }
 CLIENT_FAULTS = frozenset({"protocol", "unreadable"})
 
+# Largest user name and password, in bytes, that the proxy forwards to an upstream.
+# Dovecot 2.3's login processes (2.3.19 tested) close the connection on a SASL response
+# over 8192 bytes of base64 (LOGIN_MAX_AUTH_BUF_SIZE in src/login-common/client-common.h),
+# and a PLAIN response with both values at these limits is 6832 bytes of base64.
+# NOTE: Dovecot reads LOGIN (IMAP) and USER/PASS (POP3) into a smaller buffer
+# (LOGIN_MAX_INBUF_SIZE, 1026 to 1856 bytes by version). The proxy uses those commands
+# only when the upstream offers no PLAIN mechanism, and then shorter values may fail.
+MAX_LOGIN_USER_SIZE = 1024
+MAX_LOGIN_PASSWORD_SIZE = 4096
+LOGIN_SIZE_ERROR = (
+    f"User names are limited to {MAX_LOGIN_USER_SIZE} bytes "
+    f"and passwords to {MAX_LOGIN_PASSWORD_SIZE} bytes"
+)
+
 
 class SessionEnd(Exception):
     """Stop the session quietly; the reason goes to the summary log line."""
@@ -518,6 +532,25 @@ class Session:
         if delay > 0:
             self.log.debug("delaying login by {:.1f}s after failed logins", delay)
             await asyncio.sleep(delay)
+
+    def reject_oversized_login(self, user: bytes, password: bytes) -> bool:
+        """Record a login over MAX_LOGIN_USER_SIZE or MAX_LOGIN_PASSWORD_SIZE as rejected.
+
+        Returns whether the login is over a limit. The caller then sends the rejection
+        and never forwards the login. An oversized user name is left out of the log.
+        """
+        if len(user) <= MAX_LOGIN_USER_SIZE and len(password) <= MAX_LOGIN_PASSWORD_SIZE:
+            return False
+        self.log.info(
+            "rejecting a login with a {}-byte user name and a {}-byte password: "
+            "over the limits of {} and {} bytes",
+            len(user),
+            len(password),
+            MAX_LOGIN_USER_SIZE,
+            MAX_LOGIN_PASSWORD_SIZE,
+        )
+        self.record_login("rejected", user if len(user) <= MAX_LOGIN_USER_SIZE else None)
+        return True
 
     def record_login(self, result: str, user: bytes | str | None = None) -> None:
         """Log an authentication outcome in the stable format, and count a failure.

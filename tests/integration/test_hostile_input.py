@@ -25,6 +25,7 @@ from typing import Any, Self
 
 import pytest
 
+from appliance.proxy.session import MAX_LOGIN_USER_SIZE
 from tests.support.appliance import ApplianceProcess, listener_config
 from tests.support.certs import TestPKI
 from tests.support.scripted_server import LineClient, Step, converse
@@ -722,6 +723,61 @@ def test_sasl_fatal_error_answered_once(strict):
         reply = client.read_until_closed()
     assert reply.count(b"BAD") == 1, reply
     assert reply.startswith(b"A1 BAD bare CR"), reply
+
+
+@pytest.mark.parametrize(
+    ("user", "reply"),
+    [(MAX_LOGIN_USER_SIZE, b"L1 OK"), (MAX_LOGIN_USER_SIZE + 1, b"L1 NO [LIMIT]")],
+    ids=["at-limit", "over-limit"],
+)
+def test_login_user_size_limit(strict, upstreams, user, reply):
+    before = len(upstreams["imap"].received)
+    with connect(strict, "imap") as client:
+        steps = [
+            Step(b"L1 LOGIN {%d}\r\n" % user, b"+"),
+            Step(b"u" * user + b" right\r\n", reply),
+        ]
+        converse(client, steps)
+    forwarded = b"AUTHENTICATE" in bytes(upstreams["imap"].received[before:])
+    assert forwarded == (user <= MAX_LOGIN_USER_SIZE)
+
+
+# Each case: listener, command before TLS, and the user name that the log line names.
+PRE_TLS_SASL_USERS = {
+    "imap-plain": (
+        "imap_starttls",
+        b"a1 AUTHENTICATE PLAIN " + plain(b"jo", b"pw"),
+        "jo",
+    ),
+    "imap-plain-authzid": (
+        "imap_starttls",
+        b"a1 AUTHENTICATE PLAIN " + base64.b64encode(b"jo\0jo\0pw"),
+        "jo",
+    ),
+    "imap-login": (
+        "imap_starttls",
+        b"a1 AUTHENTICATE LOGIN " + base64.b64encode(b"jo"),
+        "jo",
+    ),
+    "imap-invalid": ("imap_starttls", b"a1 AUTHENTICATE PLAIN bm90IHBsYWlu", ""),
+    "imap-empty": ("imap_starttls", b"a1 AUTHENTICATE PLAIN =", ""),
+    "pop3-plain": ("pop3_starttls", b"AUTH PLAIN " + plain(b"jo", b"pw"), "jo"),
+    "pop3-login": ("pop3_starttls", b"AUTH LOGIN " + base64.b64encode(b"jo"), "jo"),
+    "pop3-invalid": ("pop3_starttls", b"AUTH PLAIN not*base64!", ""),
+}
+
+
+@pytest.mark.parametrize("case", PRE_TLS_SASL_USERS, ids=list(PRE_TLS_SASL_USERS))
+def test_sasl_before_tls_logs_user(strict, case):
+    listener, command, user = PRE_TLS_SASL_USERS[case]
+    source = next_source()
+    with connect(strict, listener, source) as client:
+        client.send(command + b"\r\n")
+        reply = client.read_line()
+    assert reply.startswith((b"a1 NO [PRIVACYREQUIRED]", b"-ERR [AUTH]")), reply
+    line = wait_for_log(strict, f"login rejected: client {source} ")
+    assert line.endswith(f'user "{user}"'), line
+    assert "pw" not in line.rpartition(" user ")[2], line
 
 
 def test_pop3_user_before_tls_rejected(strict, upstreams):

@@ -7,6 +7,7 @@ server is private to this module, because IDLE and APPEND add messages to INBOX.
 
 from __future__ import annotations
 
+import base64
 import imaplib
 import random
 import re
@@ -18,6 +19,11 @@ from contextlib import contextmanager
 
 import pytest
 
+from appliance.proxy.session import (
+    LOGIN_SIZE_ERROR,
+    MAX_LOGIN_PASSWORD_SIZE,
+    MAX_LOGIN_USER_SIZE,
+)
 from tests.support.appliance import (
     ApplianceProcess,
     dovecot_config,
@@ -393,3 +399,72 @@ def test_oversize_literal_rejected_without_continuation(proxy, mail_server, size
             client,
             [Step(b"a3 LOGIN alice " + imap_quoted(password) + b"\r\n", b"a3 OK")],
         )
+
+
+# Credential size limits before login
+
+
+def oversized_logins() -> dict[str, list[Step]]:
+    """Return login exchanges over the size limits, each tagged a1 and ending in NO.
+
+    The first sends a 65536-byte user name, the default max_literal_size, which made
+    Dovecot close the upstream connection when the proxy forwarded it.
+    """
+    user = b"u" * (MAX_LOGIN_USER_SIZE + 1)
+    password = b"p" * (MAX_LOGIN_PASSWORD_SIZE + 1)
+    plain = base64.b64encode(b"\0alice\0" + password)
+    rejected_reply = b"a1 NO [LIMIT]"
+    return {
+        "login-64k-user": [
+            Step(b"a1 LOGIN {65536}\r\n", b"+"),
+            Step(b"x" * 65536 + b" {3}\r\n", b"+"),
+            Step(b"abc\r\n", rejected_reply),
+        ],
+        "login-password": [
+            Step(b"a1 LOGIN alice {%d}\r\n" % len(password), b"+"),
+            Step(password + b"\r\n", rejected_reply),
+        ],
+        "plain-initial-response": [
+            Step(b"a1 AUTHENTICATE PLAIN " + plain + b"\r\n", rejected_reply),
+        ],
+        "plain-continuation": [
+            Step(b"a1 AUTHENTICATE PLAIN\r\n", b"+"),
+            Step(plain + b"\r\n", rejected_reply),
+        ],
+        "login-mechanism": [
+            Step(b"a1 AUTHENTICATE LOGIN\r\n", b"+"),
+            Step(base64.b64encode(user) + b"\r\n", b"+"),
+            Step(base64.b64encode(b"secret") + b"\r\n", rejected_reply),
+        ],
+    }
+
+
+# Exchanges whose user name is over the limit, so the log leaves it out.
+OVERSIZED_USER_EXCHANGES = {"login-64k-user", "login-mechanism"}
+
+
+@pytest.mark.parametrize("exchange", sorted(oversized_logins()))
+def test_oversized_login_rejected_locally(proxy, mail_server, exchange):
+    password = imap_quoted(mail_server.users["alice"].encode())
+    with raw_client(proxy) as client:
+        port = client.sock.getsockname()[1]
+        replies = converse(client, oversized_logins()[exchange])
+        # The upstream connection of the session still works.
+        converse(client, [Step(b"a2 LOGIN alice " + password + b"\r\n", b"a2 OK")])
+    assert LOGIN_SIZE_ERROR.encode() in replies[-1], replies
+    rejected = wait_for_log_line(proxy, f"login rejected: client {HOST} port {port} ")
+    names_user = exchange not in OVERSIZED_USER_EXCHANGES
+    assert rejected.endswith('user "alice"' if names_user else 'user ""'), rejected
+    session_lines = [line for line in proxy.log_text().splitlines() if f":{port}]" in line]
+    assert not any("unusable" in line for line in session_lines), session_lines
+
+
+def wait_for_log_line(proxy: ApplianceProcess, text: str) -> str:
+    """Return the first log line that contains `text`, waiting for it."""
+    deadline = time.monotonic() + LOG_TIMEOUT
+    while time.monotonic() < deadline:
+        for line in proxy.log_text().splitlines():
+            if text in line:
+                return line
+        time.sleep(0.05)
+    raise AssertionError(f"no log line contains {text!r}:\n{proxy.log_text()}")

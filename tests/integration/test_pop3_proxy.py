@@ -18,6 +18,11 @@ from typing import Any
 
 import pytest
 
+from appliance.proxy.session import (
+    LOGIN_SIZE_ERROR,
+    MAX_LOGIN_PASSWORD_SIZE,
+    MAX_LOGIN_USER_SIZE,
+)
 from tests.support.appliance import (
     ApplianceProcess,
     dovecot_config,
@@ -450,6 +455,37 @@ def test_wrong_password_then_login_works(proxy, server):
         wire.close()
 
     assert failed.startswith(b"-ERR")
+    assert reply.startswith(b"+OK")
+    assert stat.startswith(b"+OK")
+
+
+def oversized_logins() -> dict[str, list[bytes]]:
+    """Return login exchanges over the size limits, as command lines without CRLF."""
+    user = b"u" * (MAX_LOGIN_USER_SIZE + 1)
+    password = "p" * (MAX_LOGIN_PASSWORD_SIZE + 1)
+    return {
+        # 7000 bytes: a PLAIN response over Dovecot's 8192 bytes of base64.
+        "pass": [b"USER alice", b"PASS " + b"p" * 7000],
+        "user": [b"USER " + user, b"PASS secret"],
+        "auth-plain-initial": [b"AUTH PLAIN " + plain_response(USER, password)],
+        "auth-plain-continuation": [b"AUTH PLAIN", plain_response(USER, password)],
+        "auth-login": [b"AUTH LOGIN", base64.b64encode(user), b64("secret")],
+        "apop": [b"APOP " + user + b" " + b"0" * 32],
+    }
+
+
+@pytest.mark.parametrize("exchange", sorted(oversized_logins()))
+def test_oversized_login_rejected_locally(proxy, server, exchange):
+    wire = login_wire(proxy)
+    try:
+        replies = [wire.command(line) for line in oversized_logins()[exchange]]
+        wire.command(b"USER " + USER.encode())
+        reply = wire.command(b"PASS " + server.users[USER].encode())
+        stat = stat_after_login(wire)
+    finally:
+        wire.close()
+
+    assert replies[-1] == b"-ERR [AUTH] " + LOGIN_SIZE_ERROR.encode() + b"\r\n"
     assert reply.startswith(b"+OK")
     assert stat.startswith(b"+OK")
 

@@ -1,11 +1,12 @@
 """Upstreams that fail TLS or misbehave around STARTTLS: no credentials may reach them.
 
 Real Dovecot servers present an untrusted, a wrong-host and an expired certificate, and
-scripted IMAP and POP3 servers send a PREAUTH greeting, omit STARTTLS/STLS, or send
-bytes between their STARTTLS/STLS reply and the handshake. In every case the client
-gets `* BYE [UNAVAILABLE]` (IMAP) or `-ERR [SYS/TEMP]` (POP3), and the server never
-receives a login command. Well-behaved scripted servers show that the same setup does
-deliver the login, after TLS."""
+scripted IMAP and POP3 servers send a PREAUTH greeting, omit STARTTLS/STLS, send bytes
+between their STARTTLS/STLS reply and the handshake, or reply under a wrong tag. In every
+case the client gets `* BYE [UNAVAILABLE]` (IMAP) or `-ERR [SYS/TEMP]` (POP3). The server
+never receives a login command, except for the server that replies to the login itself
+under a wrong tag, where the test checks that the BYE comes at once. Well-behaved
+scripted servers show that the same setup does deliver the login, after TLS."""
 
 from __future__ import annotations
 
@@ -66,6 +67,9 @@ SCRIPTED_CASES = {
         "none",
         "greeting is PREAUTH",
     ),
+    "imap-starttls-wrong-tag": ScriptedCase(
+        Script(starttls_reply_tag=b"ZZZ"), "starttls", "under a tag the proxy did not send"
+    ),
     "imap-no-starttls": ScriptedCase(
         Script(offer_starttls=False), "starttls", "does not offer STARTTLS"
     ),
@@ -79,6 +83,11 @@ SCRIPTED_CASES = {
         "starttls",
         "does not offer STLS",
     ),
+    "imap-login-wrong-tag": ScriptedCase(
+        Script(offer_starttls=False, login_reply_tag=b"ZZZ"),
+        "none",
+        "under a tag the proxy did not send",
+    ),
     "imap-well-behaved": ScriptedCase(
         Script(login_capabilities=("IMAP4rev1", "STARTTLS", "LOGINDISABLED", "IDLE")),
         "starttls",
@@ -88,7 +97,13 @@ SCRIPTED_CASES = {
         Script(protocol="pop3"), "starttls", "login succeeded"
     ),
 }
-FAILING_CASES = [name for name in SCRIPTED_CASES if "well-behaved" not in name]
+# Cases where the upstream misbehaves only after it received the login.
+AFTER_LOGIN_CASES = {"imap-login-wrong-tag"}
+FAILING_CASES = [
+    name
+    for name in SCRIPTED_CASES
+    if "well-behaved" not in name and name not in AFTER_LOGIN_CASES
+]
 UNAVAILABLE_GREETINGS = {"imap": b"* BYE [UNAVAILABLE]", "pop3": b"-ERR [SYS/TEMP]"}
 LOGIN_ATTEMPTS = {
     "imap": b"a1 LOGIN alice secret\r\n",
@@ -227,6 +242,23 @@ def test_misbehaving_upstream_gets_no_login(proxy, scripted_servers, name):
     assert server.wait_until_all_closed()
     assert not server.credentials_received(), [r.commands for r in server.records]
     assert b"secret" not in server.received_bytes()
+
+
+def test_login_reply_wrong_tag_ends_session(proxy, scripted_servers):
+    name = "imap-login-wrong-tag"
+    reasons_before = count_log(proxy, name, SCRIPTED_CASES[name].log_text)
+    started = time.monotonic()
+    with LineClient(HOST, proxy.port(name), timeout=TIMEOUT) as client:
+        greeting = client.read_line()
+        client.send(b"a1 LOGIN alice secret\r\n")
+        reply = client.read_until_closed()
+    elapsed = time.monotonic() - started
+
+    assert greeting.startswith(b"* OK"), greeting
+    assert reply.startswith(b"* BYE [UNAVAILABLE]"), reply
+    # The default connect_timeout is 10 s, so an error at once ends well before it.
+    assert elapsed < 5, elapsed
+    wait_for_log(proxy, name, SCRIPTED_CASES[name].log_text, reasons_before + 1)
 
 
 def test_well_behaved_imap_upstream_gets_login(proxy, scripted_servers):

@@ -50,6 +50,10 @@ class Script:
     """Bytes sent in the same write as the STARTTLS/STLS OK, before the handshake."""
     login_capabilities: tuple[str, ...] = ("IMAP4rev1", "IDLE")
     """IMAP capabilities in the [CAPABILITY ...] code of the login OK."""
+    starttls_reply_tag: bytes | None = None
+    """IMAP tag of the STARTTLS reply. None uses the command's tag."""
+    login_reply_tag: bytes | None = None
+    """IMAP tag of the LOGIN and AUTHENTICATE replies. None uses the command's tag."""
 
 
 @dataclass
@@ -270,7 +274,7 @@ class ScriptedServer:
             peer.send(f"* CAPABILITY {caps}\r\n".encode() + tag + b" OK done\r\n")
         elif name == "STARTTLS" and self._starttls_offered(peer):
             peer.send(
-                tag
+                (self.script.starttls_reply_tag or tag)
                 + b" OK Begin TLS negotiation now\r\n"
                 + self.script.after_starttls_reply
             )
@@ -282,9 +286,9 @@ class ScriptedServer:
                 peer.send(b"+ \r\n")
                 if peer.read_line() is None:
                     return False
-            peer.send(tag + self._imap_login_ok())
+            peer.send((self.script.login_reply_tag or tag) + self._imap_login_ok())
         elif name == "LOGIN":
-            peer.send(tag + self._imap_login_ok())
+            peer.send((self.script.login_reply_tag or tag) + self._imap_login_ok())
         elif name == "LOGOUT":
             peer.send(b"* BYE Logging out\r\n" + tag + b" OK done\r\n")
             return False

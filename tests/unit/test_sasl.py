@@ -12,6 +12,7 @@ from appliance.protocols.sasl import (
     decode_plain,
     encode_base64,
     encode_plain,
+    initial_response_user,
     is_cancel,
 )
 
@@ -107,3 +108,21 @@ def test_encode_base64() -> None:
 )
 def test_is_cancel(line: bytes, cancel: bool) -> None:
     assert is_cancel(line) is cancel
+
+
+@pytest.mark.parametrize(
+    ("mechanism", "initial", "user"),
+    [
+        ("PLAIN", base64.b64encode(b"\0jo\0pw"), b"jo"),
+        ("PLAIN", base64.b64encode(b"admin\0jo\0pw"), b"jo"),
+        ("PLAIN", base64.b64encode(b"jo\0pw"), None),
+        ("PLAIN", b"not*base64!", None),
+        ("PLAIN", b"=", None),
+        ("PLAIN", None, None),
+        ("LOGIN", base64.b64encode(b"jo"), b"jo"),
+        ("LOGIN", b"", None),
+        ("CRAM-MD5", base64.b64encode(b"jo"), None),
+    ],
+)
+def test_initial_response_user(mechanism, initial, user):
+    assert initial_response_user(mechanism, initial) == user

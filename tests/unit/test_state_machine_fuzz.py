@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from appliance.config import AppConfig
-from appliance.protocols.errors import ClientProtocolError
+from appliance.protocols.errors import ClientProtocolError, TooManyProtocolErrors
 from appliance.protocols.imap import Command, CommandReader, ContinuationRequest
 from appliance.proxy import imap_session, pop3_session
 from appliance.proxy.connection import Connection, ConnectionClosed
@@ -490,6 +490,30 @@ def test_starttls_then_login_succeeds(configs):
     steps = [b"a1 STARTTLS\r\n", b"a2 LOGIN user right\r\n"]
     outcome = asyncio.run(run_pre_auth(configs["imap", "starttls"], "imap", steps))
     assert outcome.result is True
+
+
+@pytest.mark.parametrize("name", [b"CAPABILITY", b"NOOP", b"LOGOUT", b"STARTTLS"])
+def test_imap_argument_to_bare_command_rejected(configs, name):
+    steps = [b"e " + name + b" extra\r\n", b"a2 NOOP\r\n"]
+    outcome = asyncio.run(run_pre_auth(configs["imap", "starttls"], "imap", steps))
+    lines = bytes(outcome.client_output).split(b"\r\n")
+    assert lines[1] == b"e BAD " + name + b" takes no arguments", lines
+    assert lines[2].startswith(b"a2 OK"), lines
+
+
+@pytest.mark.parametrize("name", [b"CAPA", b"STLS", b"QUIT"])
+def test_pop3_argument_to_bare_command_rejected(configs, name):
+    steps = [name + b" extra\r\n", b"USER user\r\n"]
+    outcome = asyncio.run(run_pre_auth(configs["pop3", "starttls"], "pop3", steps))
+    lines = bytes(outcome.client_output).split(b"\r\n")
+    assert lines[1] == b"-ERR " + name + b" takes no arguments", lines
+    assert lines[2].startswith(b"-ERR [AUTH] Login is disabled"), lines
+
+
+def test_argument_errors_use_error_budget(configs):
+    steps = [b"e%d NOOP x\r\n" % number for number in range(8)]
+    outcome = asyncio.run(run_pre_auth(configs["imap", "none"], "imap", steps))
+    assert isinstance(outcome.error, TooManyProtocolErrors)
 
 
 # CommandReader.reject_literal, which the IMAP session uses before TLS
