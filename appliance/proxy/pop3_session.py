@@ -282,11 +282,20 @@ class Pop3Session(Session):
         if "PLAIN" in mechanisms:
             self.upstream.send(format_command("AUTH", b"PLAIN", sasl.encode_plain(user, password)))
             return await self._finish_login(await self._status_event())
-        self.upstream.send(format_command("USER", user))
+        try:
+            # Both are built first, so invalid credentials never leave half a login.
+            user_command = format_command("USER", user)
+            pass_command = format_command("PASS", password)
+        except ValueError:
+            # USER and PASS are lines, so a SASL-decoded CR, LF or NUL cannot pass.
+            self.record_login("rejected", user)
+            self.client.send(format_err("Invalid characters in credentials", "AUTH"))
+            return None
+        self.upstream.send(user_command)
         status = await self._status_event()
         if not status.status.ok:
             return await self._finish_login(status)
-        self.upstream.send(format_command("PASS", password))
+        self.upstream.send(pass_command)
         return await self._finish_login(await self._status_event())
 
     async def _status_event(self) -> Status:

@@ -28,7 +28,13 @@ import pytest
 from appliance.proxy.session import MAX_LOGIN_USER_SIZE
 from tests.support.appliance import ApplianceProcess, listener_config
 from tests.support.certs import TestPKI
-from tests.support.scripted_server import LineClient, Step, converse
+from tests.support.scripted_server import (
+    LineClient,
+    Script,
+    ScriptedServer,
+    Step,
+    converse,
+)
 
 HOST = "127.0.0.1"
 TIMEOUT = 20.0
@@ -800,3 +806,30 @@ def test_open_files_limit_logged(strict):
         line,
     )
     assert figures is not None, line
+
+
+# Credentials that cannot become lines
+
+
+def test_pop3_user_pass_rejects_line_breaks(tmp_path):
+    """A password with CR LF, sent base64-encoded, never becomes two lines upstream."""
+    script = Script(protocol="pop3", offer_starttls=False, offer_sasl_plain=False)
+    with ScriptedServer(script) as server:
+        config = {
+            "listeners": {"pop3": listener_config("pop3", "pop3")},
+            "upstreams": {"pop3": {"host": HOST, "port": server.port, "tls": "none"}},
+        }
+        with ApplianceProcess(config, tmp_path) as proxy:
+            client = LineClient(HOST, proxy.port("pop3"))
+            client.read_line()
+            client.send(b"AUTH PLAIN " + plain(b"user", b"pw\r\nDELE 1") + b"\r\n")
+            rejected = client.read_line()
+            client.send(b"AUTH PLAIN " + plain(b"user", b"pw") + b"\r\n")
+            accepted = client.read_line()
+            client.sock.close()
+        received = server.received_bytes()
+
+    assert rejected.startswith(b"-ERR [AUTH] Invalid characters in credentials")
+    assert accepted.startswith(b"+OK")
+    assert b"DELE" not in received
+    assert received.count(b"USER ") == 1

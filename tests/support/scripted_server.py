@@ -50,6 +50,9 @@ class Script:
     """Bytes sent in the same write as the STARTTLS/STLS OK, before the handshake."""
     login_capabilities: tuple[str, ...] = ("IMAP4rev1", "IDLE")
     """IMAP capabilities in the [CAPABILITY ...] code of the login OK."""
+    offer_sasl_plain: bool = True
+    """List SASL PLAIN in the POP3 CAPA reply, so the proxy logs in with AUTH rather
+    than USER and PASS."""
     starttls_reply_tag: bytes | None = None
     """IMAP tag of the STARTTLS reply. None uses the command's tag."""
     login_reply_tag: bytes | None = None
@@ -328,7 +331,9 @@ class ScriptedServer:
     ) -> bool:
         """Send the reply to one command and return False when the connection must end."""
         if name == "CAPA":
-            lines = ["USER", "SASL PLAIN", "UIDL", "TOP"]
+            lines = ["USER", "UIDL", "TOP"]
+            if self.script.offer_sasl_plain:
+                lines.insert(1, "SASL PLAIN")
             if self._starttls_offered(peer):
                 lines.append("STLS")
             body = "".join(f"{line}\r\n" for line in lines)
