@@ -64,7 +64,8 @@ class AppConfig(BaseSettings):
     )
 
     listeners: dict[str, ListenerConfig] = Field(default_factory=dict)
-    """Local listeners by name; the name appears in logs and env variable names."""
+    """Local listeners by name; the name appears in logs and env variable names. At
+    least one is required."""
 
     upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict)
     """Mail servers by name; listeners refer to them by this name."""

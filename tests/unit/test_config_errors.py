@@ -669,7 +669,8 @@ def test_yaml_merge_key_shares_settings(tmp_path: Path, secrets_dir: Path) -> No
     )
     path = write_config(tmp_path, text)
 
-    upstreams = load_config(path, secrets_dir=secrets_dir).config.upstreams
+    loaded = load_config(path, secrets_dir=secrets_dir, require_listeners=False)
+    upstreams = loaded.config.upstreams
 
     assert upstreams["two"].host == "mail.example.org"
     assert upstreams["two"].port == 995
@@ -690,6 +691,7 @@ def test_unquoted_tls_version_loads(
 ) -> None:
     path = write_config(tmp_path, UPSTREAM_YAML + f"    {text}\n")
 
-    upstream = load_config(path, secrets_dir=secrets_dir).config.upstreams["mail"]
+    loaded = load_config(path, secrets_dir=secrets_dir, require_listeners=False)
+    upstream = loaded.config.upstreams["mail"]
 
     assert upstream.min_version == "1.3"
