@@ -190,6 +190,41 @@ async def test_emptied_file_rejected(tmp_path: Path, messages: list[str]) -> Non
         await reloader.stop()
 
 
+async def test_watch_restart_keeps_status(
+    tmp_path: Path, messages: list[str]
+) -> None:
+    """A reload that names a file in a new folder restarts the watch.
+
+    The check after the restart finds nothing new, so the reload's "applied" stays.
+    """
+    pki = TestPKI(tmp_path / "pki")
+    path = tmp_path / "appliance.yaml"
+    write(path, 100)
+    reloader = start_reloader(path)
+    runtime = reloader.runtime
+    try:
+        await wait_for(
+            lambda: any("files unchanged since start-up" in m for m in messages),
+            "the check at start-up",
+        )
+        text = CONFIG.format(max_connections=100) + LISTENERS
+        ca_line = f"    ca_file: {pki.ca_file}\n"
+        path.write_text(text.replace("    tls: none\n", "    tls: none\n" + ca_line))
+        restart_checked = "files unchanged since the watch restarted"
+        await wait_for(
+            lambda: any(restart_checked in m for m in messages),
+            "the check after the watch restart",
+        )
+        summary = [m for m in messages if "config reload" in m]
+        assert len(summary) == 1, summary
+        assert "config reload (file change) applied version 2" in summary[0]
+        assert runtime.status.outcome == "applied"
+        assert runtime.status.version == 2
+        assert pki.ca_file.parent in reloader.watch_set.folders
+    finally:
+        await reloader.stop()
+
+
 async def test_certificate_replaced_during_start_applied(
     tmp_path: Path, messages: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
