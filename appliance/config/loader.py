@@ -208,7 +208,9 @@ def _read_config_file(path: Path) -> dict[str, Any]:
             with path.open("rb") as binary:
                 return tomllib.load(binary)
         if suffix == ".json":
-            document = json.loads(path.read_text(encoding="utf-8"))
+            document = json.loads(
+                path.read_text(encoding="utf-8"), object_pairs_hook=_unique_key_object
+            )
         else:
             _check_yaml_nesting(path)
             # Read from the open file, so that YAML errors name it and not a string.
@@ -234,6 +236,22 @@ def _read_config_file(path: Path) -> dict[str, Any]:
                 f"(keys such as listeners: and upstreams:), not a {type(document).__name__}"
             ]
         )
+    return document
+
+
+def _unique_key_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Build a JSON object, rejecting a key given twice, as the YAML loader does.
+
+    The json module keeps the last of duplicate keys, and its hook gets no line numbers.
+    """
+    document: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in document:
+            raise ValueError(
+                f"key {key!r} repeats an earlier key in the same object; merge the two "
+                "entries or rename one"
+            )
+        document[key] = value
     return document
 
 

@@ -518,6 +518,21 @@ def test_unparsable_file_named(
     assert line in problem
 
 
+def test_repeated_json_key_rejected(tmp_path: Path, secrets_dir: Path) -> None:
+    text = (
+        '{"listeners": {'
+        '"imap": {"protocol": "imap", "port": 1143, "upstream": "mail"}, '
+        '"imap": {"protocol": "imap", "port": 1144, "upstream": "mail"}}, '
+        '"upstreams": {"mail": {"host": "mail.example.org"}}}'
+    )
+    path = write_config(tmp_path, text, "appliance.json")
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith(f"config file {str(path)!r} could not be parsed")
+    assert "key 'imap' repeats an earlier key in the same object" in problem
+
+
 def test_unknown_extension_named(tmp_path: Path, secrets_dir: Path) -> None:
     path = write_config(tmp_path, UPSTREAM_YAML, "appliance.ini")
 
