@@ -596,6 +596,22 @@ def test_repeated_json_key_rejected(tmp_path: Path, secrets_dir: Path) -> None:
     assert "key 'imap' repeats an earlier key in the same object" in problem
 
 
+@pytest.mark.parametrize("section", ["listeners", "upstreams"])
+def test_names_differing_in_case_rejected(
+    section: str, tmp_path: Path, secrets_dir: Path
+) -> None:
+    document = yaml.safe_load(listener_yaml())
+    entries = document[section]
+    entries["IMAP" if section == "listeners" else "MAIL"] = next(iter(entries.values()))
+    path = write_config(tmp_path, yaml.safe_dump(document))
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith(f"{section}: names ")
+    assert "differ only in letter case; rename one" in problem
+    assert f"(from file {path})" in problem
+
+
 def test_unknown_extension_named(tmp_path: Path, secrets_dir: Path) -> None:
     path = write_config(tmp_path, UPSTREAM_YAML, "appliance.ini")
 

@@ -200,6 +200,28 @@ def test_env_overrides_one_listener_field(
     assert loaded.sources[("listeners", "imap", "protocol")] == f"file {path}"
 
 
+def test_env_overrides_entry_in_other_case(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
+) -> None:
+    text = LISTENER_YAML.replace("  imap:", "  Imap:").replace("  mail:", "  Mail:")
+    text = text.replace("upstream: mail", "upstream: Mail")
+    path = write_file(tmp_path, "appliance.yaml", text)
+    monkeypatch.setenv("APPLIANCE_LISTENERS__IMAP__PORT", "2222")
+    write_file(secrets_dir, "APPLIANCE_UPSTREAMS__MAIL__PORT", "995")
+
+    loaded = load(path, secrets_dir)
+
+    assert list(loaded.config.listeners) == ["Imap"]
+    assert loaded.config.listeners["Imap"].port == 2222
+    assert loaded.config.listeners["Imap"].protocol == "imap"
+    assert list(loaded.config.upstreams) == ["Mail"]
+    assert loaded.config.upstreams["Mail"].port == 995
+    assert loaded.sources[("listeners", "Imap", "port")] == (
+        "env APPLIANCE_LISTENERS__IMAP__PORT"
+    )
+    assert loaded.sources[("upstreams", "Mail", "port")] == f"secret {secrets_dir}"
+
+
 def test_env_adds_listener_beside_file(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
 ) -> None:
