@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from appliance.cli import EXIT_CONFIG_ERROR, EXIT_OK, config_schema, main
+from appliance.cli import (
+    EXIT_CONFIG_ERROR,
+    EXIT_FAILURE,
+    EXIT_OK,
+    config_schema,
+    main,
+)
 from appliance.config import load_config
 from tests.support.certs import TestPKI
 from tests.support.sources import isolate_config_sources
@@ -298,6 +304,21 @@ def test_run_without_listeners_exits_two(
     err = capsys.readouterr().err
     assert code == EXIT_CONFIG_ERROR
     assert f"listeners: no listener is configured (config file {str(path)!r}" in err
+
+
+def test_healthcheck_without_listeners_fails(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, secrets_dir: Path
+) -> None:
+    path = tmp_path / "appliance.yaml"
+    path.write_text("admin: {enabled: true}\n")
+
+    code = main(
+        ["healthcheck", "--config", str(path), "--secrets-dir", str(secrets_dir)]
+    )
+
+    out = capsys.readouterr().out
+    assert code == EXIT_FAILURE
+    assert out.startswith("unhealthy: config is invalid: listeners: no listener")
 
 
 def test_missing_command_exits_two(capsys: pytest.CaptureFixture[str]) -> None:
