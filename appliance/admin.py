@@ -130,7 +130,10 @@ def parse_request_head(head: bytes) -> Request:
 
 
 def health_report(runtime: Runtime) -> tuple[bool, dict[str, Any]]:
-    """Return whether every configured listener accepts connections, with details."""
+    """Return whether every configured listener accepts connections, with details.
+
+    An appliance without listeners accepts nothing, so it is unhealthy too.
+    """
     names = list(runtime.snapshot.config.listeners)
     states = {
         name: "accepting" if listener_accepting(runtime, name) else "not accepting"
@@ -143,12 +146,13 @@ def health_report(runtime: Runtime) -> tuple[bool, dict[str, Any]]:
         detail = f"listeners accepting: {', '.join(names)}"
     else:
         detail = "no listeners configured"
+    healthy = bool(names) and not failing
     document = {
-        "status": "fail" if failing else "ok",
+        "status": "ok" if healthy else "fail",
         "detail": detail,
         "listeners": states,
     }
-    return not failing, document
+    return healthy, document
 
 
 def readiness_report(runtime: Runtime, metrics: Metrics) -> tuple[bool, dict[str, Any]]:

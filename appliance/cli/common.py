@@ -27,11 +27,18 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(
-    args: argparse.Namespace, *, print_warnings: bool = True
+    args: argparse.Namespace,
+    *,
+    print_warnings: bool = True,
+    require_listeners: bool = True,
 ) -> LoadedConfig | None:
     """Load the config named by the arguments, or print its problems and return None."""
     try:
-        loaded = load_config(args.config, secrets_dir=args.secrets_dir)
+        loaded = load_config(
+            args.config,
+            secrets_dir=args.secrets_dir,
+            require_listeners=require_listeners,
+        )
     except ConfigError as exc:
         print("config is invalid:", file=sys.stderr)
         for problem in exc.problems:

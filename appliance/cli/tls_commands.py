@@ -166,7 +166,8 @@ def command_known_servers(args: argparse.Namespace) -> int:
 def _state_dir(args: argparse.Namespace) -> Path | None:
     if args.state_dir:
         return Path(args.state_dir)
-    loaded = _load(args)
+    # Only state_dir is read, so a config that sets nothing else will do.
+    loaded = _load(args, require_listeners=False)
     return None if loaded is None else loaded.config.state_dir
 
 

@@ -69,8 +69,14 @@ def load_config(
     *,
     secrets_dir: str | os.PathLike[str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    require_listeners: bool = True,
 ) -> LoadedConfig:
-    """Load and validate the config from init `overrides`, env, secrets and file."""
+    """Load and validate the config from init `overrides`, env, secrets and file.
+
+    A config without listeners is rejected unless `require_listeners` is false, because
+    the appliance would accept nothing. Commands that read only other fields, such as
+    `known-servers` reading `state_dir`, turn it off.
+    """
     path, required = resolve_config_path(config_path)
     secrets = Path(secrets_dir or os.environ.get("APPLIANCE_SECRETS_DIR") or DEFAULT_SECRETS_DIR)
     if not path.exists():
@@ -99,17 +105,33 @@ def load_config(
         _config_document.reset(document_token)
         _secrets_dir.reset(secrets_token)
 
+    if require_listeners and not config.listeners:
+        raise ConfigError([_no_listeners(path, document)])
     sources = _collect_sources(config.model_dump(by_alias=True), layers)
     warnings = unknown_variable_warnings()
-    if not config.listeners:
-        warnings.append(
-            "no listeners are configured, so the appliance accepts no connections; "
-            f"config file: {path or 'none found'}"
-        )
     named_secrets = secrets_dir or os.environ.get("APPLIANCE_SECRETS_DIR")
     if named_secrets and not secrets.is_dir():
         warnings.append(f"secrets folder {str(secrets)!r} does not exist and is ignored")
     return LoadedConfig(config, path, sources, warnings)
+
+
+def _no_listeners(path: Path | None, document: dict[str, Any] | None) -> str:
+    """Describe a config without listeners, which would accept no connections.
+
+    A half-written file during a reload is the usual cause, so the message tells an
+    empty file apart from a file that only lacks listeners.
+    """
+    if path is None:
+        where = "no config file was found and no APPLIANCE_LISTENERS variable is set"
+    elif not document:
+        where = f"config file {str(path)!r} is empty"
+    else:
+        where = f"config file {str(path)!r} names no listener"
+    return (
+        f"listeners: no listener is configured ({where}), so the appliance would accept "
+        "no connections; add at least one entry under listeners:, such as "
+        "'imap: {protocol: imap, port: 1143, upstream: mail}'"
+    )
 
 
 def _read_layers(
@@ -186,7 +208,9 @@ def _read_config_file(path: Path) -> dict[str, Any]:
             with path.open("rb") as binary:
                 return tomllib.load(binary)
         if suffix == ".json":
-            document = json.loads(path.read_text(encoding="utf-8"))
+            document = json.loads(
+                path.read_text(encoding="utf-8"), object_pairs_hook=_unique_key_object
+            )
         else:
             _check_yaml_nesting(path)
             # Read from the open file, so that YAML errors name it and not a string.
@@ -212,6 +236,22 @@ def _read_config_file(path: Path) -> dict[str, Any]:
                 f"(keys such as listeners: and upstreams:), not a {type(document).__name__}"
             ]
         )
+    return document
+
+
+def _unique_key_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Build a JSON object, rejecting a key given twice, as the YAML loader does.
+
+    The json module keeps the last of duplicate keys, and its hook gets no line numbers.
+    """
+    document: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in document:
+            raise ValueError(
+                f"key {key!r} repeats an earlier key in the same object; merge the two "
+                "entries or rename one"
+            )
+        document[key] = value
     return document
 
 

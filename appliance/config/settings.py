@@ -64,10 +64,13 @@ class AppConfig(BaseSettings):
     )
 
     listeners: dict[str, ListenerConfig] = Field(default_factory=dict)
-    """Local listeners by name; the name appears in logs and env variable names."""
+    """Local listeners by name; the name appears in logs and env variable names. At
+    least one is required. Names that differ only in letter case are rejected, because
+    env variables match names ignoring case."""
 
     upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict)
-    """Mail servers by name; listeners refer to them by this name."""
+    """Mail servers by name; listeners refer to them by this name. Names that differ
+    only in letter case are rejected, as for listeners."""
 
     known_servers: list[KnownServer] = Field(default_factory=list)
     """TLS modes fixed by the operator; they win over modes learned by probing."""
@@ -91,10 +94,19 @@ class AppConfig(BaseSettings):
     @field_validator("listeners", "upstreams")
     @classmethod
     def _validate_names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        seen: dict[str, str] = {}
         for name in value:
             if not name or not name.replace("-", "_").replace("_", "a").isalnum():
                 raise ValueError(
                     f"name {name!r} is invalid; expected letters, digits, '-' and '_' only"
+                )
+            # Variables and secret files match names ignoring case, so they could not
+            # select one of two names that differ only in case.
+            other = seen.setdefault(name.lower(), name)
+            if other != name:
+                raise ValueError(
+                    f"names {other!r} and {name!r} differ only in letter case; "
+                    "rename one, because APPLIANCE_* variables match names ignoring case"
                 )
         return value
 
@@ -115,11 +127,13 @@ class AppConfig(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        document = _config_document.get()
+        env_source = FileNameCaseSource(settings_cls, env_settings, document)
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_source]
         secrets_dir = _secrets_dir.get()
         if secrets_dir is not None:
-            sources.append(NestedSecretsSource(settings_cls, secrets_dir))
-        document = _config_document.get()
+            secrets_source = NestedSecretsSource(settings_cls, secrets_dir)
+            sources.append(FileNameCaseSource(settings_cls, secrets_source, document))
         if document is not None:
             # pydantic-settings' own YAML, TOML and JSON sources are this class too.
             sources.append(InitSettingsSource(settings_cls, init_kwargs=document))
@@ -234,6 +248,49 @@ class NestedSecretsSource(PydanticBaseSettingsSource):
             path = name[len(ENV_PREFIX) :].lower().split(NESTING_DELIMITER)
             _set_nested(values, path, text)
         return values
+
+
+class FileNameCaseSource(PydanticBaseSettingsSource):
+    """Another source's values, with listener and upstream names spelt as in the file.
+
+    Environment variables and secret file names arrive in lower case, so without this
+    `APPLIANCE_LISTENERS__IMAP__PORT` would add a listener `imap` beside the file's
+    `Imap` instead of changing its port.
+    """
+
+    def __init__(
+        self,
+        settings_cls: type[BaseSettings],
+        inner: PydanticBaseSettingsSource,
+        document: dict[str, Any] | None,
+    ) -> None:
+        super().__init__(settings_cls)
+        self.inner = inner
+        self.document = document or {}
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        values = self.inner()
+        for section in ("listeners", "upstreams"):
+            entries = values.get(section)
+            file_entries = self.document.get(section)
+            if isinstance(entries, dict) and isinstance(file_entries, dict):
+                values[section] = _spell_as_in_file(entries, file_entries)
+        return values
+
+
+def _spell_as_in_file(
+    entries: dict[str, Any], file_entries: dict[Any, Any]
+) -> dict[str, Any]:
+    """Rename each entry to the file's name that equals it ignoring case, if any."""
+    file_names = {str(name).lower(): name for name in file_entries}
+    renamed = {}
+    for name, entry in entries.items():
+        key = name if name in file_entries else file_names.get(name.lower(), name)
+        renamed[key] = entry
+    return renamed
 
 
 def _set_nested(target: dict[str, Any], path: list[str], value: Any) -> None:

@@ -40,7 +40,7 @@ class ReloadStatus:
     """Summary of the last reload: its changes, or the reason it was rejected."""
     last_reload_at: float | None = None
     """Unix time of the last reload whatever its outcome, or None before the first. The
-    check when the file watch starts counts only when it finds a change."""
+    checks when the file watch starts or restarts count only when they find a change."""
 
 
 class Runtime:

@@ -21,6 +21,7 @@ from appliance.reload.diff import (
     plan_sockets,
 )
 from appliance.reload.reloader import (
+    WATCH_RESTART,
     WATCH_START,
     Prepared,
     Reloader,
@@ -40,6 +41,7 @@ __all__ = [
     "RESTART_SECTIONS",
     "SOCKET_FIELDS",
     "WATCH_DEBOUNCE_MS",
+    "WATCH_RESTART",
     "WATCH_RETRY_SECONDS",
     "WATCH_START",
     "WATCH_STEP_MS",

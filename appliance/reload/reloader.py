@@ -39,9 +39,15 @@ from appliance.tls.contexts import TlsContextError, build_all_contexts
 if TYPE_CHECKING:
     from appliance.proxy.runtime import Runtime
 
-# Trigger of the reload that runs when the file watch first starts. It applies edits
-# made after the config was loaded at start-up, and logs at INFO only when it finds one.
+# Triggers of the reloads that run when the file watch starts and when it restarts
+# with other folders. They apply edits made while no watch ran, and they log at INFO
+# and change the reload status only when they find one.
 WATCH_START = "start-up check"
+WATCH_RESTART = "watch restart"
+_WATCH_CHECK_UNCHANGED_MESSAGES = {
+    WATCH_START: "files unchanged since start-up",
+    WATCH_RESTART: "files unchanged since the watch restarted",
+}
 
 
 class ReloadRejected(Exception):
@@ -152,7 +158,7 @@ class Reloader:
             # files only after awatch has set up the new watch, which happens before
             # this task first yields, so nothing falls in between.
             self.request(trigger)
-            trigger = "watch restart"
+            trigger = WATCH_RESTART
             try:
                 await self._watch_folders(folders, watch_set)
             except (OSError, RuntimeError) as exc:
@@ -215,10 +221,12 @@ class Reloader:
                 outcome, detail = "applied", "; ".join(prepared.diff.changes)
             self._watch(self._watch_set_of(prepared.loaded))
         seconds = time.monotonic() - started
-        if trigger == WATCH_START and outcome == "unchanged":
-            # The check at start-up is not a reload that the operator requested, so
-            # the metrics, the status and the resolver cache stay as they are.
-            logger.debug("files unchanged since start-up; took {:.3f}s", seconds)
+        if trigger in _WATCH_CHECK_UNCHANGED_MESSAGES and outcome == "unchanged":
+            # These checks are not reloads that the operator requested, so the metrics,
+            # the status (such as the "applied" of the reload that moved the watch) and
+            # the resolver cache stay as they are.
+            message = _WATCH_CHECK_UNCHANGED_MESSAGES[trigger]
+            logger.debug("{}; took {:.3f}s", message, seconds)
             return outcome
         self._record(outcome, detail)
         self._log_summary(trigger, outcome, detail, seconds)

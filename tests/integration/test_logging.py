@@ -26,7 +26,7 @@ from tests.integration.test_pop3_proxy import (
     client_context,
     plain_response,
 )
-from tests.support.appliance import ApplianceProcess, dovecot_config
+from tests.support.appliance import ApplianceProcess, dovecot_config, free_port
 from tests.support.certs import CertFiles, TestPKI
 from tests.support.dovecot import DovecotServer
 
@@ -349,9 +349,20 @@ def test_password_never_logged(log_run, secret):
 
 
 def test_config_warning_logged_once(tmp_path):
-    with ApplianceProcess({}, tmp_path, wait_ports=False) as process:
+    config = {
+        "listeners": {
+            "imap": {"protocol": "imap", "port": free_port(), "upstream": "mail"}
+        },
+        "upstreams": {
+            "mail": {"host": "127.0.0.1", "tls": "none", "allow_plaintext": True}
+        },
+    }
+    # A misspelt variable gets a warning, which run logs once and does not print.
+    env = {"APPLIANCE_LISTNERS__IMAP__PORT": "1143"}
+    with ApplianceProcess(config, tmp_path, env=env) as process:
         deadline = time.monotonic() + 15
         while "appliance ready" not in process.log_text():
             assert time.monotonic() < deadline, process.log_text()
             time.sleep(0.05)
-    assert process.log_text().count("no listeners are configured") == 1
+    warning = "environment variable APPLIANCE_LISTNERS__IMAP__PORT matches no config field"
+    assert process.log_text().count(warning) == 1

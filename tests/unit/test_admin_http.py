@@ -155,6 +155,21 @@ def test_health_fails_for_unbound_listener() -> None:
     assert document["listeners"]["pop3"] == "not accepting"
 
 
+def test_health_fails_without_listeners() -> None:
+    runtime = fake_runtime(AppConfig(), {})
+    healthy, document = health_report(runtime)
+    assert not healthy
+    assert document["status"] == "fail"
+    assert document["detail"] == "no listeners configured"
+
+
+def test_healthz_503_without_listeners() -> None:
+    runtime = fake_runtime(AppConfig(), {})
+    server = AdminServer(runtime, Metrics(CollectorRegistry()))
+    assert server.respond(Request("GET", "/healthz")).status == 503
+    assert server.respond(Request("GET", "/readyz")).status == 503
+
+
 def test_readiness_fails_while_stopping() -> None:
     runtime = fake_runtime(two_listener_config(), {"imap": True, "pop3": True})
     runtime.stopping.set()

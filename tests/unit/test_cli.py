@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from appliance.cli import EXIT_CONFIG_ERROR, EXIT_OK, config_schema, main
+from appliance.cli import (
+    EXIT_CONFIG_ERROR,
+    EXIT_FAILURE,
+    EXIT_OK,
+    config_schema,
+    main,
+)
 from appliance.config import load_config
 from tests.support.certs import TestPKI
 from tests.support.sources import isolate_config_sources
@@ -130,15 +136,37 @@ def test_check_config_masked_output_parses(
     assert parsed["upstreams"]["mail"]["host"] == "********"
 
 
-def test_check_config_without_file_uses_defaults(
-    capsys: pytest.CaptureFixture[str], secrets_dir: Path
+def test_check_config_without_file_uses_env(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    secrets_dir: Path,
 ) -> None:
+    monkeypatch.setenv("APPLIANCE_LISTENERS__IMAP__PROTOCOL", "imap")
+    monkeypatch.setenv("APPLIANCE_LISTENERS__IMAP__PORT", "1143")
+    monkeypatch.setenv("APPLIANCE_LISTENERS__IMAP__UPSTREAM", "mail")
+    monkeypatch.setenv("APPLIANCE_UPSTREAMS__MAIL__HOST", "mail.example.org")
+
     code = main(["check-config", "--secrets-dir", str(secrets_dir)])
 
-    out = capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
     assert code == EXIT_OK
-    assert out.startswith("# config file: none")
-    assert "listeners: {}  # default" in out.splitlines()
+    assert lines[0] == "# config file: none (environment and defaults only)"
+    assert "  max_connections: 1000  # default" in lines
+
+
+def test_check_config_without_listeners_rejected(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, secrets_dir: Path
+) -> None:
+    path = tmp_path / "appliance.yaml"
+    path.write_text("", encoding="utf-8")
+
+    code = check_config(path, secrets_dir)
+
+    captured = capsys.readouterr()
+    assert code == EXIT_CONFIG_ERROR
+    assert captured.out == ""
+    assert "listeners: no listener is configured" in captured.err
+    assert f"config file {str(path)!r} is empty" in captured.err
 
 
 def test_check_config_reads_config_variable(
@@ -263,6 +291,34 @@ def test_run_invalid_config_exits_two(
 
     assert code == EXIT_CONFIG_ERROR
     assert capsys.readouterr().err.startswith("config is invalid:")
+
+
+def test_run_without_listeners_exits_two(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, secrets_dir: Path
+) -> None:
+    path = tmp_path / "appliance.yaml"
+    path.write_text("upstreams: {mail: {host: mail.example.org}}\n")
+
+    code = main(["run", "--config", str(path), "--secrets-dir", str(secrets_dir)])
+
+    err = capsys.readouterr().err
+    assert code == EXIT_CONFIG_ERROR
+    assert f"listeners: no listener is configured (config file {str(path)!r}" in err
+
+
+def test_healthcheck_without_listeners_fails(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, secrets_dir: Path
+) -> None:
+    path = tmp_path / "appliance.yaml"
+    path.write_text("admin: {enabled: true}\n")
+
+    code = main(
+        ["healthcheck", "--config", str(path), "--secrets-dir", str(secrets_dir)]
+    )
+
+    out = capsys.readouterr().out
+    assert code == EXIT_FAILURE
+    assert out.startswith("unhealthy: config is invalid: listeners: no listener")
 
 
 def test_missing_command_exits_two(capsys: pytest.CaptureFixture[str]) -> None:

@@ -377,6 +377,69 @@ def test_invalid_bind_named(tmp_path: Path, secrets_dir: Path) -> None:
     assert "'localhost'" in problem
 
 
+# Every duration field, by its path, with its upper bound in seconds.
+DURATION_BOUNDS = [
+    (("limits", "connect_timeout"), 3600),
+    (("limits", "pre_auth_timeout"), 3600),
+    (("limits", "idle_timeout"), 86400),
+    (("limits", "auth_failure_delay"), 3600),
+    (("limits", "auth_failure_delay_max"), 3600),
+    (("limits", "auth_failure_reset_after"), 86400),
+    (("limits", "shutdown_grace_period"), 86400),
+    (("limits", "drain_removed_listeners_after"), 604800),
+    (("tls_auto", "probe_timeout"), 3600),
+    (("tls_auto", "max_record_age"), 2592000),
+    (("listeners", "imap", "proxy_protocol", "timeout"), 3600),
+]
+
+
+def duration_yaml(path: tuple[str, ...], value: float) -> str:
+    """Return a valid config with the duration at `path` set to `value`."""
+    document = yaml.safe_load(listener_yaml())
+    section = document
+    for key in path[:-1]:
+        section = section.setdefault(key, {})
+    section[path[-1]] = value
+    if path[-1] == "auth_failure_delay":
+        # The delay may not exceed its own maximum, so raise that to its bound.
+        section["auth_failure_delay_max"] = 3600
+    return yaml.safe_dump(document)
+
+
+@pytest.mark.parametrize(("path", "maximum"), DURATION_BOUNDS)
+@pytest.mark.parametrize("value", [float("inf"), 1e308, float("nan")])
+def test_unbounded_duration_rejected(
+    path: tuple[str, ...],
+    maximum: int,
+    value: float,
+    tmp_path: Path,
+    secrets_dir: Path,
+) -> None:
+    config = write_config(tmp_path, duration_yaml(path, value))
+
+    problems = problems_for(config, secrets_dir)
+
+    assert len(problems) == 1, problems
+    problem = problems[0]
+    assert problem.startswith(".".join(path) + ": value ")
+    assert f"value {value!r}:" in problem
+    assert f"less than or equal to {maximum}" in problem
+    assert f"(from file {config})" in problem
+
+
+@pytest.mark.parametrize(("path", "maximum"), DURATION_BOUNDS)
+def test_duration_at_bound_loads(
+    path: tuple[str, ...], maximum: int, tmp_path: Path, secrets_dir: Path
+) -> None:
+    config = write_config(tmp_path, duration_yaml(path, maximum))
+
+    value: object = load_config(config, secrets_dir=secrets_dir).config
+    for key in path:
+        value = value[key] if isinstance(value, dict) else getattr(value, key)
+
+    assert value == maximum
+
+
 @pytest.mark.parametrize("bind", ["0.0.0.0", "192.0.2.5", "::"])
 def test_plaintext_on_network_address_named(
     bind: str, tmp_path: Path, secrets_dir: Path
@@ -516,6 +579,37 @@ def test_unparsable_file_named(
     assert repr(str(path)) in problem
     assert "could not be parsed" in problem
     assert line in problem
+
+
+def test_repeated_json_key_rejected(tmp_path: Path, secrets_dir: Path) -> None:
+    text = (
+        '{"listeners": {'
+        '"imap": {"protocol": "imap", "port": 1143, "upstream": "mail"}, '
+        '"imap": {"protocol": "imap", "port": 1144, "upstream": "mail"}}, '
+        '"upstreams": {"mail": {"host": "mail.example.org"}}}'
+    )
+    path = write_config(tmp_path, text, "appliance.json")
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith(f"config file {str(path)!r} could not be parsed")
+    assert "key 'imap' repeats an earlier key in the same object" in problem
+
+
+@pytest.mark.parametrize("section", ["listeners", "upstreams"])
+def test_names_differing_in_case_rejected(
+    section: str, tmp_path: Path, secrets_dir: Path
+) -> None:
+    document = yaml.safe_load(listener_yaml())
+    entries = document[section]
+    entries["IMAP" if section == "listeners" else "MAIL"] = next(iter(entries.values()))
+    path = write_config(tmp_path, yaml.safe_dump(document))
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith(f"{section}: names ")
+    assert "differ only in letter case; rename one" in problem
+    assert f"(from file {path})" in problem
 
 
 def test_unknown_extension_named(tmp_path: Path, secrets_dir: Path) -> None:
@@ -669,7 +763,8 @@ def test_yaml_merge_key_shares_settings(tmp_path: Path, secrets_dir: Path) -> No
     )
     path = write_config(tmp_path, text)
 
-    upstreams = load_config(path, secrets_dir=secrets_dir).config.upstreams
+    loaded = load_config(path, secrets_dir=secrets_dir, require_listeners=False)
+    upstreams = loaded.config.upstreams
 
     assert upstreams["two"].host == "mail.example.org"
     assert upstreams["two"].port == 995
@@ -690,6 +785,7 @@ def test_unquoted_tls_version_loads(
 ) -> None:
     path = write_config(tmp_path, UPSTREAM_YAML + f"    {text}\n")
 
-    upstream = load_config(path, secrets_dir=secrets_dir).config.upstreams["mail"]
+    loaded = load_config(path, secrets_dir=secrets_dir, require_listeners=False)
+    upstream = loaded.config.upstreams["mail"]
 
     assert upstream.min_version == "1.3"

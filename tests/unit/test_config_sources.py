@@ -85,6 +85,8 @@ def write_file(folder: Path, name: str, text: str) -> Path:
 
 
 def load(path: Path | None, secrets_dir: Path, **kwargs: object) -> LoadedConfig:
+    """Load the config without requiring a listener, because most cases here set none."""
+    kwargs.setdefault("require_listeners", False)
     return load_config(path, secrets_dir=secrets_dir, **kwargs)
 
 
@@ -196,6 +198,28 @@ def test_env_overrides_one_listener_field(
         "env APPLIANCE_LISTENERS__IMAP__PORT"
     )
     assert loaded.sources[("listeners", "imap", "protocol")] == f"file {path}"
+
+
+def test_env_overrides_entry_in_other_case(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
+) -> None:
+    text = LISTENER_YAML.replace("  imap:", "  Imap:").replace("  mail:", "  Mail:")
+    text = text.replace("upstream: mail", "upstream: Mail")
+    path = write_file(tmp_path, "appliance.yaml", text)
+    monkeypatch.setenv("APPLIANCE_LISTENERS__IMAP__PORT", "2222")
+    write_file(secrets_dir, "APPLIANCE_UPSTREAMS__MAIL__PORT", "995")
+
+    loaded = load(path, secrets_dir)
+
+    assert list(loaded.config.listeners) == ["Imap"]
+    assert loaded.config.listeners["Imap"].port == 2222
+    assert loaded.config.listeners["Imap"].protocol == "imap"
+    assert list(loaded.config.upstreams) == ["Mail"]
+    assert loaded.config.upstreams["Mail"].port == 995
+    assert loaded.sources[("listeners", "Imap", "port")] == (
+        "env APPLIANCE_LISTENERS__IMAP__PORT"
+    )
+    assert loaded.sources[("upstreams", "Mail", "port")] == f"secret {secrets_dir}"
 
 
 def test_env_adds_listener_beside_file(
@@ -442,7 +466,7 @@ def test_secrets_variable_selects_folder(
     write_file(folder, LEVEL_VARIABLE, "error")
     monkeypatch.setenv("APPLIANCE_SECRETS_DIR", str(folder))
 
-    loaded = load_config(None)
+    loaded = load_config(None, require_listeners=False)
 
     assert loaded.config.logging.level == "ERROR"
     assert loaded.sources[LEVEL_PATH] == f"secret {folder}"
@@ -471,17 +495,39 @@ def test_known_and_control_variables_not_warned(
     monkeypatch.setenv("APPLIANCE_SECRETS_DIR", str(secrets_dir))
     monkeypatch.setenv(LEVEL_VARIABLE, "debug")
 
-    loaded = load_config(None)
+    loaded = load_config(None, require_listeners=False)
 
     assert [w for w in loaded.warnings if "environment variable" in w] == []
 
 
-def test_no_listeners_warned(tmp_path: Path, secrets_dir: Path) -> None:
-    path = write_file(tmp_path, "appliance.yaml", "{}\n")
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("", "is empty"),
+        ("{}\n", "is empty"),
+        ("listeners: {}\nlogging: {level: debug}\n", "names no listener"),
+    ],
+)
+def test_no_listeners_rejected(
+    tmp_path: Path, secrets_dir: Path, text: str, reason: str
+) -> None:
+    path = write_file(tmp_path, "appliance.yaml", text)
 
-    loaded = load(path, secrets_dir)
+    with pytest.raises(ConfigError) as caught:
+        load(path, secrets_dir, require_listeners=True)
 
-    assert any("no listeners are configured" in w for w in loaded.warnings)
+    [problem] = caught.value.problems
+    assert problem.startswith("listeners: no listener is configured")
+    assert f"config file {str(path)!r} {reason}" in problem
+    assert "add at least one entry under listeners:" in problem
+
+
+def test_no_listeners_without_file_rejected(secrets_dir: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(None, secrets_dir, require_listeners=True)
+
+    [problem] = caught.value.problems
+    assert "no config file was found" in problem
 
 
 @pytest.mark.parametrize(

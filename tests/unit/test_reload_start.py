@@ -39,6 +39,12 @@ limits:
   max_connections: {max_connections}
 """
 
+# The listener is created but never bound, because no test here connects to it.
+LISTENERS = """\
+listeners:
+  imap: {protocol: imap, bind: 127.0.0.1, port: 1143, upstream: mail}
+"""
+
 
 @pytest.fixture(autouse=True)
 def isolated_sources(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -74,7 +80,7 @@ def reloads_counted(outcome: str) -> float:
 
 def write(path: Path, max_connections: int) -> None:
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(CONFIG.format(max_connections=max_connections))
+    temporary.write_text(CONFIG.format(max_connections=max_connections) + LISTENERS)
     temporary.replace(path)
 
 
@@ -85,6 +91,10 @@ def start_reloader(path: Path, *, edit_after_load: int | None = None) -> Reloade
         write(path, edit_after_load)
     digests = named_file_digests(loaded)
     runtime = Runtime(build_snapshot(loaded))
+    runtime.listeners = {
+        name: runtime.create_listener(name, config, runtime.snapshot)
+        for name, config in loaded.config.listeners.items()
+    }
     reloader = Reloader(
         runtime, loaded, config_path=str(path), secrets_dir=None, digests=digests
     )
@@ -137,7 +147,7 @@ async def test_early_broken_edit_rejected(tmp_path: Path, messages: list[str]) -
     path = tmp_path / "appliance.yaml"
     write(path, 100)
     loaded = load_config(path)
-    path.write_text(CONFIG.format(max_connections=0))
+    path.write_text(CONFIG.format(max_connections=0) + LISTENERS)
     runtime = Runtime(build_snapshot(loaded))
     reloader = Reloader(
         runtime,
@@ -152,6 +162,65 @@ async def test_early_broken_edit_rejected(tmp_path: Path, messages: list[str]) -
         rejected = [m for m in messages if "rejected" in m]
         assert "max_connections" in rejected[0], rejected
         assert runtime.snapshot.version == 1
+    finally:
+        await reloader.stop()
+
+
+async def test_emptied_file_rejected(tmp_path: Path, messages: list[str]) -> None:
+    """A file truncated by `: > file`, or caught half-written, keeps the old config."""
+    path = tmp_path / "appliance.yaml"
+    write(path, 100)
+    reloader = start_reloader(path)
+    runtime = reloader.runtime
+    try:
+        await wait_for(
+            lambda: any("files unchanged since start-up" in m for m in messages),
+            "the check at start-up",
+        )
+        path.write_text("")
+        await wait_for(lambda: runtime.status.outcome == "rejected", "the rejection")
+        [rejected] = [m for m in messages if "config reload (file change)" in m]
+        assert "rejected: listeners: no listener is configured" in rejected
+        assert f"config file {str(path)!r} is empty" in rejected
+        assert "version 1 stays active" in rejected
+        assert runtime.snapshot.version == 1
+        assert list(runtime.snapshot.config.listeners) == ["imap"]
+        assert list(runtime.listeners) == ["imap"]
+    finally:
+        await reloader.stop()
+
+
+async def test_watch_restart_keeps_status(
+    tmp_path: Path, messages: list[str]
+) -> None:
+    """A reload that names a file in a new folder restarts the watch.
+
+    The check after the restart finds nothing new, so the reload's "applied" stays.
+    """
+    pki = TestPKI(tmp_path / "pki")
+    path = tmp_path / "appliance.yaml"
+    write(path, 100)
+    reloader = start_reloader(path)
+    runtime = reloader.runtime
+    try:
+        await wait_for(
+            lambda: any("files unchanged since start-up" in m for m in messages),
+            "the check at start-up",
+        )
+        text = CONFIG.format(max_connections=100) + LISTENERS
+        ca_line = f"    ca_file: {pki.ca_file}\n"
+        path.write_text(text.replace("    tls: none\n", "    tls: none\n" + ca_line))
+        restart_checked = "files unchanged since the watch restarted"
+        await wait_for(
+            lambda: any(restart_checked in m for m in messages),
+            "the check after the watch restart",
+        )
+        summary = [m for m in messages if "config reload" in m]
+        assert len(summary) == 1, summary
+        assert "config reload (file change) applied version 2" in summary[0]
+        assert runtime.status.outcome == "applied"
+        assert runtime.status.version == 2
+        assert pki.ca_file.parent in reloader.watch_set.folders
     finally:
         await reloader.stop()
 

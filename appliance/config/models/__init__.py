@@ -6,7 +6,9 @@ config reference.
 """
 
 from appliance.config.models.common import (
+    DAY,
     DEFAULT_PORTS,
+    HOUR,
     LOG_LEVELS,
     ClientAddressMode,
     KnownMode,
@@ -19,6 +21,7 @@ from appliance.config.models.common import (
     StrictModel,
     TlsVersion,
     UpstreamTls,
+    WEEK,
     default_port,
     is_host_name,
     normalize_bind,
@@ -37,7 +40,9 @@ from appliance.config.models.tls_auto import KnownServer, TlsAutoConfig
 from appliance.config.models.upstream import UpstreamConfig
 
 __all__ = [
+    "DAY",
     "DEFAULT_PORTS",
+    "HOUR",
     "LOG_LEVELS",
     "AdminConfig",
     "ClientAddressMode",
@@ -50,6 +55,7 @@ __all__ = [
     "LoggingConfig",
     "LoginRoute",
     "LoginSeparator",
+    "LongSeconds",
     "Port",
     "Protocol",
     "ProxyProtocolConfig",
@@ -60,6 +66,7 @@ __all__ = [
     "TlsVersion",
     "UpstreamConfig",
     "UpstreamTls",
+    "WEEK",
     "default_port",
     "is_host_name",
     "normalize_bind",

@@ -31,7 +31,19 @@ TlsVersion = Annotated[Literal["1.2", "1.3"], BeforeValidator(_tls_version_text)
 LogLevel = Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"]
 LOG_LEVELS = get_args(LogLevel)
 Port = Annotated[int, Field(ge=1, le=65535)]
-Seconds = Annotated[float, Field(gt=0)]
+
+# Upper bounds of durations in seconds. Every duration has one, so that a typo such as
+# `.inf` or 1e308 cannot switch a timeout off or overflow a deadline. NaN fails the
+# bounds too, because every comparison with NaN is false.
+HOUR = 3600.0
+DAY = 86400.0
+WEEK = 7 * DAY
+
+Seconds = Annotated[float, Field(gt=0, le=HOUR)]
+"""A duration of one network step or one delay: above 0, at most an hour."""
+
+LongSeconds = Annotated[float, Field(gt=0, le=DAY)]
+"""A duration that a session or a client address may last: above 0, at most a day."""
 
 # Ports from RFC 3501/1939 (plain, STARTTLS) and RFC 8314 (implicit TLS).
 DEFAULT_PORTS: dict[tuple[str, str], int] = {

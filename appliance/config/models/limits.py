@@ -6,7 +6,14 @@ from typing import Annotated
 
 from pydantic import Field, model_validator
 
-from appliance.config.models.common import Seconds, StrictModel
+from appliance.config.models.common import (
+    DAY,
+    HOUR,
+    WEEK,
+    LongSeconds,
+    Seconds,
+    StrictModel,
+)
 
 
 class Limits(StrictModel):
@@ -18,9 +25,10 @@ class Limits(StrictModel):
     pre_auth_timeout: Seconds = 60.0
     """Seconds a client may take from connecting to a successful login."""
 
-    idle_timeout: Annotated[float, Field(ge=1800)] = 1860.0
+    idle_timeout: Annotated[float, Field(ge=1800, le=DAY)] = 1860.0
     """Seconds without traffic after which an authenticated session is closed; at least
-    1800, because RFC 3501 lets IMAP clients sit in IDLE for 30 minutes."""
+    1800, because RFC 3501 lets IMAP clients sit in IDLE for 30 minutes, and at most a
+    day."""
 
     max_line_length: Annotated[int, Field(ge=512, le=1 << 20)] = 8192
     """Maximum length in bytes of one command or response line before login."""
@@ -45,7 +53,7 @@ class Limits(StrictModel):
     `max_connections_per_address` and the failed-login delay, because one host
     usually gets a whole /64. 128 counts every IPv6 address alone."""
 
-    auth_failure_delay: Annotated[float, Field(ge=0)] = 1.0
+    auth_failure_delay: Annotated[float, Field(ge=0, le=HOUR)] = 1.0
     """Seconds that the next login from a client address waits after an
     authentication failure from it. The delay doubles with each further failure, up to
     `auth_failure_delay_max`, and a successful login resets it. Syntax errors do not
@@ -54,14 +62,18 @@ class Limits(StrictModel):
     auth_failure_delay_max: Seconds = 15.0
     """Upper bound in seconds of the failed-login delay."""
 
-    auth_failure_reset_after: Seconds = 900.0
+    auth_failure_reset_after: LongSeconds = 900.0
     """Seconds without an authentication failure after which the failures of a client
     address are forgotten."""
 
-    shutdown_grace_period: Annotated[float, Field(ge=0)] = 10.0
+    shutdown_grace_period: Annotated[
+        float, Field(ge=0, le=DAY)
+    ] = 10.0
     """Seconds that running sessions get to finish after SIGTERM or SIGINT."""
 
-    drain_removed_listeners_after: Seconds | None = None
+    drain_removed_listeners_after: (
+        Annotated[float, Field(gt=0, le=WEEK)] | None
+    ) = None
     """Seconds that sessions on a listener removed by a reload may go on before they are
     closed as at shutdown; unset lets them run to their natural end."""
 
