@@ -66,14 +66,10 @@ class Limits(StrictModel):
     """Seconds without an authentication failure after which the failures of a client
     address are forgotten."""
 
-    shutdown_grace_period: Annotated[
-        float, Field(ge=0, le=DAY)
-    ] = 10.0
+    shutdown_grace_period: Annotated[float, Field(ge=0, le=DAY)] = 10.0
     """Seconds that running sessions get to finish after SIGTERM or SIGINT."""
 
-    drain_removed_listeners_after: (
-        Annotated[float, Field(gt=0, le=WEEK)] | None
-    ) = None
+    drain_removed_listeners_after: Annotated[float, Field(gt=0, le=WEEK)] | None = None
     """Seconds that sessions on a listener removed by a reload may go on before they are
     closed as at shutdown; unset lets them run to their natural end."""
 
