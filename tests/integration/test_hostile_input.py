@@ -259,13 +259,7 @@ def succeeded(protocol: str, reply: bytes) -> bool:
 
 def wait_for_log(proxy: ApplianceProcess, text: str) -> str:
     """Return the first log line that contains `text`, waiting for it."""
-    deadline = time.monotonic() + LOG_TIMEOUT
-    while time.monotonic() < deadline:
-        for line in proxy.log_text().splitlines():
-            if text in line:
-                return line
-        time.sleep(0.05)
-    raise AssertionError(f"no log line contains {text!r}:\n{proxy.log_text()}")
+    return proxy.wait_for_log(text, LOG_TIMEOUT)
 
 
 # Maximum connections per listener

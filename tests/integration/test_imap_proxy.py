@@ -452,19 +452,8 @@ def test_oversized_login_rejected_locally(proxy, mail_server, exchange):
         # The upstream connection of the session still works.
         converse(client, [Step(b"a2 LOGIN alice " + password + b"\r\n", b"a2 OK")])
     assert LOGIN_SIZE_ERROR.encode() in replies[-1], replies
-    rejected = wait_for_log_line(proxy, f"login rejected: client {HOST} port {port} ")
+    rejected = proxy.wait_for_log(f"login rejected: client {HOST} port {port} ")
     names_user = exchange not in OVERSIZED_USER_EXCHANGES
     assert rejected.endswith('user "alice"' if names_user else 'user ""'), rejected
     session_lines = [line for line in proxy.log_text().splitlines() if f":{port}]" in line]
     assert not any("unusable" in line for line in session_lines), session_lines
-
-
-def wait_for_log_line(proxy: ApplianceProcess, text: str) -> str:
-    """Return the first log line that contains `text`, waiting for it."""
-    deadline = time.monotonic() + LOG_TIMEOUT
-    while time.monotonic() < deadline:
-        for line in proxy.log_text().splitlines():
-            if text in line:
-                return line
-        time.sleep(0.05)
-    raise AssertionError(f"no log line contains {text!r}:\n{proxy.log_text()}")

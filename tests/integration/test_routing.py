@@ -467,13 +467,8 @@ def test_untrusted_certificate_fails_closed(
 
 
 def wait_for_log(proxy: ApplianceProcess, text: str) -> str:
-    deadline = time.monotonic() + LOG_TIMEOUT
-    while time.monotonic() < deadline:
-        for line in proxy.log_text().splitlines():
-            if text in line:
-                return line
-        time.sleep(0.05)
-    raise AssertionError(f"no log line with {text!r}:\n{proxy.log_text()}")
+    """Return the first log line that contains `text`, waiting for it."""
+    return proxy.wait_for_log(text, LOG_TIMEOUT)
 
 
 # SASL PLAIN authorization identities

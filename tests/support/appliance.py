@@ -122,10 +122,16 @@ class ApplianceProcess:
     def log_text(self) -> str:
         return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
 
-    def wait_for_log(self, text: str, timeout: float = 15.0) -> None:
-        """Wait until the log contains `text`; raise AssertionError after `timeout`."""
+    def wait_for_log(self, text: str, timeout: float = 15.0) -> str:
+        """Return the first log line that contains `text`, waiting for it.
+
+        Raises AssertionError after `timeout` seconds.
+        """
         deadline = time.monotonic() + timeout
-        while text not in self.log_text():
+        while True:
+            for line in self.log_text().splitlines():
+                if text in line:
+                    return line
             if time.monotonic() > deadline:
                 raise AssertionError(
                     f"timed out after {timeout}s waiting for {text!r} in the log:\n"

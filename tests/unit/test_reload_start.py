@@ -102,6 +102,14 @@ def start_reloader(path: Path, *, edit_after_load: int | None = None) -> Reloade
     return reloader
 
 
+async def start_up_checked(messages: list[str]) -> None:
+    """Wait until the reloader's check at start-up found the files unchanged."""
+    await wait_for(
+        lambda: any("files unchanged since start-up" in m for m in messages),
+        "the check at start-up",
+    )
+
+
 async def test_early_edit_applied(tmp_path: Path, messages: list[str]) -> None:
     path = tmp_path / "appliance.yaml"
     write(path, 100)
@@ -125,10 +133,7 @@ async def test_unchanged_start_not_counted(tmp_path: Path, messages: list[str]) 
     unchanged_before = reloads_counted("unchanged")
     reloader = start_reloader(path)
     try:
-        await wait_for(
-            lambda: any("files unchanged since start-up" in m for m in messages),
-            "the check at start-up",
-        )
+        await start_up_checked(messages)
         assert not [m for m in messages if "config reload" in m]
         assert reloader.runtime.snapshot.version == 1
         assert reloader.runtime.status.last_reload_at is None
@@ -173,10 +178,7 @@ async def test_emptied_file_rejected(tmp_path: Path, messages: list[str]) -> Non
     reloader = start_reloader(path)
     runtime = reloader.runtime
     try:
-        await wait_for(
-            lambda: any("files unchanged since start-up" in m for m in messages),
-            "the check at start-up",
-        )
+        await start_up_checked(messages)
         path.write_text("")
         await wait_for(lambda: runtime.status.outcome == "rejected", "the rejection")
         [rejected] = [m for m in messages if "config reload (file change)" in m]
@@ -203,10 +205,7 @@ async def test_watch_restart_keeps_status(
     reloader = start_reloader(path)
     runtime = reloader.runtime
     try:
-        await wait_for(
-            lambda: any("files unchanged since start-up" in m for m in messages),
-            "the check at start-up",
-        )
+        await start_up_checked(messages)
         text = CONFIG.format(max_connections=100) + LISTENERS
         ca_line = f"    ca_file: {pki.ca_file}\n"
         path.write_text(text.replace("    tls: none\n", "    tls: none\n" + ca_line))
