@@ -12,8 +12,9 @@ Records move upward on their own only: a background probe of a record older than
 to STARTTLS or STARTTLS to implicit TLS, never down.
 
 A record of plain text is the one an attacker can plant, by removing STARTTLS from the
-server's capabilities during the first probe. So such a record gets two more checks. A
-session that the record would refuse probes again first, at most once per
+server's capabilities or blocking its implicit TLS port during the first probe. So such a
+record gets two more checks. A session that the record would refuse, or that would send
+credentials in plain text, probes again first, at most once per
 PLAINTEXT_RECHECK_INTERVAL. A session that may use plain text still upgrades with
 STARTTLS when the server offers it, and then a probe moves the record up.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 from collections.abc import Coroutine
 from datetime import datetime
 from typing import Any
@@ -75,6 +77,16 @@ def pinned_mode(
             continue
         return entry.mode
     return None
+
+
+def probe_age(record: KnownServerRecord) -> float:
+    """Return the seconds since the record's last probe.
+
+    A probe time in the future, from a hand edit or a clock that was ahead, counts as
+    infinitely old, so that it cannot keep a record from ever being probed again.
+    """
+    age = (utc_now() - record.last_probed).total_seconds()
+    return age if age >= 0 else math.inf
 
 
 def server_key(upstream: UpstreamConfig, protocol: str) -> ServerKey:
@@ -156,9 +168,9 @@ class UpstreamPlanner:
                     "probe",
                     f"{key}: the probe reached the server in no mode: {report.summary()}",
                 )
-        elif self._needs_plaintext_recheck(upstream, record):
+        elif self._needs_plaintext_recheck(record):
             logger.info(
-                "probing {} again before refusing a session: its record is plain text",
+                "probing {} again before a session relies on its plain-text record",
                 key,
             )
             await self._shared_probe(snapshot, name, key, record)
@@ -168,14 +180,15 @@ class UpstreamPlanner:
         return self._allowed_mode(upstream, name, record), not record.pinned
 
     @staticmethod
-    def _needs_plaintext_recheck(
-        upstream: UpstreamConfig, record: KnownServerRecord
-    ) -> bool:
-        """Return whether a learned plain-text record that refuses sessions is due a probe."""
-        if record.mode != "none" or record.pinned or upstream.allow_plaintext:
+    def _needs_plaintext_recheck(record: KnownServerRecord) -> bool:
+        """Return whether a learned plain-text record is due a probe before use.
+
+        With or without `allow_plaintext`, because a session that may use plain text
+        would otherwise send credentials in it for as long as the record lasts.
+        """
+        if record.mode != "none" or record.pinned:
             return False
-        age = (utc_now() - record.last_probed).total_seconds()
-        return age >= PLAINTEXT_RECHECK_INTERVAL
+        return probe_age(record) >= PLAINTEXT_RECHECK_INTERVAL
 
     @staticmethod
     def _allowed_mode(
@@ -197,8 +210,7 @@ class UpstreamPlanner:
     ) -> bool:
         if record.pinned or key in self._probes:
             return False
-        age = (utc_now() - record.last_probed).total_seconds()
-        return age > snapshot.config.tls_auto.max_record_age
+        return probe_age(record) > snapshot.config.tls_auto.max_record_age
 
     async def drain(self) -> None:
         """Wait until running probes and store writes have finished."""

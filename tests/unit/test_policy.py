@@ -450,11 +450,11 @@ def age_record(planner: UpstreamPlanner, seconds: float) -> None:
 
 
 async def test_stale_plain_record_moves_up(log_lines: list[str]) -> None:
-    snapshot = make_snapshot(allow_plaintext=True, tls_auto={"max_record_age": 60})
+    snapshot = make_snapshot(allow_plaintext=True, tls_auto={"max_record_age": 10})
     probe = ScriptedProbe(server_report("none"), server_report("starttls", "none"))
     planner = make_planner(snapshot, probe)
     await plan_modes(planner, snapshot)
-    age_record(planner, 120)
+    age_record(planner, 20)
 
     modes = await plan_modes(planner, snapshot)
     await planner.drain()
@@ -463,6 +463,32 @@ async def test_stale_plain_record_moves_up(log_lines: list[str]) -> None:
     assert learned(planner).mode == "starttls"
     assert await plan_modes(planner, snapshot) == ["starttls"]
     assert any("moved up from none to starttls" in line for line in log_lines)
+
+
+async def test_allowed_plain_record_reprobed_before_use(log_lines: list[str]) -> None:
+    """A blocked implicit TLS port during the first probe must not last a day."""
+    snapshot = make_snapshot(allow_plaintext=True)
+    probe = ScriptedProbe(server_report("none"), server_report("implicit", "none"))
+    planner = make_planner(snapshot, probe)
+    await plan_modes(planner, snapshot)
+    age_record(planner, PLAINTEXT_RECHECK_INTERVAL + 1)
+
+    modes = await plan_modes(planner, snapshot)
+
+    assert modes == ["implicit"]
+    assert len(probe.calls) == 2
+    assert any("moved up from none to implicit" in line for line in log_lines)
+
+
+async def test_future_probe_time_counts_as_old() -> None:
+    snapshot = make_snapshot()
+    probe = ScriptedProbe(server_report("none"), server_report("starttls", "none"))
+    planner = make_planner(snapshot, probe)
+    with pytest.raises(PolicyError):
+        await plan_modes(planner, snapshot)
+    age_record(planner, -86400)
+
+    assert await plan_modes(planner, snapshot) == ["starttls"]
 
 
 async def test_fresh_record_is_not_reprobed() -> None:
