@@ -30,7 +30,14 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 from loguru import logger
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from appliance.tls.probe import mode_strength
 
@@ -79,21 +86,28 @@ class KnownServerRecord(BaseModel):
 
     protocol: Literal["imap", "pop3"]
     host: str = Field(min_length=1)
+    """Lower case, as the config's upstream hosts are; a hand edit may use any case."""
     port: int | None = Field(ge=1, le=65535)
     """Configured upstream port that the record applies to; None for standard ports."""
     mode: Mode
     connect_port: int = Field(ge=1, le=65535)
     """Port that `mode` connects to."""
-    first_seen: datetime
-    last_seen: datetime
+    # Times need a UTC offset: a time without one could not be compared with the clock.
+    first_seen: AwareDatetime
+    last_seen: AwareDatetime
     """Last probe or session that reached the server in `mode`."""
-    last_probed: datetime
+    last_probed: AwareDatetime
     fingerprint_sha256: str | None = None
     """SHA-256 of the server's certificate, for information only: certificates renew,
     so it is never used as a pin."""
     tls_version: str | None = None
     pinned: bool = False
     """Set by an operator with `known-servers pin`; probes never change it."""
+
+    @field_validator("host")
+    @classmethod
+    def _lower_host(cls, host: str) -> str:
+        return host.lower()
 
     @property
     def key(self) -> ServerKey:

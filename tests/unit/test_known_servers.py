@@ -185,7 +185,15 @@ def test_unknown_fields_are_ignored(store: KnownServerStore) -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("host", ""), ("port", 99999), ("port", 0), ("connect_port", 70000)],
+    [
+        ("host", ""),
+        ("port", 99999),
+        ("port", 0),
+        ("connect_port", 70000),
+        ("last_probed", "2026-12-05T07:08:08"),
+        ("last_seen", "2026-12-05 07:08:08"),
+        ("first_seen", "2026-12-05"),
+    ],
 )
 def test_invalid_record_field_is_corrupt(
     store: KnownServerStore, field: str, value: object
@@ -196,6 +204,14 @@ def test_invalid_record_field_is_corrupt(
 
     assert store.records() == []
     assert any(".corrupt-" in name for name in leftover_files(store.state_dir))
+
+
+def test_hand_edited_host_is_lowered(store: KnownServerStore) -> None:
+    data = json.loads(make_record().model_dump_json())
+    data["host"] = "Mail.Example.ORG"
+    store.path.write_text(json.dumps({"format": 1, "servers": [data]}))
+
+    assert store.get(KEY) == make_record()
 
 
 @pytest.mark.parametrize(
