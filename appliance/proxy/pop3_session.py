@@ -110,6 +110,8 @@ class Pop3Session(Session):
             try:
                 event = await self.next_client_event(self.commands)
             except ClientProtocolError as exc:
+                # PASS pairs only with the USER right before it (RFC 1939).
+                self.pending_user = None
                 self._protocol_error(exc.message, fatal=exc.fatal)
                 continue
             if not isinstance(event, Command):
@@ -133,6 +135,10 @@ class Pop3Session(Session):
 
     async def _dispatch(self, command: Command) -> bool | None:
         name = command.name
+        if name != "PASS":
+            # PASS pairs only with the USER right before it (RFC 1939), so a password
+            # never goes out under a user name that the client has moved on from.
+            self.pending_user = None
         if name in COMMANDS_WITHOUT_ARGUMENTS and command.argument:
             self._protocol_error(f"{name} takes no arguments")
         elif name == "CAPA":

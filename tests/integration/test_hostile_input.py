@@ -802,28 +802,69 @@ def test_open_files_limit_logged(strict):
     assert figures is not None, line
 
 
-# Credentials that cannot become lines
+# POP3 toward a server that takes only USER and PASS
 
 
-def test_pop3_user_pass_rejects_line_breaks(tmp_path):
-    """A password with CR LF, sent base64-encoded, never becomes two lines upstream."""
+@pytest.fixture(scope="module")
+def user_pass_server() -> Iterator[ScriptedServer]:
     script = Script(protocol="pop3", offer_starttls=False, offer_sasl_plain=False)
     with ScriptedServer(script) as server:
-        config = {
-            "listeners": {"pop3": listener_config("pop3", "pop3")},
-            "upstreams": {"pop3": {"host": HOST, "port": server.port, "tls": "none"}},
-        }
-        with ApplianceProcess(config, tmp_path) as proxy:
-            client = LineClient(HOST, proxy.port("pop3"))
-            client.read_line()
-            client.send(b"AUTH PLAIN " + plain(b"user", b"pw\r\nDELE 1") + b"\r\n")
-            rejected = client.read_line()
-            client.send(b"AUTH PLAIN " + plain(b"user", b"pw") + b"\r\n")
-            accepted = client.read_line()
-            client.sock.close()
-        received = server.received_bytes()
+        yield server
+
+
+@pytest.fixture(scope="module")
+def user_pass_proxy(
+    user_pass_server: ScriptedServer, tmp_path_factory
+) -> Iterator[ApplianceProcess]:
+    upstream = {"host": HOST, "port": user_pass_server.port, "tls": "none"}
+    config = {
+        "listeners": {"pop3": listener_config("pop3", "pop3")},
+        "upstreams": {"pop3": upstream},
+    }
+    with ApplianceProcess(config, tmp_path_factory.mktemp("user-pass")) as process:
+        yield process
+
+
+def test_pop3_user_pass_rejects_line_breaks(user_pass_proxy, user_pass_server):
+    """A password with CR LF, sent base64-encoded, never becomes two lines upstream."""
+    before = len(user_pass_server.received_bytes())
+    client = LineClient(HOST, user_pass_proxy.port("pop3"))
+    client.read_line()
+    client.send(b"AUTH PLAIN " + plain(b"user", b"pw\r\nDELE 1") + b"\r\n")
+    rejected = client.read_line()
+    client.send(b"AUTH PLAIN " + plain(b"user", b"pw") + b"\r\n")
+    accepted = client.read_line()
+    client.sock.close()
+    received = user_pass_server.received_bytes()[before:]
 
     assert rejected.startswith(b"-ERR [AUTH] Invalid characters in credentials")
     assert accepted.startswith(b"+OK")
     assert b"DELE" not in received
     assert received.count(b"USER ") == 1
+
+
+@pytest.mark.parametrize(
+    "between",
+    [b"NOOP\r\n", b"USER ali\0ce\r\n", b"AUTH LOGIN\r\n*\r\n"],
+    ids=["command", "invalid-user", "cancelled-auth"],
+)
+def test_pop3_pass_needs_user_right_before(
+    user_pass_proxy, user_pass_server, between
+):
+    """PASS pairs with the USER right before it, never with an earlier one."""
+    before = len(user_pass_server.received_bytes())
+    client = LineClient(HOST, user_pass_proxy.port("pop3"))
+    client.read_line()
+    client.send(b"USER alice\r\n")
+    user_reply = client.read_line()
+    client.send(between)
+    while client.read_line().startswith(b"+ "):
+        pass
+    client.send(b"PASS pwd-secret\r\n")
+    pass_reply = client.read_line()
+    client.sock.close()
+    received = user_pass_server.received_bytes()[before:]
+
+    assert user_reply.startswith(b"+OK")
+    assert pass_reply.startswith(b"-ERR"), pass_reply
+    assert b"pwd-secret" not in received
