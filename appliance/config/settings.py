@@ -73,7 +73,8 @@ class AppConfig(BaseSettings):
     only in letter case are rejected, as for listeners."""
 
     known_servers: list[KnownServer] = Field(default_factory=list)
-    """TLS modes fixed by the operator; they win over modes learned by probing."""
+    """TLS modes fixed by the operator; they win over modes learned by probing. Two
+    entries that fix different modes for one host, protocol and port are rejected."""
 
     tls_auto: TlsAutoConfig = Field(default_factory=TlsAutoConfig)
     """Probe timeout, re-probe age and persistence of the modes learned for `tls: auto`."""
@@ -108,6 +109,19 @@ class AppConfig(BaseSettings):
                     f"names {other!r} and {name!r} differ only in letter case; "
                     "rename one, because APPLIANCE_* variables match names ignoring case"
                 )
+        return value
+
+    @field_validator("known_servers")
+    @classmethod
+    def _validate_known_servers(cls, value: list[KnownServer]) -> list[KnownServer]:
+        for index, entry in enumerate(value):
+            for other_index, other in enumerate(value[:index]):
+                if _pins_conflict(other, entry):
+                    raise ValueError(
+                        f"entries {other_index} and {index} both fix the TLS mode of "
+                        f"{entry.host}, as {other.mode} and {entry.mode}, for the same "
+                        "protocol and port; keep one of them"
+                    )
         return value
 
     @model_validator(mode="after")
@@ -201,6 +215,21 @@ def _check_address_conflicts(listeners: dict[str, ListenerConfig]) -> None:
                     "port or address for one of them"
                 )
         seen.setdefault(listener.port, []).append((name, address))
+
+
+def _pins_conflict(first: KnownServer, second: KnownServer) -> bool:
+    """Return whether two `known_servers` entries fix different modes for one server.
+
+    They do when they name the same host and protocol (unset means both) and the same
+    port, or when either has no port, because `pinned_mode` takes the first entry that
+    matches and an entry without a port matches the upstreams on standard ports.
+    """
+    if first.host != second.host or first.mode == second.mode:
+        return False
+    protocols = (first.protocol, second.protocol)
+    if None not in protocols and first.protocol != second.protocol:
+        return False
+    return first.port is None or second.port is None or first.port == second.port
 
 
 def _check_admin_address(

@@ -525,6 +525,43 @@ def test_invalid_known_server_host_named(tmp_path: Path, secrets_dir: Path) -> N
     assert "'bad host'" in problem
 
 
+def test_conflicting_known_servers_named(tmp_path: Path, secrets_dir: Path) -> None:
+    text = (
+        "known_servers:\n"
+        "  - {host: mail.example.org, protocol: imap, mode: none}\n"
+        "  - {host: Mail.Example.org, mode: implicit}\n"
+    )
+    path = write_config(tmp_path, text)
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith("known_servers:")
+    assert "entries 0 and 1" in problem
+    assert "as none and implicit" in problem
+    assert "keep one of them" in problem
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        "[{host: a.example, protocol: imap, mode: none},"
+        " {host: a.example, protocol: pop3, mode: implicit}]",
+        "[{host: a.example, port: 1143, mode: none},"
+        " {host: a.example, port: 1993, mode: implicit}]",
+        "[{host: a.example, mode: implicit}, {host: b.example, mode: none}]",
+    ],
+    ids=["protocols", "ports", "hosts"],
+)
+def test_separate_known_servers_accepted(
+    tmp_path: Path, secrets_dir: Path, entries: str
+) -> None:
+    path = write_config(tmp_path, listener_yaml() + f"known_servers: {entries}\n")
+
+    config = load_config(path, secrets_dir=secrets_dir).config
+
+    assert len(config.known_servers) == 2
+
+
 def test_short_idle_timeout_named(tmp_path: Path, secrets_dir: Path) -> None:
     path = write_config(tmp_path, "limits:\n  idle_timeout: 60\n")
 
