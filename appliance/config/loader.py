@@ -86,6 +86,9 @@ def load_config(
             )
         path = None
 
+    clashes = variable_case_clashes()
+    if clashes:
+        raise ConfigError(clashes)
     layers, document = _read_layers(path, secrets, dict(overrides or {}))
     document_token = _config_document.set(document)
     secrets_token = _secrets_dir.set(secrets)
@@ -432,6 +435,27 @@ def _field_named_in(message: str) -> tuple[str, ...]:
 
 def _is_secret(path: tuple[str, ...]) -> bool:
     return any(part.lower() in SECRET_FIELDS for part in path)
+
+
+def variable_case_clashes(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Name the APPLIANCE_ variables that differ only in letter case.
+
+    The settings read variable names ignoring case, so of two such variables one would
+    win silently, by its place in the environment.
+    """
+    environ = os.environ if environ is None else environ
+    seen: dict[str, str] = {}
+    problems = []
+    for variable in sorted(environ):
+        if not variable.upper().startswith(ENV_PREFIX):
+            continue
+        other = seen.setdefault(variable.upper(), variable)
+        if other != variable:
+            problems.append(
+                f"environment variables {other} and {variable} differ only in letter "
+                "case, so it is undefined which one applies; unset one of them"
+            )
+    return problems
 
 
 def unknown_variable_warnings(environ: Mapping[str, str] | None = None) -> list[str]:

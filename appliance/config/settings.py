@@ -101,6 +101,11 @@ class AppConfig(BaseSettings):
                 raise ValueError(
                     f"name {name!r} is invalid; expected letters, digits, '-' and '_' only"
                 )
+            if NESTING_DELIMITER in name:
+                raise ValueError(
+                    f"name {name!r} is invalid: '{NESTING_DELIMITER}' separates the levels "
+                    "of APPLIANCE_* variables, so no variable could reach it; use one '_'"
+                )
             # Variables and secret files match names ignoring case, so they could not
             # select one of two names that differ only in case.
             other = seen.setdefault(name.lower(), name)

@@ -649,7 +649,38 @@ def test_names_differing_in_case_rejected(
     assert f"(from file {path})" in problem
 
 
-def test_unknown_extension_named(tmp_path: Path, secrets_dir: Path) -> None:
+def test_variables_differing_in_case_rejected(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
+) -> None:
+    monkeypatch.setenv("APPLIANCE_LISTENERS__IMAP__PORT", "2143")
+    monkeypatch.setenv("APPLIANCE_LISTENERS__imap__PORT", "2144")
+    path = write_config(tmp_path, listener_yaml())
+
+    problem = only_problem(path, secrets_dir)
+
+    assert "APPLIANCE_LISTENERS__IMAP__PORT and APPLIANCE_LISTENERS__imap__PORT" in problem
+    assert "differ only in letter case" in problem
+    assert "unset one of them" in problem
+
+
+@pytest.mark.parametrize("section", ["listeners", "upstreams"])
+def test_name_with_double_underscore_rejected(
+    section: str, tmp_path: Path, secrets_dir: Path
+) -> None:
+    document = yaml.safe_load(listener_yaml())
+    entries = document[section]
+    entries["imap__x" if section == "listeners" else "mail__x"] = next(
+        iter(entries.values())
+    )
+    path = write_config(tmp_path, yaml.safe_dump(document))
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith(f"{section}: name ")
+    assert "'__' separates the levels of APPLIANCE_* variables" in problem
+
+
+def test_unknown_extension_lists_supported(tmp_path: Path, secrets_dir: Path) -> None:
     path = write_config(tmp_path, UPSTREAM_YAML, "appliance.ini")
 
     problem = only_problem(path, secrets_dir)
