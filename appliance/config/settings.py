@@ -226,8 +226,8 @@ def _pins_conflict(first: KnownServer, second: KnownServer) -> bool:
     """Return whether two `known_servers` entries fix different modes for one server.
 
     They do when they name the same host and protocol (unset means both) and the same
-    port, or when either has no port, because `pinned_mode` takes the first entry that
-    matches and an entry without a port matches the upstreams on standard ports.
+    port, or when either has no port. `pinned_mode` takes the first entry that matches,
+    and an entry without a port matches the upstreams on standard ports.
     """
     if first.host != second.host or first.mode == second.mode:
         return False
