@@ -633,14 +633,19 @@ def test_repeated_json_key_rejected(tmp_path: Path, secrets_dir: Path) -> None:
     assert "key 'imap' repeats an earlier key in the same object" in problem
 
 
-@pytest.mark.parametrize("section", ["listeners", "upstreams"])
-def test_names_differing_in_case_rejected(
-    section: str, tmp_path: Path, secrets_dir: Path
-) -> None:
+def with_extra_entry(section: str, name: str) -> str:
+    """Return `listener_yaml()` with a copy of the section's entry under `name`."""
     document = yaml.safe_load(listener_yaml())
     entries = document[section]
-    entries["IMAP" if section == "listeners" else "MAIL"] = next(iter(entries.values()))
-    path = write_config(tmp_path, yaml.safe_dump(document))
+    entries[name] = next(iter(entries.values()))
+    return yaml.safe_dump(document)
+
+
+@pytest.mark.parametrize(("section", "name"), [("listeners", "IMAP"), ("upstreams", "MAIL")])
+def test_names_differing_in_case_rejected(
+    section: str, name: str, tmp_path: Path, secrets_dir: Path
+) -> None:
+    path = write_config(tmp_path, with_extra_entry(section, name))
 
     problem = only_problem(path, secrets_dir)
 
@@ -663,16 +668,13 @@ def test_variables_differing_in_case_rejected(
     assert "unset one of them" in problem
 
 
-@pytest.mark.parametrize("section", ["listeners", "upstreams"])
+@pytest.mark.parametrize(
+    ("section", "name"), [("listeners", "imap__x"), ("upstreams", "mail__x")]
+)
 def test_name_with_double_underscore_rejected(
-    section: str, tmp_path: Path, secrets_dir: Path
+    section: str, name: str, tmp_path: Path, secrets_dir: Path
 ) -> None:
-    document = yaml.safe_load(listener_yaml())
-    entries = document[section]
-    entries["imap__x" if section == "listeners" else "mail__x"] = next(
-        iter(entries.values())
-    )
-    path = write_config(tmp_path, yaml.safe_dump(document))
+    path = write_config(tmp_path, with_extra_entry(section, name))
 
     problem = only_problem(path, secrets_dir)
 
