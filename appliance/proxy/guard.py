@@ -75,6 +75,9 @@ def address_key(host: str, ipv6_prefix_length: int) -> str:
 class _Failures:
     count: int
     last: float
+    # Earliest start of the next login from the address, so that parallel logins wait
+    # in turn instead of all waiting the same delay at once.
+    next_start: float = 0.0
 
 
 class ClientGuard:
@@ -138,14 +141,23 @@ class ClientGuard:
     # Logins
 
     def login_delay(self, host: str, limits: Limits) -> float:
-        """Return the seconds that the next login from `host` must wait."""
+        """Return the seconds that this login from `host` must wait, and reserve its turn.
+
+        After a failure, logins from the address start at least the current delay apart.
+        A client that opens many connections at once therefore waits in turn, one delay
+        after another, instead of trying many passwords per delay.
+        """
         self._expire(limits)
         record = self._failures.get(address_key(host, limits.ipv6_prefix_length))
         if record is None or limits.auth_failure_delay == 0:
             return 0.0
         doublings = min(record.count - 1, _MAX_DOUBLINGS)
         delay = limits.auth_failure_delay * 2**doublings
-        return min(delay, limits.auth_failure_delay_max)
+        delay = min(delay, limits.auth_failure_delay_max)
+        now = self._clock()
+        start = max(now + delay, record.next_start)
+        record.next_start = start + delay
+        return start - now
 
     def record_login(self, host: str, limits: Limits, *, succeeded: bool) -> None:
         """Count an authentication failure from `host`, or reset it after a success."""

@@ -20,6 +20,7 @@ import ssl
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from typing import Any, Self
 
@@ -519,6 +520,23 @@ def test_failed_login_delay_grows_and_resets(delayed, protocol):
     assert third_time >= 1.8
     assert success_time >= 3.6
     assert after_time < third_time
+
+
+def test_parallel_logins_wait_in_turn(delayed):
+    """Many connections from one address do not all get the same single delay."""
+    source = next_source()
+    timed_login(delayed, "imap", source, b"wrong")
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        attempts = [
+            pool.submit(timed_login, delayed, "imap", source, b"wrong") for _ in range(3)
+        ]
+        results = [attempt.result(timeout=TIMEOUT) for attempt in attempts]
+
+    waits = sorted(seconds for _, seconds in results)
+    assert not any(succeeded("imap", reply) for reply, _ in results)
+    assert waits[0] >= 0.9
+    assert waits[1] >= 1.9
+    assert waits[2] >= 2.9
 
 
 def test_failed_login_delay_per_address(delayed):

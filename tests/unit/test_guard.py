@@ -109,13 +109,28 @@ def test_no_delay_without_failures():
 
 
 def test_delay_doubles_up_to_max():
-    client_guard = ClientGuard()
+    clock = FakeClock()
+    client_guard = ClientGuard(clock=clock)
     rules = limits(auth_failure_delay=1, auth_failure_delay_max=5)
     delays = []
     for _ in range(5):
         client_guard.record_login("192.0.2.7", rules, succeeded=False)
         delays.append(client_guard.login_delay("192.0.2.7", rules))
+        # The login waits its delay, and fails again.
+        clock.now += delays[-1]
     assert delays == [1, 2, 4, 5, 5]
+
+
+def test_parallel_logins_wait_in_turn():
+    clock = FakeClock()
+    client_guard = ClientGuard(clock=clock)
+    rules = limits(auth_failure_delay=2, auth_failure_delay_max=15)
+    client_guard.record_login("192.0.2.7", rules, succeeded=False)
+
+    delays = [client_guard.login_delay("192.0.2.7", rules) for _ in range(4)]
+
+    assert delays == [2, 4, 6, 8]
+    assert client_guard.login_delay("192.0.2.8", rules) == 0
 
 
 def test_success_resets_delay():

@@ -56,8 +56,9 @@ class Limits(StrictModel):
     auth_failure_delay: Annotated[float, Field(ge=0, le=HOUR)] = 1.0
     """Seconds that the next login from a client address waits after an
     authentication failure from it. The delay doubles with each further failure, up to
-    `auth_failure_delay_max`, and a successful login resets it. Syntax errors do not
-    count. 0 turns the delay off."""
+    `auth_failure_delay_max`, and a successful login resets it. Logins from the address
+    that arrive together wait in turn, each one delay after the one before. Syntax
+    errors do not count. 0 turns the delay off."""
 
     auth_failure_delay_max: Seconds = 15.0
     """Upper bound in seconds of the failed-login delay."""
