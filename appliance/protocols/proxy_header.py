@@ -239,6 +239,14 @@ def starts_like_header(data: bytes) -> bool:
     return data.startswith((V1_PREFIX, V2_SIGNATURE))
 
 
+def may_start_header(data: bytes) -> bool:
+    """Return whether `data` is too short to tell, but could begin either signature."""
+    return any(
+        len(data) < len(signature) and signature.startswith(data)
+        for signature in (V1_PREFIX, V2_SIGNATURE)
+    )
+
+
 def _is_prefix(data: bytearray, signature: bytes) -> bool:
     """Return whether the buffered bytes agree with `signature` as far as they go."""
     size = min(len(data), len(signature))

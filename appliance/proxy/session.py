@@ -33,6 +33,7 @@ from appliance.protocols.proxy_header import (
     ProxyHeaderError,
     build_v2_header,
     canonical_ip,
+    may_start_header,
     starts_like_header,
 )
 from appliance.proxy.connection import (
@@ -482,6 +483,13 @@ class Session:
     async def _check_unexpected_proxy_header(self) -> None:
         self.close_on_proxy_header = False
         data = await self.client.read_some()
+        # A header split inside its signature still counts. The pre-auth timeout bounds
+        # the wait for the rest.
+        while may_start_header(data):
+            more = await self.client.read_some()
+            if not more:
+                break
+            data += more
         self.client.push_back(data)
         if starts_like_header(data):
             self.log.warning(

@@ -295,6 +295,23 @@ def test_optional_closes_untrusted_header(proxy: ApplianceProcess) -> None:
     wait_for_log(proxy.log_text, r"sent a PROXY header but is not in")
 
 
+@pytest.mark.parametrize(
+    ("version", "split"), [(1, 4), (2, 6)], ids=["v1-in-prefix", "v2-in-signature"]
+)
+def test_optional_closes_split_untrusted_header(
+    proxy: ApplianceProcess, version: int, split: int
+) -> None:
+    build = v1_header if version == 1 else v2_header
+    header = build("203.0.113.8", 40008)
+    with open_socket(proxy, "optional", HOST) as sock:
+        assert sock.recv(4096).startswith(b"* OK")
+        sock.sendall(header[:split])
+        time.sleep(0.2)
+        sock.sendall(header[split:] + b"a1 LOGIN alice alice-secret\r\n")
+
+        assert read_until_closed(sock) == b""
+
+
 def test_optional_trusted_without_header_waits(proxy: ApplianceProcess) -> None:
     started = time.monotonic()
     with open_socket(proxy, "optional", TRUSTED_SOURCE) as sock:
