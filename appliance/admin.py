@@ -205,7 +205,9 @@ class AdminServer:
         self.metrics = metrics
         self.config: AdminConfig = runtime.snapshot.config.admin
         self.server: asyncio.Server | None = None
-        self.connections = 0
+        # Open connections, oldest first, each with whether it still waits for its
+        # request head.
+        self.connections: dict[asyncio.StreamWriter, bool] = {}
 
     @property
     def address(self) -> str:
@@ -247,20 +249,34 @@ class AdminServer:
     async def _serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        self.connections += 1
         try:
-            if self.connections > MAX_CONNECTIONS:
+            if len(self.connections) >= MAX_CONNECTIONS and not self._drop_idle():
                 logger.debug(
                     "admin listener has {} connections; closing a new one",
                     MAX_CONNECTIONS,
                 )
                 return
+            self.connections[writer] = True
             await self._answer(reader, writer)
         except (ConnectionError, TimeoutError):
             pass
         finally:
-            self.connections -= 1
+            self.connections.pop(writer, None)
             writer.close()
+
+    def _drop_idle(self) -> bool:
+        """Abort the oldest connection that has not sent its request; False if none.
+
+        Without this, peers that connect and send nothing would hold every slot for
+        REQUEST_TIMEOUT, and a health probe would find the listener full.
+        """
+        for writer, waiting in self.connections.items():
+            if waiting:
+                del self.connections[writer]
+                writer.transport.abort()
+                logger.debug("admin listener is full; dropped its oldest idle connection")
+                return True
+        return False
 
     async def _answer(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -269,6 +285,8 @@ class AdminServer:
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 request = await read_request(reader)
+            if writer in self.connections:
+                self.connections[writer] = False
             head_only = request.method == "HEAD"
             response = self._respond_safely(request)
         except asyncio.IncompleteReadError:

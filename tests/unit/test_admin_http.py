@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from appliance.admin import (
+    MAX_CONNECTIONS,
     MAX_REQUEST_HEAD,
     AdminServer,
     BadRequest,
@@ -268,6 +269,22 @@ async def test_server_answers_healthz(admin_server: AdminServer) -> None:
 async def test_server_rejects_bad_request(admin_server: AdminServer) -> None:
     reply = await http_exchange(admin_server.config.port, b"BREW /pot\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+
+
+async def test_idle_connections_cannot_fill_listener(admin_server: AdminServer) -> None:
+    port = admin_server.config.port
+    idle = [
+        await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(MAX_CONNECTIONS + 8)
+    ]
+    try:
+        reply = await http_exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    finally:
+        for _, writer in idle:
+            writer.close()
+
+    assert reply.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert len(admin_server.connections) <= MAX_CONNECTIONS
 
 
 async def test_healthcheck_client_reports_healthy(admin_server: AdminServer) -> None:
