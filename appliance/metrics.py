@@ -199,7 +199,8 @@ class Metrics:
         reason = upstream_error_reason(session.outcome)
         if reason is not None:
             self.upstream_errors.labels(upstream, reason).inc()
-            self._mark_failed(upstream, reason)
+            if not _client_named_host(session):
+                self._mark_failed(upstream, reason)
         elif session.upstream is not None and session.upstream_target is not None:
             # The upstream connection was set up; a closed transport has no TLS version.
             self._mark_reachable(session)
@@ -231,7 +232,7 @@ class Metrics:
 
     def _mark_reachable(self, session: Session) -> None:
         target = session.upstream_target
-        if target is None:
+        if target is None or _client_named_host(session):
             return
         state = self.upstreams.setdefault(target.name, UpstreamState())
         tls_info = session.upstream.tls_info if session.upstream is not None else None
@@ -249,6 +250,15 @@ class Metrics:
         state.reachable = False
         state.error = reason
         state.checked_at = time.time()
+
+
+def _client_named_host(session: Session) -> bool:
+    """Return whether the session went to a host that its login named by a host rule.
+
+    Such a host stands in for the template upstream, whose state would then follow
+    whichever server the last client named, so it does not change that state.
+    """
+    return session.route is not None and session.route.host is not None
 
 
 def upstream_name(session: Session) -> str:

@@ -26,6 +26,7 @@ from appliance.metrics import (
     outcome_label,
     upstream_error_reason,
 )
+from appliance.proxy.routing import Route
 from appliance.proxy.runtime import ReloadStatus
 
 USER = "alice.secret-user@example.org"
@@ -67,6 +68,7 @@ def fake_session(
     phase: str = "relay",
     received: int = 100,
     sent: int = 2000,
+    route: Any = None,
 ) -> Any:
     """Return an object with the Session attributes that the metrics read."""
     target = None if upstream is None else SimpleNamespace(name=upstream, mode=mode)
@@ -83,6 +85,7 @@ def fake_session(
         client=SimpleNamespace(bytes_received=received, bytes_sent=sent),
         upstream=connection,
         upstream_target=target,
+        route=route,
     )
 
 
@@ -191,6 +194,19 @@ def test_upstream_error_marks_state_failed(meters: Metrics) -> None:
     assert state.reachable is False
     assert state.error == "tls"
     assert state.checked_at is not None
+
+
+def test_client_named_host_leaves_template_state(meters: Metrics) -> None:
+    """A login that names a server under a host rule cannot mark the template down."""
+    route = Route(user=b"alice", upstream="mail", host="any.example.org")
+    failed = fake_session(outcome="upstream connect", connected=False, route=route)
+    reached = fake_session(route=route)
+
+    meters.session_ended(failed)
+    meters.session_ended(reached)
+    meters.login_finished(reached, succeeded=True)
+
+    assert "mail" not in meters.upstreams
 
 
 def test_session_without_target_uses_listener_upstream(
