@@ -376,7 +376,7 @@ class ImapSession(Session):
             self._reply_login_failed(client_tag, login)
             return None
         assert self.route is not None
-        await self.connect_upstream(self._setup_upstream)
+        await self.connect_route(self._setup_upstream)
         result = await self._login(client_tag, self.route.user, password)
         if result is None:
             self.drop_route()

@@ -269,7 +269,7 @@ class Pop3Session(Session):
             self._reply_login_failed(login)
             return None
         assert self.route is not None
-        await self.connect_upstream(self._setup_upstream)
+        await self.connect_route(self._setup_upstream)
         result = await self._login(self.route.user, password)
         if result is None:
             self.drop_route()

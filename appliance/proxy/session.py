@@ -383,6 +383,19 @@ class Session:
         )
         return True
 
+    async def connect_route(self, setup: Callable[[UpstreamTarget], Any]) -> None:
+        """Connect the upstream that the chosen route names.
+
+        A failure counts as a failed login for the failed-login delay. The reply to it
+        differs from a rejected or failed login, so without the delay a client could
+        test quickly which allowed servers exist and answer.
+        """
+        try:
+            await self.connect_upstream(setup)
+        except (UpstreamError, UpstreamProtocolError):
+            self.env.guard.record_login(self.client_host, self.limits, succeeded=False)
+            raise
+
     def drop_route(self) -> None:
         """Close the upstream of a failed routed login; the next login starts anew."""
         if self.upstream is not None:

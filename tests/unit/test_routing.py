@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -13,6 +14,8 @@ from pydantic import ValidationError
 
 from appliance.config import AppConfig
 from appliance.config.models import ProxyProtocolConfig, RouteByLoginConfig
+from appliance.proxy.errors import UpstreamError
+from appliance.proxy.guard import ClientGuard
 from appliance.proxy.routing import (
     Route,
     host_matches,
@@ -20,7 +23,7 @@ from appliance.proxy.routing import (
     routed_config,
     split_login,
 )
-from appliance.proxy.session import Snapshot
+from appliance.proxy.session import Session, Snapshot
 from appliance.tls.contexts import build_all_contexts
 from appliance.tls.policy import UpstreamPlanner
 
@@ -410,3 +413,23 @@ def test_proxy_protocol_trusts_listed_networks(host: str, trusted: bool) -> None
     )
 
     assert settings.trusts(host) is trusted
+
+
+async def test_failed_route_counts_as_failed_login() -> None:
+    """A routed server that fails to connect earns the failed-login delay."""
+    guard = ClientGuard()
+    limits = AppConfig().limits
+
+    async def refuse(setup: Any) -> None:
+        raise UpstreamError("connect", "connection refused")
+
+    session = SimpleNamespace(
+        connect_upstream=refuse,
+        env=SimpleNamespace(guard=guard),
+        client_host="192.0.2.7",
+        limits=limits,
+    )
+    with pytest.raises(UpstreamError):
+        await Session.connect_route(session, setup=None)
+
+    assert guard.login_delay("192.0.2.7", limits) == limits.auth_failure_delay
