@@ -255,8 +255,8 @@ class Metrics:
 def _client_named_host(session: Session) -> bool:
     """Return whether the session went to a host that its login named by a host rule.
 
-    Such a host stands in for the template upstream, whose state would then follow
-    whichever server the last client named, so it does not change that state.
+    Such a host takes the place of the template upstream's host. The template's state
+    would then follow whichever server the last client named, so it is left alone.
     """
     return session.route is not None and session.route.host is not None
 

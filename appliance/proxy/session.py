@@ -388,7 +388,7 @@ class Session:
 
         A failure counts as a failed login for the failed-login delay. The reply to it
         differs from a rejected or failed login, so without the delay a client could
-        test quickly which allowed servers exist and answer.
+        test quickly which allowed servers exist and accept connections.
         """
         try:
             await self.connect_upstream(setup)
