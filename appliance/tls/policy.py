@@ -13,7 +13,7 @@ to STARTTLS or STARTTLS to implicit TLS, never down.
 
 A record of plain text is the one an attacker can plant, by removing STARTTLS from the
 server's capabilities or blocking its implicit TLS port during the first probe. So such a
-record gets two more checks. A session that the record would refuse, or that would send
+record gets two more checks. A session that the record would reject, or that would send
 credentials in plain text, probes again first, at most once per
 PLAINTEXT_RECHECK_INTERVAL. A session that may use plain text still upgrades with
 STARTTLS when the server offers it, and then a probe moves the record up.
@@ -59,7 +59,7 @@ DOWNGRADE_REASONS = frozenset({"starttls", "preauth", "tls"})
 # A successful session refreshes `last_seen` on disk at most this often (seconds).
 LAST_SEEN_WRITE_INTERVAL = 3600.0
 # Minimum time between two probes of a server recorded as plain text only, started by
-# sessions that the record would refuse (seconds).
+# sessions that would rely on the record to refuse the client or to log in (seconds).
 PLAINTEXT_RECHECK_INTERVAL = 60.0
 
 
@@ -259,12 +259,11 @@ class UpstreamPlanner:
     def _start_background_probe(
         self, snapshot: Snapshot, name: str, key: ServerKey, record: KnownServerRecord
     ) -> None:
-        age = (utc_now() - record.last_probed).total_seconds()
         logger.info(
             "probing {} again in the background: its record ({}) is {:.0f}s old",
             key,
             record.mode,
-            age,
+            probe_age(record),
         )
         self._start_probe(snapshot, name, key, record)
 
@@ -354,8 +353,9 @@ class UpstreamPlanner:
                 self._probe_after_upgrade(snapshot, target.name, key, record, log)
             else:
                 self._note_success(key, record, connection)
-        elif target.starttls_if_offered and error.reason in DOWNGRADE_REASONS:
-            # The server offered STARTTLS, but the upgrade failed.
+        elif target.starttls_if_offered and error.reason in ("starttls", "tls"):
+            # The server offered STARTTLS, but the upgrade failed. A PREAUTH greeting
+            # comes before any offer, so it starts no probe.
             self._probe_after_upgrade(snapshot, target.name, key, record, log)
         elif record.mode != "none" and error.reason in DOWNGRADE_REASONS:
             log.warning(

@@ -387,6 +387,21 @@ async def test_failed_upgrade_probes_again(log_lines: list[str]) -> None:
     assert learned(planner).mode == "starttls"
 
 
+async def test_preauth_on_plain_target_no_probe(log_lines: list[str]) -> None:
+    snapshot = make_snapshot(allow_plaintext=True)
+    probe = ScriptedProbe(server_report("none"), server_report("starttls"))
+    planner = make_planner(snapshot, probe)
+    [target] = await planner.plan(snapshot, "mail", "imap")
+    error = UpstreamError("preauth", "server greeting is PREAUTH")
+
+    planner.report(snapshot, "imap", target, None, error)
+    await planner.drain()
+
+    assert len(probe.calls) == 1
+    assert not any("offered STARTTLS to a session" in line for line in log_lines)
+    assert learned(planner).mode == "none"
+
+
 async def test_connect_failure_is_no_downgrade(log_lines: list[str]) -> None:
     snapshot = make_snapshot()
     planner = make_planner(snapshot, ScriptedProbe(server_report("starttls")))
