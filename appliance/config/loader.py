@@ -121,8 +121,8 @@ def load_config(
 def _no_listeners(path: Path | None, document: dict[str, Any] | None) -> str:
     """Describe a config without listeners, which would accept no connections.
 
-    A half-written file during a reload is the usual cause, so the message tells an
-    empty file apart from a file that only lacks listeners.
+    A half-written file during a reload is the usual cause, so the message distinguishes
+    an empty file from a file that only lacks listeners.
     """
     if path is None:
         where = "no config file was found and no APPLIANCE_LISTENERS variable is set"

@@ -493,16 +493,16 @@ def _index_records(
     for record in servers:
         old = records.get(record.key)
         if old is not None:
-            kept = _safer_record(old, record)
+            safer = _safer_record(old, record)
             logger.warning(
                 "known-servers file {} has two records for {} ({} and {}); using {}",
                 path,
                 record.key,
                 old.mode,
                 record.mode,
-                kept.mode,
+                safer.mode,
             )
-            record = kept
+            record = safer
         records[record.key] = record
     return records
 

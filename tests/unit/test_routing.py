@@ -420,11 +420,11 @@ async def test_failed_route_counts_as_failed_login() -> None:
     guard = ClientGuard()
     limits = AppConfig().limits
 
-    async def refuse(setup: Any) -> None:
+    async def fail_connect(setup: Any) -> None:
         raise UpstreamError("connect", "connection refused")
 
     session = SimpleNamespace(
-        connect_upstream=refuse,
+        connect_upstream=fail_connect,
         env=SimpleNamespace(guard=guard),
         client_host="192.0.2.7",
         limits=limits,
