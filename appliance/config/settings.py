@@ -69,8 +69,9 @@ class AppConfig(BaseSettings):
     env variables match names ignoring case."""
 
     upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict)
-    """Mail servers by name; listeners refer to them by this name. Names that differ
-    only in letter case are rejected, as for listeners."""
+    """Mail servers by name; listeners and routing rules refer to them by this name,
+    ignoring letter case. Names that differ only in letter case are rejected, as for
+    listeners."""
 
     known_servers: list[KnownServer] = Field(default_factory=list)
     """TLS modes fixed by the operator; they win over modes learned by probing. Two
@@ -131,7 +132,11 @@ class AppConfig(BaseSettings):
 
     @model_validator(mode="after")
     def _validate_references(self) -> AppConfig:
+        upstream_names = {name.lower(): name for name in self.upstreams}
         for name, listener in self.listeners.items():
+            listener = _spell_upstream_references(listener, upstream_names)
+            # The dict is this model's own copy, so replacing an entry changes no input.
+            self.listeners[name] = listener
             _check_listener_upstreams(name, listener, self.upstreams)
         _check_address_conflicts(self.listeners)
         _check_admin_address(self.admin, self.listeners)
@@ -161,6 +166,32 @@ class AppConfig(BaseSettings):
 
 def _choices(names: dict[str, Any]) -> str:
     return ", ".join(sorted(names)) or "none configured"
+
+
+def _spell_upstream_references(
+    listener: ListenerConfig, upstream_names: dict[str, str]
+) -> ListenerConfig:
+    """Spell each upstream reference of a listener as the upstream's key, in a copy.
+
+    References match names ignoring case, as APPLIANCE_* variables do, so `upstream: Mail`
+    reaches the upstream `mail`, and sessions, logs and metrics see one spelling. A
+    reference to no upstream stays as written, for the error message.
+    """
+
+    def spell(reference: str) -> str:
+        return upstream_names.get(reference.lower(), reference)
+
+    changes: dict[str, Any] = {}
+    if listener.upstream is not None and spell(listener.upstream) != listener.upstream:
+        changes["upstream"] = spell(listener.upstream)
+    routes = listener.route_by_login
+    if routes is not None and any(spell(r.upstream) != r.upstream for r in routes.allow):
+        allow = [
+            route.model_copy(update={"upstream": spell(route.upstream)})
+            for route in routes.allow
+        ]
+        changes["route_by_login"] = routes.model_copy(update={"allow": allow})
+    return listener.model_copy(update=changes) if changes else listener
 
 
 def _check_listener_upstreams(

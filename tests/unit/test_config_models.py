@@ -404,6 +404,32 @@ def test_listener_without_upstream_rejected() -> None:
         )
 
 
+@pytest.mark.parametrize("reference", ["mail", "Mail", "MAIL"])
+def test_upstream_reference_ignores_case(reference: str) -> None:
+    config = AppConfig(
+        listeners={"imap": {"protocol": "imap", "port": 1143, "upstream": reference}},
+        upstreams={"mail": {"host": "mail.example.org"}},
+    )
+
+    assert config.listeners["imap"].upstream == "mail"
+
+
+def test_unknown_upstream_reference_named() -> None:
+    with pytest.raises(ValidationError) as caught:
+        AppConfig(
+            listeners={"imap": {"protocol": "imap", "port": 1143, "upstream": "Mial"}},
+            upstreams={
+                "mail": {"host": "mail.example.org"},
+                "Backup": {"host": "backup.example.org"},
+            },
+        )
+
+    message = str(caught.value)
+    assert "listeners.imap.upstream is 'Mial'" in message
+    assert "not a configured upstream" in message
+    assert "expected one of: Backup, mail" in message
+
+
 def test_listeners_on_distinct_ports_accepted() -> None:
     config = AppConfig(
         listeners={

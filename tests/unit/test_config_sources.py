@@ -222,6 +222,21 @@ def test_env_overrides_entry_in_other_case(
     assert loaded.sources[("upstreams", "Mail", "port")] == f"secret {secrets_dir}"
 
 
+def test_file_reference_reaches_env_upstream(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
+) -> None:
+    # A variable names its upstream in lower case, and the file refers to it as `Mail`.
+    text = "listeners:\n  imap:\n    protocol: imap\n    port: 143\n    upstream: Mail\n"
+    path = write_file(tmp_path, "appliance.yaml", text)
+    monkeypatch.setenv("APPLIANCE_UPSTREAMS__MAIL__HOST", "mail.example.org")
+
+    loaded = load(path, secrets_dir)
+
+    assert list(loaded.config.upstreams) == ["mail"]
+    assert loaded.config.listeners["imap"].upstream == "mail"
+    assert loaded.sources[("listeners", "imap", "upstream")] == f"file {path}"
+
+
 def test_env_adds_listener_beside_file(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
 ) -> None:

@@ -72,6 +72,15 @@ def test_identical_configs_give_empty_diff() -> None:
     assert diff == ConfigDiff()
 
 
+def test_reference_case_change_is_no_change() -> None:
+    old = make_config({"imap": listener(1143)})
+    new = make_config({"imap": listener(1143, upstream="MAIL")})
+
+    diff = diff_configs(old, new)
+
+    assert diff.is_empty
+
+
 def test_new_listener_is_added() -> None:
     old = make_config({"imap": listener(1143)})
     new = make_config({"imap": listener(1143), "pop3": listener(1110, "pop3")})

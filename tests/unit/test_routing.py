@@ -271,6 +271,26 @@ def test_routed_config_leaves_original_untouched() -> None:
     )
 
 
+def test_route_upstream_ignores_case() -> None:
+    allow = [
+        {"upstream": "MAIL"},
+        {"upstream": "backup_2"},
+        {"upstream": "Example", "host": "*.example.org"},
+    ]
+    config = make_config(allow=allow)
+    routing = config.listeners["routed"].route_by_login
+    assert routing is not None
+
+    named = resolve_route(b"alice@mail", routing, config.upstreams)
+    backup = resolve_route(b"alice@Backup_2", routing, config.upstreams)
+    hosted = resolve_route(b"alice@x.example.org", routing, config.upstreams)
+
+    assert [rule.upstream for rule in routing.allow] == ["mail", "Backup_2", "example"]
+    assert named == Route(b"alice", "mail")
+    assert backup == Route(b"alice", "Backup_2")
+    assert hosted == Route(b"alice", "example", "x.example.org")
+
+
 # Config checks
 
 

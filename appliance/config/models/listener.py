@@ -25,8 +25,9 @@ class LoginRoute(StrictModel):
     """An allow-list entry of `route_by_login`: where logins with a server part go."""
 
     upstream: str
-    """Name of a configured upstream. Without `host`, a login whose server part is this
-    name, compared case-insensitively, goes to this upstream."""
+    """Name of a configured upstream, matched ignoring letter case. Without `host`, a
+    login whose server part is this name, also compared ignoring case, goes to this
+    upstream."""
 
     host: str | None = None
     """Host name (`mail.example.org`) or pattern whose `*` stands for exactly one label
@@ -127,8 +128,8 @@ class ListenerConfig(StrictModel):
     """Lowest TLS version accepted from clients."""
 
     upstream: str | None = None
-    """Name of the upstream (a key of `upstreams`) that sessions on this listener reach;
-    a listener sets either this or `route_by_login`."""
+    """Name of the upstream (a key of `upstreams`, matched ignoring letter case) that
+    sessions on this listener reach; a listener sets either this or `route_by_login`."""
 
     route_by_login: RouteByLoginConfig | None = None
     """Choose the upstream from each login instead of a fixed `upstream`."""
