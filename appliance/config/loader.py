@@ -27,6 +27,7 @@ from appliance.config.settings import (
     NESTING_DELIMITER,
     AppConfig,
     NestedSecretsSource,
+    RepeatedKeyError,
     _config_document,
     _secrets_dir,
     make_env_source,
@@ -146,7 +147,10 @@ def _read_layers(
     """
     layers: list[tuple[str, dict[str, Any]]] = [("init", overrides)]
     _check_json_variables()
-    layers.append(("env", make_env_source()()))
+    try:
+        layers.append(("env", make_env_source()()))
+    except RepeatedKeyError as exc:
+        raise ConfigError(exc.problems) from None
     layers.append((f"secret {secrets}", NestedSecretsSource(AppConfig, secrets)()))
     if path is None:
         return layers, None

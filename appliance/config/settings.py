@@ -8,6 +8,8 @@ the config file (YAML, TOML or JSON), then the models' defaults.
 from __future__ import annotations
 
 import ipaddress
+import json
+import os
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
@@ -152,7 +154,9 @@ class AppConfig(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         document = _config_document.get()
-        env_source = FileNameCaseSource(settings_cls, env_settings, document)
+        # Built here and not taken from `env_settings`, so that JSON values are checked.
+        unique_env = UniqueKeyEnvSource(settings_cls)
+        env_source = FileNameCaseSource(settings_cls, unique_env, document)
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_source]
         secrets_dir = _secrets_dir.get()
         if secrets_dir is not None:
@@ -364,9 +368,85 @@ def _set_nested(target: dict[str, Any], path: list[str], value: Any) -> None:
     target[path[-1]] = value
 
 
+class RepeatedKeyError(ValueError):
+    """Keys repeated in JSON values of environment variables, one line per key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class UniqueKeyEnvSource(EnvSettingsSource):
+    """The environment source, rejecting a key given twice in one JSON object.
+
+    The json module keeps the last of two equal keys, so one value would be lost
+    silently, while config files reject repeated keys. The check runs where
+    pydantic-settings decodes a value as JSON, so a text value that merely looks like
+    JSON, such as a host name, is never checked.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._repeated: list[tuple[str, str]] = []
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
+        decoded = super().decode_complex_value(field_name, field, value)
+        if isinstance(value, str) and decoded is not value:
+            # Decoding succeeded above, so only the repeated keys remain to be found.
+            for key in _repeated_json_keys(value):
+                self._repeated.append((key, value))
+        return decoded
+
+    def __call__(self) -> dict[str, Any]:
+        self._repeated = []
+        values = super().__call__()
+        if self._repeated:
+            raise RepeatedKeyError(
+                [_describe_repeated_key(key, text) for key, text in self._repeated]
+            )
+        return values
+
+
+def _repeated_json_keys(text: str) -> list[str]:
+    """Return the keys that some object of a JSON text gives more than once."""
+    repeated: list[str] = []
+
+    def build(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        document: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in document and key not in repeated:
+                repeated.append(key)
+            document[key] = value
+        return document
+
+    json.loads(text, object_pairs_hook=build)
+    return repeated
+
+
+def _describe_repeated_key(key: str, text: str) -> str:
+    """Describe a repeated key, naming the variable whose JSON value contains it."""
+    variables = sorted(
+        name
+        for name, value in os.environ.items()
+        if name.upper().startswith(ENV_PREFIX) and value == text
+    )
+    if not variables:
+        return (
+            f"config: key {key!r} repeats an earlier key in the same JSON object of an "
+            "APPLIANCE_* variable; merge the two entries or rename one"
+        )
+    variable = " or ".join(variables)
+    path = variables[0][len(ENV_PREFIX) :].lower().replace(NESTING_DELIMITER, ".")
+    return (
+        f"{path}: key {key!r} repeats an earlier key in the same JSON object (from env "
+        f"{variable}), so one of the two values would be lost; merge the two entries "
+        "or rename one"
+    )
+
+
 def make_env_source() -> EnvSettingsSource:
     """Return the environment source exactly as AppConfig builds it."""
-    return EnvSettingsSource(
+    return UniqueKeyEnvSource(
         AppConfig,
         env_prefix=ENV_PREFIX,
         env_nested_delimiter=NESTING_DELIMITER,

@@ -128,6 +128,78 @@ def test_unknown_env_key_names_variable(
     assert "env APPLIANCE_LOGGING__LEVLE" in problem
 
 
+# Variable name, JSON value with a repeated key, config path of the variable, that key.
+REPEATED_JSON_KEYS = {
+    "section": (
+        "APPLIANCE_LIMITS",
+        '{"max_connections": 5, "max_connections": 6}',
+        "limits",
+        "max_connections",
+    ),
+    "map of entries": (
+        "APPLIANCE_UPSTREAMS",
+        '{"mail": {"host": "a.example.org", "host": "b.example.org"}}',
+        "upstreams",
+        "host",
+    ),
+    "one entry": (
+        "APPLIANCE_UPSTREAMS__MAIL",
+        '{"host": "a.example.org", "host": "b.example.org"}',
+        "upstreams.mail",
+        "host",
+    ),
+    "section of an entry": (
+        "APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL",
+        '{"accept": false, "accept": false}',
+        "listeners.imap.proxy_protocol",
+        "accept",
+    ),
+    "list": (
+        "APPLIANCE_KNOWN_SERVERS",
+        '[{"host": "a.example.org", "mode": "none", "mode": "implicit"}]',
+        "known_servers",
+        "mode",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "path", "key"),
+    REPEATED_JSON_KEYS.values(),
+    ids=REPEATED_JSON_KEYS.keys(),
+)
+def test_repeated_key_in_env_json_named(
+    variable: str,
+    value: str,
+    path: str,
+    key: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    secrets_dir: Path,
+) -> None:
+    config = write_config(tmp_path, listener_yaml())
+    monkeypatch.setenv(variable, value)
+
+    problem = only_problem(config, secrets_dir)
+
+    assert problem.startswith(f"{path}: key {key!r} repeats an earlier key")
+    assert f"(from env {variable})" in problem
+
+
+def test_env_json_with_distinct_keys_loads(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
+) -> None:
+    config = write_config(tmp_path, listener_yaml())
+    # The same key in two different objects is no repeat.
+    value = '{"mail": {"host": "a.example.org"}, "backup": {"host": "b.example.org"}}'
+    monkeypatch.setenv("APPLIANCE_UPSTREAMS", value)
+
+    loaded = load_config(config, secrets_dir=secrets_dir)
+
+    assert loaded.config.upstreams["mail"].host == "a.example.org"
+    assert loaded.config.upstreams["backup"].host == "b.example.org"
+
+
 def test_unknown_secret_key_names_folder(tmp_path: Path, secrets_dir: Path) -> None:
     path = write_config(tmp_path, UPSTREAM_YAML)
     (secrets_dir / "APPLIANCE_UPSTREAMS__MAIL__HOSTT").write_text("mail.example.org")
