@@ -21,6 +21,10 @@ from a file in the secrets folder named like that variable. Precedence, highest 
 environment, secrets folder, config file, default. Names in `listeners` and `upstreams` are
 yours to choose; the variable names below use `NAME` for them. An environment variable set
 to the empty string counts as unset.
+
+Fields of type integer or number take numbers, such as `30` or `1.5`, and environment
+variables give them as text. A boolean in such a field is rejected, and so are YAML's `yes`,
+`no`, `on` and `off`, which YAML reads as booleans.
 """
 
 

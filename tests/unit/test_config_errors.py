@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from appliance.config import ConfigError, load_config
+from appliance.config import AppConfig, ConfigError, load_config
 from tests.support.sources import isolate_config_sources
 
 UPSTREAM_YAML = "upstreams:\n  mail:\n    host: mail.example.org\n"
@@ -438,6 +439,162 @@ def test_upstream_port_out_of_range_named(tmp_path: Path, secrets_dir: Path) -> 
 
     assert problem.startswith("upstreams.mail.port:")
     assert "value 65536" in problem
+
+
+# Booleans in numeric fields
+
+# Entry names used for paths under maps, matching listener_yaml().
+ENTRY_NAMES = {"listeners": "imap", "upstreams": "mail"}
+
+
+def numeric_paths(
+    node: dict[str, Any], definitions: dict[str, Any], path: tuple[str, ...] = ()
+) -> list[tuple[str, ...]]:
+    """Return the path of every integer or number field below a JSON Schema node."""
+    if "$ref" in node:
+        node = definitions[node["$ref"].rsplit("/", 1)[-1]]
+    if "anyOf" in node:
+        paths = []
+        for option in node["anyOf"]:
+            paths += numeric_paths(option, definitions, path)
+        return paths
+    kind = node.get("type")
+    if kind in ("integer", "number"):
+        return [path]
+    if kind == "array" and isinstance(node.get("items"), dict):
+        return numeric_paths(node["items"], definitions, (*path, "0"))
+    if kind == "object" and isinstance(node.get("additionalProperties"), dict):
+        entry = (*path, ENTRY_NAMES[path[-1]])
+        return numeric_paths(node["additionalProperties"], definitions, entry)
+    paths = []
+    for key, field in node.get("properties", {}).items():
+        paths += numeric_paths(field, definitions, (*path, key))
+    return paths
+
+
+SCHEMA = AppConfig.model_json_schema(by_alias=True)
+NUMERIC_PATHS = numeric_paths(SCHEMA, SCHEMA["$defs"])
+
+
+def config_with(path: tuple[str, ...], value: object) -> str:
+    """Return a valid config, with a known_servers entry, and `value` set at `path`."""
+    document = yaml.safe_load(listener_yaml())
+    document["known_servers"] = [{"host": "mail.example.org", "mode": "implicit"}]
+    section = document
+    for key in path[:-1]:
+        section = section[int(key)] if key.isdigit() else section.setdefault(key, {})
+    section[path[-1]] = value
+    return yaml.safe_dump(document)
+
+
+def test_numeric_paths_cover_every_section() -> None:
+    sections = {path[0] for path in NUMERIC_PATHS}
+
+    assert len(NUMERIC_PATHS) >= 21
+    assert ("limits", "connect_timeout") in NUMERIC_PATHS
+    assert ("listeners", "imap", "proxy_protocol", "timeout") in NUMERIC_PATHS
+    assert ("known_servers", "0", "port") in NUMERIC_PATHS
+    assert sections == {"listeners", "upstreams", "known_servers", "tls_auto", "limits", "admin"}
+
+
+@pytest.mark.parametrize("path", NUMERIC_PATHS, ids=".".join)
+@pytest.mark.parametrize("value", [True, False])
+def test_boolean_number_rejected(
+    path: tuple[str, ...], value: bool, tmp_path: Path, secrets_dir: Path
+) -> None:
+    config = write_config(tmp_path, config_with(path, value))
+
+    problem = only_problem(config, secrets_dir)
+
+    assert problem.startswith(".".join(path) + ": value ")
+    assert f"value {str(value).lower()} is a boolean, but a number is expected" in problem
+    assert f"(from file {config})" in problem
+
+
+def test_yaml_yes_for_number_rejected(tmp_path: Path, secrets_dir: Path) -> None:
+    config = write_config(tmp_path, listener_yaml() + "limits:\n  connect_timeout: yes\n")
+
+    problem = only_problem(config, secrets_dir)
+
+    assert problem.startswith("limits.connect_timeout: value true is a boolean")
+
+
+def test_yaml_yes_for_boolean_accepted(tmp_path: Path, secrets_dir: Path) -> None:
+    text = (
+        "listeners:\n"
+        "  imap: {protocol: imap, port: 1143, upstream: mail, allow_plaintext_login: yes}\n"
+        "upstreams:\n"
+        "  mail: {host: mail.example.org}\n"
+        "logging: {json: on}\n"
+        "tls_auto: {persist_known_servers: no}\n"
+    )
+    config = write_config(tmp_path, text)
+
+    loaded = load_config(config, secrets_dir=secrets_dir)
+
+    assert loaded.config.listeners["imap"].allow_plaintext_login is True
+    assert loaded.config.logging.json_output is True
+    assert loaded.config.tls_auto.persist_known_servers is False
+
+
+def test_env_json_boolean_number_rejected(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
+) -> None:
+    config = write_config(tmp_path, listener_yaml())
+    monkeypatch.setenv("APPLIANCE_LIMITS", '{"max_connections": true}')
+
+    problem = only_problem(config, secrets_dir)
+
+    assert problem.startswith("limits.max_connections: value true is a boolean")
+    assert "(from env APPLIANCE_LIMITS)" in problem
+
+
+ENV_NUMBERS = {
+    "APPLIANCE_LIMITS__CONNECT_TIMEOUT": ("1.5", ("limits", "connect_timeout"), 1.5),
+    "APPLIANCE_LIMITS__MAX_CONNECTIONS": ("30", ("limits", "max_connections"), 30),
+    "APPLIANCE_LIMITS__DRAIN_REMOVED_LISTENERS_AFTER": (
+        "30",
+        ("limits", "drain_removed_listeners_after"),
+        30.0,
+    ),
+    "APPLIANCE_TLS_AUTO__MAX_RECORD_AGE": ("3600", ("tls_auto", "max_record_age"), 3600.0),
+    "APPLIANCE_UPSTREAMS__MAIL__PORT": ("993", ("upstreams", "mail", "port"), 993),
+}
+
+
+@pytest.mark.parametrize(
+    ("variable", "text", "path", "expected"),
+    [(variable, *case) for variable, case in ENV_NUMBERS.items()],
+    ids=ENV_NUMBERS.keys(),
+)
+def test_env_number_text_accepted(
+    variable: str,
+    text: str,
+    path: tuple[str, ...],
+    expected: float,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    secrets_dir: Path,
+) -> None:
+    config = write_config(tmp_path, listener_yaml())
+    monkeypatch.setenv(variable, text)
+
+    value: object = load_config(config, secrets_dir=secrets_dir).config
+    for key in path:
+        value = value[key] if isinstance(value, dict) else getattr(value, key)
+
+    assert value == expected
+
+
+def test_env_true_for_number_rejected(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
+) -> None:
+    config = write_config(tmp_path, listener_yaml())
+    monkeypatch.setenv("APPLIANCE_LIMITS__CONNECT_TIMEOUT", "true")
+
+    problem = only_problem(config, secrets_dir)
+
+    assert problem.startswith("limits.connect_timeout: value 'true'")
 
 
 def test_invalid_bind_named(tmp_path: Path, secrets_dir: Path) -> None:

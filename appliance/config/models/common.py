@@ -27,10 +27,28 @@ def _tls_version_text(value: object) -> object:
     return value
 
 
+def _check_number(value: object) -> object:
+    """Reject a boolean where a number is expected.
+
+    pydantic's lax mode reads true and false as 1 and 0, so `connect_timeout: true` would
+    become a one-second timeout. Strings pass on, so env values such as "30" still work.
+    """
+    if isinstance(value, bool):
+        raise ValueError(
+            f"value {str(value).lower()} is a boolean, but a number is expected; "
+            "YAML also reads yes, no, on and off as booleans"
+        )
+    return value
+
+
+# Validator of every numeric field. It goes after the `Field` bounds, because placed
+# before them it turns the bounds into `ge` and `le` keys that JSON Schema does not know.
+NUMBER_CHECK = BeforeValidator(_check_number)
+
 TlsVersion = Annotated[Literal["1.2", "1.3"], BeforeValidator(_tls_version_text)]
 LogLevel = Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"]
 LOG_LEVELS = get_args(LogLevel)
-Port = Annotated[int, Field(ge=1, le=65535)]
+Port = Annotated[int, Field(ge=1, le=65535), NUMBER_CHECK]
 
 # Upper bounds of durations in seconds. Every duration has one, so that a typo such as
 # `.inf` or 1e308 cannot switch a timeout off or overflow a deadline. NaN fails the
@@ -39,10 +57,10 @@ HOUR = 3600.0
 DAY = 86400.0
 WEEK = 7 * DAY
 
-Seconds = Annotated[float, Field(gt=0, le=HOUR)]
+Seconds = Annotated[float, Field(gt=0, le=HOUR), NUMBER_CHECK]
 """A duration of one network step or one delay: above 0, at most an hour."""
 
-LongSeconds = Annotated[float, Field(gt=0, le=DAY)]
+LongSeconds = Annotated[float, Field(gt=0, le=DAY), NUMBER_CHECK]
 """A duration that a session or a client address may last: above 0, at most a day."""
 
 # Ports from RFC 3501/1939 (plain, STARTTLS) and RFC 8314 (implicit TLS).

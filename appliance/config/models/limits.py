@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from appliance.config.models.common import (
     DAY,
     HOUR,
+    NUMBER_CHECK,
     WEEK,
     LongSeconds,
     Seconds,
@@ -25,35 +26,35 @@ class Limits(StrictModel):
     pre_auth_timeout: Seconds = 60.0
     """Seconds a client may take from connecting to a successful login."""
 
-    idle_timeout: Annotated[float, Field(ge=1800, le=DAY)] = 1860.0
+    idle_timeout: Annotated[float, Field(ge=1800, le=DAY), NUMBER_CHECK] = 1860.0
     """Seconds without traffic after which an authenticated session is closed; at least
     1800, because RFC 3501 lets IMAP clients sit in IDLE for 30 minutes, and at most a
     day."""
 
-    max_line_length: Annotated[int, Field(ge=512, le=1 << 20)] = 8192
+    max_line_length: Annotated[int, Field(ge=512, le=1 << 20), NUMBER_CHECK] = 8192
     """Maximum length in bytes of one command or response line before login."""
 
-    max_literal_size: Annotated[int, Field(ge=0, le=1 << 24)] = 65536
+    max_literal_size: Annotated[int, Field(ge=0, le=1 << 24), NUMBER_CHECK] = 65536
     """Maximum size in bytes of one IMAP literal before login."""
 
-    max_connections: Annotated[int, Field(ge=1)] = 1000
+    max_connections: Annotated[int, Field(ge=1), NUMBER_CHECK] = 1000
     """Maximum concurrent sessions on one listener."""
 
-    max_protocol_errors: Annotated[int, Field(ge=1)] = 10
+    max_protocol_errors: Annotated[int, Field(ge=1), NUMBER_CHECK] = 10
     """Invalid commands before login after which a session is closed."""
 
-    max_connections_per_address: Annotated[int, Field(ge=1)] = 50
+    max_connections_per_address: Annotated[int, Field(ge=1), NUMBER_CHECK] = 50
     """Maximum concurrent sessions from one client address, over all listeners, so
     that a flood from one address cannot take every session or every upstream login
     process. Clients behind one NAT share an address, so raise it for such sites.
     Without PROXY protocol, every client behind a load balancer has its address."""
 
-    ipv6_prefix_length: Annotated[int, Field(ge=32, le=128)] = 64
+    ipv6_prefix_length: Annotated[int, Field(ge=32, le=128), NUMBER_CHECK] = 64
     """Length of the IPv6 prefix that counts as one client address for
     `max_connections_per_address` and the failed-login delay, because one host
     usually gets a whole /64. 128 counts every IPv6 address alone."""
 
-    auth_failure_delay: Annotated[float, Field(ge=0, le=HOUR)] = 1.0
+    auth_failure_delay: Annotated[float, Field(ge=0, le=HOUR), NUMBER_CHECK] = 1.0
     """Seconds that the next login from a client address waits after an
     authentication failure from it. The delay doubles with each further failure, up to
     `auth_failure_delay_max`, and a successful login resets it. Logins from the address
@@ -67,10 +68,12 @@ class Limits(StrictModel):
     """Seconds without an authentication failure after which the failures of a client
     address are forgotten."""
 
-    shutdown_grace_period: Annotated[float, Field(ge=0, le=DAY)] = 10.0
+    shutdown_grace_period: Annotated[float, Field(ge=0, le=DAY), NUMBER_CHECK] = 10.0
     """Seconds that running sessions get to finish after SIGTERM or SIGINT."""
 
-    drain_removed_listeners_after: Annotated[float, Field(gt=0, le=WEEK)] | None = None
+    drain_removed_listeners_after: (
+        Annotated[float, Field(gt=0, le=WEEK), NUMBER_CHECK] | None
+    ) = None
     """Seconds that sessions on a listener removed by a reload may go on before they are
     closed as at shutdown; unset lets them run to their natural end."""
 

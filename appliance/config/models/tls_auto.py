@@ -8,6 +8,7 @@ from pydantic import Field, field_validator
 
 from appliance.config.models.common import (
     DAY,
+    NUMBER_CHECK,
     KnownMode,
     Port,
     Protocol,
@@ -45,7 +46,7 @@ class TlsAutoConfig(StrictModel):
     """Seconds allowed for each connection of a probe, TLS handshake and STARTTLS
     included; the implicit-TLS and plain-port connections run in parallel."""
 
-    max_record_age: Annotated[float, Field(gt=0, le=30 * DAY)] = 86400.0
+    max_record_age: Annotated[float, Field(gt=0, le=30 * DAY), NUMBER_CHECK] = 86400.0
     """Seconds after which a learned record is probed again in the background, so a
     server recorded as plain text or STARTTLS moves up once it offers more. A probe
     never moves a record down."""
