@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -441,6 +442,17 @@ def test_stripped_first_probe_still_upgrades(
     assert all("[session=" in line for line in upgrade_lines)
 
 
+def age_records(appliance: ApplianceProcess, seconds: float) -> None:
+    """Move every time in a stopped appliance's state file `seconds` into the past."""
+    path = Path(appliance.config["state_dir"]) / "known_servers.json"
+    document = json.loads(path.read_text())
+    past = (datetime.now(UTC) - timedelta(seconds=seconds)).isoformat()
+    for record in document["servers"]:
+        for field in ("first_seen", "last_seen", "last_probed"):
+            record[field] = past
+    path.write_text(json.dumps(document))
+
+
 def test_plain_record_moves_up(
     no_tls: DovecotServer,
     starttls_only: DovecotServer,
@@ -449,14 +461,19 @@ def test_plain_record_moves_up(
 ) -> None:
     with CapabilityRelay(no_tls.ports["imap"]) as relay:
         entry = upstream(relay.port, starttls_only, allow_plaintext=True)
-        config = appliance_config(imap=entry, tls_auto={"max_record_age": 0.5})
+        # 60 s is the smallest max_record_age, so the record is aged on disk instead
+        # of waiting for it.
+        config = appliance_config(imap=entry, tls_auto={"max_record_age": 60})
+        first = start(config, tmp_path)
+        appliances.append(first)
+        assert imap_login(first.port("imap")) == "OK"
+        first.stop()
+        assert records(first)["imap"]["mode"] == "none"
+        age_records(first, 120)
+        relay.target = starttls_only.ports["imap"]
+
         appliance = start(config, tmp_path)
         appliances.append(appliance)
-        assert imap_login(appliance.port("imap")) == "OK"
-        assert records(appliance)["imap"]["mode"] == "none"
-        relay.target = starttls_only.ports["imap"]
-        time.sleep(0.6)
-
         imap_login(appliance.port("imap"))
         moved = wait_for_record(appliance, "imap", "starttls")
         status = imap_login(appliance.port("imap"))

@@ -464,20 +464,22 @@ def age_record(planner: UpstreamPlanner, seconds: float) -> None:
     planner.store.update(KEY, last_probed=utc_now() - timedelta(seconds=seconds))
 
 
-async def test_stale_plain_record_moves_up(log_lines: list[str]) -> None:
-    snapshot = make_snapshot(allow_plaintext=True, tls_auto={"max_record_age": 10})
-    probe = ScriptedProbe(server_report("none"), server_report("starttls", "none"))
+async def test_stale_record_moves_up(log_lines: list[str]) -> None:
+    # A plain-text record as old as the smallest max_record_age (60 s) is probed before
+    # use instead, so a STARTTLS record shows the background probe.
+    snapshot = make_snapshot(tls_auto={"max_record_age": 60})
+    probe = ScriptedProbe(server_report("starttls"), server_report("implicit", "starttls"))
     planner = make_planner(snapshot, probe)
     await plan_modes(planner, snapshot)
-    age_record(planner, 20)
+    age_record(planner, 120)
 
     modes = await plan_modes(planner, snapshot)
     await planner.drain()
 
-    assert modes == ["none"]
-    assert learned(planner).mode == "starttls"
-    assert await plan_modes(planner, snapshot) == ["starttls"]
-    assert any("moved up from none to starttls" in line for line in log_lines)
+    assert modes == ["starttls"]
+    assert learned(planner).mode == "implicit"
+    assert await plan_modes(planner, snapshot) == ["implicit"]
+    assert any("moved up from starttls to implicit" in line for line in log_lines)
 
 
 async def test_allowed_plain_record_reprobed_before_use(log_lines: list[str]) -> None:

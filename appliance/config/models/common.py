@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from pathlib import Path
@@ -28,17 +29,33 @@ def _tls_version_text(value: object) -> object:
 
 
 def _check_number(value: object) -> object:
-    """Reject a boolean where a number is expected.
+    """Reject a boolean or NaN where a number is expected.
 
     pydantic's lax mode reads true and false as 1 and 0, so `connect_timeout: true` would
-    become a one-second timeout. Strings pass on, so env values such as "30" still work.
+    become a one-second timeout. NaN fails every bound, because every comparison with it
+    is false, so it is rejected here with its own message instead of a bound's. Other
+    strings pass on, so env values such as "30" still work.
     """
     if isinstance(value, bool):
         raise ValueError(
             f"value {str(value).lower()} is a boolean, but a number is expected; "
             "YAML also reads yes, no, on and off as booleans"
         )
+    if _is_nan(value):
+        raise ValueError(
+            f"value {value!r} is not a number (NaN); expected a number such as 30"
+        )
     return value
+
+
+def _is_nan(value: object) -> bool:
+    """Return whether a config value is NaN, or a string that float() reads as NaN."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return False
+    return isinstance(value, float) and math.isnan(value)
 
 
 # Validator of every numeric field. It goes after the `Field` bounds, because placed
@@ -51,8 +68,8 @@ LOG_LEVELS = get_args(LogLevel)
 Port = Annotated[int, Field(ge=1, le=65535), NUMBER_CHECK]
 
 # Upper bounds of durations in seconds. Every duration has one, so that a typo such as
-# `.inf` or 1e308 cannot switch a timeout off or overflow a deadline. NaN fails the
-# bounds too, because every comparison with NaN is false.
+# `.inf` or 1e308 cannot switch a timeout off or overflow a deadline. NUMBER_CHECK
+# rejects NaN before the bounds are checked.
 HOUR = 3600.0
 DAY = 86400.0
 WEEK = 7 * DAY

@@ -46,10 +46,12 @@ class TlsAutoConfig(StrictModel):
     """Seconds allowed for each connection of a probe, TLS handshake and STARTTLS
     included; the implicit-TLS and plain-port connections run in parallel."""
 
-    max_record_age: Annotated[float, Field(gt=0, le=30 * DAY), NUMBER_CHECK] = 86400.0
+    max_record_age: Annotated[float, Field(ge=60, le=30 * DAY), NUMBER_CHECK] = 86400.0
     """Seconds after which a learned record is probed again in the background, so a
     server recorded as plain text or STARTTLS moves up once it offers more. A probe
-    never moves a record down."""
+    never moves a record down. At least 60, because the first session that finds an older
+    record starts a probe, so a smaller value would probe a busy server almost without
+    pause."""
 
     persist_known_servers: bool = True
     """Keep learned records in `known_servers.json` under `state_dir` across restarts.
