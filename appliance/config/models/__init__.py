@@ -15,6 +15,7 @@ from appliance.config.models.common import (
     ListenerTls,
     LoginSeparator,
     LogLevel,
+    LongSeconds,
     Port,
     Protocol,
     Seconds,
