@@ -7,9 +7,9 @@ finally a probe on first contact, whose result becomes the record. Sessions try 
 recorded mode, so a server once seen with TLS is never reached without TLS: when that
 mode fails, the session fails closed and the record stays as it is.
 
-Records move upward on their own only: a background probe of a record older than
-`tls_auto.max_record_age`, started by the next session that needs it, may move plain text
-to STARTTLS or STARTTLS to implicit TLS, never down.
+Records move upward on their own only, never down. A background probe of a STARTTLS
+record older than `tls_auto.max_record_age`, started by the next session that needs it,
+may move it to implicit TLS. A plain-text record moves up through the checks below.
 
 A record of plain text is the one an attacker can plant, by removing STARTTLS from the
 server's capabilities or blocking its implicit TLS port during the first probe. So such a

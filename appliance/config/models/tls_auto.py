@@ -47,11 +47,12 @@ class TlsAutoConfig(StrictModel):
     included; the implicit-TLS and plain-port connections run in parallel."""
 
     max_record_age: Annotated[float, Field(ge=60, le=30 * DAY), NUMBER_CHECK] = 86400.0
-    """Seconds after which a learned record is probed again in the background, so a
-    server recorded as plain text or STARTTLS moves up once it offers more. A probe
-    never moves a record down. At least 60, because the first session that finds an older
-    record starts a probe, so a smaller value would probe a busy server almost without
-    pause."""
+    """Seconds after which a learned STARTTLS record is probed again in the background,
+    so the server moves up to implicit TLS once it offers it. A learned plain-text record
+    does not wait for this age: a session probes it again before relying on it, at most
+    once a minute. A probe never moves a record down. At least 60, because the first
+    session that finds an older record starts a probe, so a smaller value would probe a
+    busy server almost without pause."""
 
     persist_known_servers: bool = True
     """Keep learned records in `known_servers.json` under `state_dir` across restarts.
