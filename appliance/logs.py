@@ -41,9 +41,18 @@ def configure_logging(level: str = "INFO", json_output: bool = False) -> None:
 
 
 def escape(value: bytes | str, limit: int = 128) -> str:
-    """Return peer-supplied text safe for one log line: printable ASCII, escaped, capped."""
+    """Return peer-supplied text safe for one log line: printable ASCII, escaped, capped.
+
+    Every other byte, the backslash included, becomes `\\xHH`, so a name that contains
+    the text `\\x0d` cannot pass for one that contains a carriage return.
+    """
     if isinstance(value, str):
         value = value.encode("utf-8", "surrogateescape")
-    text = value[:limit].decode("ascii", "backslashreplace")
-    text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+    text = "".join(_ESCAPED_BYTES[byte] for byte in value[:limit])
     return text + ("..." if len(value) > limit else "")
+
+
+_ESCAPED_BYTES = tuple(
+    chr(byte) if 0x20 <= byte < 0x7F and byte != 0x5C else f"\\x{byte:02x}"
+    for byte in range(256)
+)

@@ -249,6 +249,11 @@ def test_outcome_escapes_crlf_and_quote():
     assert line.endswith('user "a\\x0d\\x0ab\\x22c"')
 
 
+def test_outcome_escapes_backslash():
+    line = format_login_outcome("failed", "192.0.2.7", 1, b"a\\x0d\\b")
+    assert line.endswith('user "a\\x5cx0d\\x5cb"')
+
+
 def test_outcome_escapes_eight_bit():
     line = format_login_outcome("succeeded", "192.0.2.7", 1, "us\u00e9r")
     assert line.endswith('user "us\\xc3\\xa9r"')
