@@ -24,6 +24,7 @@ from appliance.protocols.imap import (
     ContinuationRequest,
     CommandReader,
     Literal8,
+    LiteralTooLarge,
     Response,
     ResponseReader,
     format_authenticate_plain,
@@ -40,6 +41,9 @@ from appliance.proxy.session import (
     CLIENT_FAULTS,
     GOODBYE_TEXTS,
     LOGIN_SIZE_ERROR,
+    MAX_LOGIN_PASSWORD_SIZE,
+    MAX_LOGIN_USER_SIZE,
+    MAX_SASL_RESPONSE_SIZE,
     Session,
 )
 from appliance.proxy.upstream import UpstreamTarget, open_upstream, upgrade_upstream
@@ -49,6 +53,13 @@ LITERAL8_LOGIN_ERROR = "Login arguments are strings; literal8 (~{n}) is for bina
 # Commands that the proxy replies to itself and whose grammar has no arguments (RFC 3501
 # and RFC 9051).
 COMMANDS_WITHOUT_ARGUMENTS = frozenset({"CAPABILITY", "NOOP", "LOGOUT", "STARTTLS"})
+# Largest literal, by argument position, that a login may announce. A larger one is
+# rejected before the client sends it. The AUTHENTICATE mechanism name (None) keeps the
+# general max_literal_size, and its initial response may be a whole PLAIN response.
+LOGIN_LITERAL_LIMITS: dict[str, tuple[int | None, ...]] = {
+    "LOGIN": (MAX_LOGIN_USER_SIZE, MAX_LOGIN_PASSWORD_SIZE),
+    "AUTHENTICATE": (None, MAX_SASL_RESPONSE_SIZE),
+}
 
 
 class _Cancelled(Exception):
@@ -171,6 +182,7 @@ class ImapSession(Session):
         self.commands = CommandReader(
             max_line_length=self.limits.max_line_length,
             max_literal_size=self.limits.max_literal_size,
+            argument_literal_limits=LOGIN_LITERAL_LIMITS,
         )
         self.errors = 0
         if self.routes_by_login:
@@ -188,6 +200,9 @@ class ImapSession(Session):
         while True:
             try:
                 event = await self.next_client_event(self.commands)
+            except LiteralTooLarge as exc:
+                self._reject_oversized_literal(exc)
+                continue
             except ClientProtocolError as exc:
                 self._protocol_error(exc.message, exc.tag, fatal=exc.fatal)
                 continue
@@ -215,6 +230,28 @@ class ImapSession(Session):
             self._close_if_literal_arrived()
         else:
             self.client.send(b"+ Ready for literal data\r\n")
+
+    def _reject_oversized_literal(self, error: LiteralTooLarge) -> None:
+        """Reply NO [LIMIT] to a login whose announced literal is over a credential limit.
+
+        The client got no "+", so it sends no literal. The bytes of a non-synchronizing
+        literal come regardless, so then the error is raised again to close the session.
+        """
+        self.log.info(
+            "rejecting a {} whose argument {} was announced as a {}-byte literal: "
+            "over the limit of {} bytes",
+            error.command,
+            error.position + 1,
+            error.size,
+            error.limit,
+        )
+        user = error.preceding[0] if error.command == "LOGIN" and error.preceding else None
+        named = isinstance(user, (str, bytes)) and len(user) <= MAX_LOGIN_USER_SIZE
+        self.record_login("rejected", user if named else None)
+        self.client.send(format_tagged(error.tag, "NO", LOGIN_SIZE_ERROR, "LIMIT"))
+        if error.fatal:
+            raise error
+        self._close_if_literal_arrived()
 
     def _close_if_literal_arrived(self) -> None:
         """Raise a fatal error if bytes of a just-rejected login literal are buffered.

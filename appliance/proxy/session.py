@@ -108,6 +108,9 @@ CLIENT_FAULTS = frozenset({"protocol", "unreadable"})
 # only when the upstream offers no PLAIN mechanism, and then shorter values may fail.
 MAX_LOGIN_USER_SIZE = 1024
 MAX_LOGIN_PASSWORD_SIZE = 4096
+# Largest base64 SASL response that can carry credentials within those limits: a PLAIN
+# message whose authorization identity equals the user name, with two NUL separators.
+MAX_SASL_RESPONSE_SIZE = 4 * -(-(2 * MAX_LOGIN_USER_SIZE + MAX_LOGIN_PASSWORD_SIZE + 2) // 3)
 LOGIN_SIZE_ERROR = (
     f"User names are limited to {MAX_LOGIN_USER_SIZE} bytes "
     f"and passwords to {MAX_LOGIN_PASSWORD_SIZE} bytes"

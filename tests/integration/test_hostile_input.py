@@ -26,7 +26,13 @@ from typing import Any, Self
 
 import pytest
 
-from appliance.proxy.session import MAX_LOGIN_USER_SIZE
+from appliance.proxy.session import (
+    GOODBYE_TEXTS,
+    LOGIN_SIZE_ERROR,
+    MAX_LOGIN_PASSWORD_SIZE,
+    MAX_LOGIN_USER_SIZE,
+    MAX_SASL_RESPONSE_SIZE,
+)
 from tests.support.appliance import ApplianceProcess, listener_config
 from tests.support.certs import TestPKI
 from tests.support.scripted_server import (
@@ -743,21 +749,76 @@ def test_sasl_fatal_error_answered_once(strict):
     assert reply.startswith(b"A1 BAD bare CR"), reply
 
 
-@pytest.mark.parametrize(
-    ("user", "reply"),
-    [(MAX_LOGIN_USER_SIZE, b"L1 OK"), (MAX_LOGIN_USER_SIZE + 1, b"L1 NO [LIMIT]")],
-    ids=["at-limit", "over-limit"],
-)
-def test_login_user_size_limit(strict, upstreams, user, reply):
+def test_login_user_at_size_limit(strict, upstreams):
     before = len(upstreams["imap"].received)
     with connect(strict, "imap") as client:
         steps = [
-            Step(b"L1 LOGIN {%d}\r\n" % user, b"+"),
-            Step(b"u" * user + b" right\r\n", reply),
+            Step(b"L1 LOGIN {%d}\r\n" % MAX_LOGIN_USER_SIZE, b"+"),
+            Step(b"u" * MAX_LOGIN_USER_SIZE + b" right\r\n", b"L1 OK"),
         ]
         converse(client, steps)
-    forwarded = b"AUTHENTICATE" in bytes(upstreams["imap"].received[before:])
-    assert forwarded == (user <= MAX_LOGIN_USER_SIZE)
+    assert b"AUTHENTICATE" in bytes(upstreams["imap"].received[before:])
+
+
+# Literals over the credential limits get NO [LIMIT] in place of "+", so a client that
+# waits for "+" never sends them. Each case: the announcement and the user that the log
+# line names.
+OVERSIZED_LITERALS = {
+    "user": (b"L1 LOGIN {%d}\r\n" % (MAX_LOGIN_USER_SIZE + 1), ""),
+    "password": (b"L1 LOGIN jo {%d}\r\n" % (MAX_LOGIN_PASSWORD_SIZE + 1), "jo"),
+    "sasl": (b"L1 AUTHENTICATE PLAIN {%d}\r\n" % (MAX_SASL_RESPONSE_SIZE + 1), ""),
+}
+LIMIT_REPLY = b"L1 NO [LIMIT] " + LOGIN_SIZE_ERROR.encode() + b"\r\n"
+
+
+def literal_size(announcement: bytes) -> int:
+    return int(re.search(rb"\{([0-9]+)\+?\}", announcement).group(1))
+
+
+@pytest.mark.parametrize("case", sorted(OVERSIZED_LITERALS))
+def test_oversized_login_literal_gets_no_continuation(strict, upstreams, case):
+    announcement, user = OVERSIZED_LITERALS[case]
+    before = len(upstreams["imap"].received)
+    with connect(strict, "imap") as client:
+        port = client.sock.getsockname()[1]
+        client.send(announcement)
+        reply = client.read_line()
+        # The next line is read as a new command.
+        converse(client, [Step(b"a2 NOOP\r\n", b"a2 OK")])
+        assert succeeded("imap", imap_login(client, b"L1", RIGHT_PASSWORD))
+    assert reply == LIMIT_REPLY, reply
+    received = bytes(upstreams["imap"].received[before:])
+    assert received.count(b"AUTHENTICATE") == 1, received
+    rejected = wait_for_log(strict, f"login rejected: client {client.source} port {port} ")
+    assert rejected.endswith(f'user "{user}"'), rejected
+
+
+@pytest.mark.parametrize("case", sorted(OVERSIZED_LITERALS))
+def test_oversized_literal_plus_login_closes(strict, upstreams, case):
+    announcement, _ = OVERSIZED_LITERALS[case]
+    announcement = announcement.replace(b"}", b"+}")
+    literal = b"s" * literal_size(announcement)
+    before = len(upstreams["imap"].received)
+    with connect(strict, "imap") as client:
+        client.send(announcement + literal + b"\r\n")
+        reply = client.read_until_closed()
+    # The literal's bytes follow the announcement unasked, so the session closes at
+    # once rather than read them.
+    goodbye = b"* BYE " + GOODBYE_TEXTS["unreadable"].encode() + b"\r\n"
+    assert reply == LIMIT_REPLY + goodbye, reply
+    assert b"sss" not in reply
+    assert b"AUTHENTICATE" not in bytes(upstreams["imap"].received[before:])
+
+
+def test_oversized_literal_sent_without_waiting_closes(strict):
+    announcement, _ = OVERSIZED_LITERALS["password"]
+    literal = b"mypass word" + b"s" * (literal_size(announcement) - 11)
+    with connect(strict, "imap") as client:
+        client.send(announcement + literal + b"\r\n")
+        reply = client.read_until_closed()
+    assert reply.startswith(LIMIT_REPLY), reply
+    assert b"* BYE" in reply, reply
+    assert b"mypass" not in reply
 
 
 # Each case: listener, command before TLS, and the user name that the log line names.

@@ -16,6 +16,7 @@ from appliance.protocols.imap.commands import (
     ContinuationLine,
     ContinuationRequest,
     Literal8,
+    LiteralTooLarge,
 )
 
 TRAILER = b"z9 NOOP\r\n"
@@ -585,3 +586,110 @@ def test_continuation_request_marks_literal8() -> None:
         assert events[0].binary
     for events in event_objects_three_ways(b"a1 LOGIN {4}\r\nabcd x\r\n"):
         assert not events[0].binary
+
+
+# Lower literal caps for chosen arguments, such as the LOGIN user name and password
+
+ARGUMENT_LIMITS = {"LOGIN": (4, 8), "AUTHENTICATE": (None, 12)}
+
+
+def literal_outcomes(data: bytes) -> dict[str, list[tuple]]:
+    return feed_three_ways(data, argument_literal_limits=ARGUMENT_LIMITS)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"a1 LOGIN {5}\r\n", [rejected("a1")]),
+        (b"a1 LOGIN alice {9}\r\n", [rejected("a1")]),
+        (b'a1 LOGIN "al" {9}\r\n', [rejected("a1")]),
+        (b"a1 login al {9}\r\n", [rejected("a1")]),
+        (b"a1 AUTHENTICATE PLAIN {13}\r\n", [rejected("a1")]),
+        (b"a1 LOGIN {5+}\r\nalice\r\n", [rejected("a1", fatal=True)]),
+        (b"a1 LOGIN al {9+}\r\n123456789\r\n", [rejected("a1", fatal=True)]),
+    ],
+    ids=["user", "password", "quoted-user", "lower-case", "sasl", "user+", "password+"],
+)
+def test_argument_limit_rejects_at_announcement(data, expected):
+    assert literal_outcomes(data) == expected_three_ways(expected)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (
+            b"a1 LOGIN {4}\r\nalic {8}\r\n12345678\r\n",
+            [CONTINUE, CONTINUE, command("a1", "LOGIN", b"alic", b"12345678")],
+        ),
+        (
+            b"a1 LOGIN {4+}\r\nalic {8+}\r\n12345678\r\n",
+            [command("a1", "LOGIN", b"alic", b"12345678")],
+        ),
+        # A mechanism (None), a third argument and a list item have no lower cap.
+        (
+            b"a1 AUTHENTICATE {13}\r\n" + b"m" * 13 + b"\r\n",
+            [CONTINUE, command("a1", "AUTHENTICATE", b"m" * 13)],
+        ),
+        (
+            b"a1 LOGIN a b {13}\r\n" + b"x" * 13 + b"\r\n",
+            [CONTINUE, command("a1", "LOGIN", "a", "b", b"x" * 13)],
+        ),
+        (
+            b"a1 LOGIN ({13}\r\n" + b"x" * 13 + b")\r\n",
+            [CONTINUE, command("a1", "LOGIN", (b"x" * 13,))],
+        ),
+        (b"a1 ID {13}\r\n" + b"x" * 13 + b"\r\n", [CONTINUE, command("a1", "ID", b"x" * 13)]),
+    ],
+    ids=["at-limit", "at-limit+", "mechanism", "third", "in-list", "other-command"],
+)
+def test_argument_limit_allows(data, expected):
+    assert literal_outcomes(data) == expected_three_ways(expected)
+
+
+def test_argument_limit_error_describes_literal() -> None:
+    reader = CommandReader(argument_literal_limits=ARGUMENT_LIMITS)
+    reader.feed(b"a1 LOGIN alice {9}\r\n" + NOOP)
+
+    with pytest.raises(LiteralTooLarge) as raised:
+        reader.next_event()
+
+    error = raised.value
+    assert error.tag == "a1"
+    assert error.fatal is False
+    assert error.command == "LOGIN"
+    assert error.position == 1
+    assert error.size == 9
+    assert error.limit == 8
+    assert error.preceding == ("alice",)
+    assert error.message == "literal too large for argument 2 of LOGIN (limit 8 bytes)"
+    assert reader.next_event() == Command("a2", "NOOP")
+    assert reader.buffered_size == 0
+
+
+def test_general_literal_limit_checked_first() -> None:
+    reader = CommandReader(max_literal_size=6, argument_literal_limits=ARGUMENT_LIMITS)
+    reader.feed(b"a1 LOGIN alice {9}\r\n")
+
+    with pytest.raises(ClientProtocolError) as raised:
+        reader.next_event()
+
+    assert not isinstance(raised.value, LiteralTooLarge)
+    assert raised.value.message == "literal too large (limit 6 bytes)"
+
+
+def test_over_long_continuation_line_is_not_buffered() -> None:
+    # An AUTHENTICATE response line has max_line_length as its bound, as a command has.
+    reader = CommandReader(max_line_length=100)
+    reader.expect_continuation_line()
+    errors = []
+    for _ in range(100):
+        reader.feed(b"A" * 1000)
+        try:
+            reader.next_event()
+        except ClientProtocolError as error:
+            errors.append(error)
+
+    assert reader.buffered_size <= 102
+    assert [(error.tag, error.fatal) for error in errors] == [(None, False)]
+    reader.feed(b"AAAA\r\n" + NOOP)
+    assert reader.next_event() == Command("a2", "NOOP")

@@ -7,6 +7,7 @@ from appliance.protocols.imap.commands import (
     ContinuationRequest,
     Event,
     Literal8,
+    LiteralTooLarge,
     Value,
     is_valid_tag,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "ContinuationRequest",
     "Event",
     "Literal8",
+    "LiteralTooLarge",
     "Response",
     "ResponseReader",
     "Value",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, NoReturn, TypeAlias
 
@@ -102,12 +103,62 @@ def is_valid_tag(tag: str | bytes) -> bool:
     return _TAG_RE.fullmatch(tag) is not None
 
 
+class LiteralTooLarge(ClientProtocolError):
+    """A literal announced larger than the limit of its argument.
+
+    The limits come from CommandReader's argument_literal_limits. The reader has dropped
+    the command. After a synchronizing literal it reads the next line as a new command,
+    because the client sends no literal bytes until it gets "+". After a
+    non-synchronizing literal the error is fatal, because the literal bytes follow.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        tag: str,
+        fatal: bool,
+        command: str,
+        position: int,
+        size: int,
+        limit: int,
+        preceding: tuple[Value, ...],
+    ) -> None:
+        super().__init__(message, tag=tag, fatal=fatal)
+        self.command = command
+        self.position = position
+        """Index of the literal's argument, from 0."""
+        self.size = size
+        """Announced size of the literal in bytes."""
+        self.limit = limit
+        # The arguments before the literal. For a LOGIN password this is the user name.
+        self.preceding = preceding
+
+
 class _Rejected(Exception):
     """Syntax error in a command line. The reader adds the tag and the fatal flag."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class _LiteralOverLimit(_Rejected):
+    """Literal over its argument's limit, which the reader raises as LiteralTooLarge."""
+
+    def __init__(
+        self,
+        message: str,
+        position: int,
+        size: int,
+        limit: int,
+        preceding: tuple[Value, ...],
+    ) -> None:
+        super().__init__(message)
+        self.position = position
+        self.size = size
+        self.limit = limit
+        self.preceding = preceding
 
 
 class _LiteralMarker(NamedTuple):
@@ -155,6 +206,12 @@ class _CommandBuilder:
 
     def add_literal(self, data: bytes) -> None:
         self._append(data)
+
+    def top_level_arguments(self) -> tuple[Value, ...] | None:
+        """Return the arguments so far, or None inside a parenthesized list."""
+        if len(self._lists) != 1:
+            return None
+        return tuple(self._lists[0])
 
     def finish(self) -> Command:
         if len(self._lists) != 1:
@@ -213,7 +270,12 @@ class CommandReader:
 
     max_line_length caps the command text of one command, without CRLF and without
     literal bytes. max_literal_size caps each literal and max_literals their number per
-    command. After a non-fatal error the reader continues with the next command.
+    command. argument_literal_limits maps a command name to lower caps, in bytes, for
+    the literals of its first arguments by position, for example
+    {"LOGIN": (1024, 4096)}. A literal over such a cap raises LiteralTooLarge when it is
+    announced. Literals at a position whose cap is None, at later positions or inside a
+    parenthesized list have max_literal_size only. After a non-fatal error the reader
+    continues with the next command.
     """
 
     def __init__(
@@ -221,12 +283,17 @@ class CommandReader:
         max_line_length: int = 8192,
         max_literal_size: int = 65536,
         max_literals: int = 8,
+        argument_literal_limits: Mapping[str, Sequence[int | None]] | None = None,
     ) -> None:
         if min(max_line_length, max_literal_size, max_literals) < 1:
             raise ValueError("CommandReader limits must be positive")
         self._max_line_length = max_line_length
         self._max_literal_size = max_literal_size
         self._max_literals = max_literals
+        self._argument_literal_limits = {
+            name.upper(): tuple(limits)
+            for name, limits in (argument_literal_limits or {}).items()
+        }
         self._input = InputBuffer()
         self._expect_continuation = False
         self._failure: ClientProtocolError | None = None
@@ -359,7 +426,20 @@ class CommandReader:
         except _Rejected as rejected:
             tag = None if expecting else self._current_tag(line, len(line))
             fatal = _LITERAL_PLUS_END_RE.search(line) is not None
+            name = self._command.name if self._command is not None else ""
             self._clear_command()
+            if isinstance(rejected, _LiteralOverLimit):
+                assert tag is not None
+                raise LiteralTooLarge(
+                    rejected.message,
+                    tag=tag,
+                    fatal=fatal,
+                    command=name,
+                    position=rejected.position,
+                    size=rejected.size,
+                    limit=rejected.limit,
+                    preceding=rejected.preceding,
+                ) from None
             raise ClientProtocolError(rejected.message, tag=tag, fatal=fatal) from None
 
     def _process_command_text(self, content: bytes) -> Event | None:
@@ -378,6 +458,7 @@ class CommandReader:
         size = _parse_literal_size(marker.digits, self._max_literal_size)
         if self._literal_count == self._max_literals:
             raise _Rejected(f"too many literals (limit {self._max_literals})")
+        self._check_argument_limit(size)
         self._literal_count += 1
         self._literal_remaining = size
         self._literal_binary = marker.binary
@@ -386,6 +467,23 @@ class CommandReader:
             return None
         self._literal_announced = True
         return ContinuationRequest(self._command.tag, self._command.name, marker.binary)
+
+    def _check_argument_limit(self, size: int) -> None:
+        assert self._command is not None
+        limits = self._argument_literal_limits.get(self._command.name)
+        if limits is None:
+            return
+        preceding = self._command.top_level_arguments()
+        if preceding is None or len(preceding) >= len(limits):
+            return
+        position = len(preceding)
+        limit = limits[position]
+        if limit is not None and size > limit:
+            message = (
+                f"literal too large for argument {position + 1} of "
+                f"{self._command.name} (limit {limit} bytes)"
+            )
+            raise _LiteralOverLimit(message, position, size, limit, preceding)
 
     def _read_literal(self) -> bool:
         self._literal_announced = False
