@@ -158,6 +158,8 @@ class Session:
         # Set for a listener that routes by login, once a login names its server.
         self.route: Route | None = None
         self.route_snapshot: Snapshot = env.snapshot
+        # Upstream of the last routed login that failed, for the session's end line.
+        self.dropped_upstream: str | None = None
         # Key of this session in the guard's count of open sessions, once counted.
         self.address_key: str | None = None
         self.log = logger.bind(
@@ -401,6 +403,8 @@ class Session:
 
     def drop_route(self) -> None:
         """Close the upstream of a failed routed login; the next login starts anew."""
+        if self.upstream_target is not None:
+            self.dropped_upstream = self._upstream_label()
         if self.upstream is not None:
             self.upstream.abort()
             self.upstream = None
@@ -649,9 +653,11 @@ class Session:
 
     def _upstream_label(self) -> str:
         target = self.upstream_target
-        if target is None:
+        if target is not None:
+            return f"{target.name} ({target.address}, {target.mode})"
+        if not self.routes_by_login:
             return self.env.listener.upstream or "?"
-        return f"{target.name} ({target.address}, {target.mode})"
+        return self.dropped_upstream or "none (no login was routed)"
 
     def _log_summary(self) -> None:
         client_tls = self.client.tls_info

@@ -442,6 +442,49 @@ def test_wrong_password_reply_matches_rejection(proxy: ApplianceProcess) -> None
     assert replies[-1].startswith(AUTH_FAILED)
 
 
+# Session end lines of failed logins
+
+
+def client_port(client: LineClient) -> int:
+    return client.sock.getsockname()[1]
+
+
+def end_line(proxy: ApplianceProcess, port: int) -> str:
+    """Return the session end line of the client at `port`."""
+    return wait_for_log(proxy, f"; client {HOST}:{port}; upstream ")
+
+
+def test_failed_routed_login_end_line(proxy: ApplianceProcess) -> None:
+    with connect(proxy, "at") as client:
+        port = client_port(client)
+        converse(client, [Step(b"a1 LOGIN alice@mail wrong-password\r\n", b"a1 NO")])
+        converse(client, [Step(b"a2 LOGOUT\r\n", b"a2 OK")])
+
+    line = end_line(proxy, port)
+    assert "session ended: logged out before login" in line, line
+    assert "; upstream mail (localhost:" in line, line
+
+
+def test_failed_host_rule_login_end_line(proxy: ApplianceProcess) -> None:
+    with connect(proxy, "at") as client:
+        port = client_port(client)
+        converse(client, [Step(b"a1 LOGIN alice@LocalHost. wrong\r\n", b"a1 NO")])
+        converse(client, [Step(b"a2 LOGOUT\r\n", b"a2 OK")])
+
+    line = end_line(proxy, port)
+    assert "; upstream implicit_template (localhost:" in line, line
+
+
+def test_unrouted_login_end_line(proxy: ApplianceProcess) -> None:
+    with connect(proxy, "at") as client:
+        port = client_port(client)
+        converse(client, [Step(b"a1 LOGIN alice@elsewhere pw\r\n", AUTH_FAILED)])
+        converse(client, [Step(b"a2 LOGOUT\r\n", b"a2 OK")])
+
+    line = end_line(proxy, port)
+    assert "; upstream none (no login was routed);" in line, line
+
+
 # Host rules and the upstream's TLS policy
 
 
