@@ -45,6 +45,7 @@ from appliance.proxy.session import (
     MAX_LOGIN_USER_SIZE,
     MAX_SASL_RESPONSE_SIZE,
     Session,
+    decode_login,
 )
 from appliance.proxy.upstream import UpstreamTarget, open_upstream, upgrade_upstream
 
@@ -406,6 +407,7 @@ class ImapSession(Session):
         if self.reject_oversized_login(login, password):
             self.client.send(format_tagged(client_tag, "NO", LOGIN_SIZE_ERROR, "LIMIT"))
             return None
+        self.user = decode_login(login)
         await self.delay_login()
         if not self.routes_by_login:
             return await self._login(client_tag, login, password)
@@ -435,7 +437,6 @@ class ImapSession(Session):
 
     async def _login(self, client_tag: str, user: bytes, password: bytes) -> bool | None:
         assert self.upstream is not None
-        self.user = user.decode("utf-8", "replace")
         caps = {cap.upper() for cap in self.upstream_caps}
         tag = next(self.tags)
         try:
@@ -448,7 +449,7 @@ class ImapSession(Session):
             else:
                 pieces = format_login(tag, user, password, literal_plus="LITERAL+" in caps)
         except ValueError:
-            self.record_login("rejected", user)
+            self.record_login("rejected", self.user)
             self.client.send(format_tagged(client_tag, "NO", "Invalid characters in credentials"))
             return None
         tagged = await self._send_login(tag, pieces)

@@ -29,6 +29,7 @@ from appliance.proxy.session import (
     LOGIN_SIZE_ERROR,
     Session,
     SessionEnd,
+    decode_login,
 )
 from appliance.proxy.upstream import UpstreamTarget, open_upstream, upgrade_upstream
 
@@ -251,7 +252,7 @@ class Pop3Session(Session):
             self.client.send(format_err("APOP is not available here; use USER or AUTH"))
             return None
         await self.delay_login()
-        self.user = user.decode("utf-8", "replace")
+        self.user = decode_login(user)
         self.upstream.send(format_command("APOP", user, digest))
         return await self._finish_login(await self._status_event())
 
@@ -262,6 +263,7 @@ class Pop3Session(Session):
         if self.reject_oversized_login(login, password):
             self.client.send(format_err(LOGIN_SIZE_ERROR, "AUTH"))
             return None
+        self.user = decode_login(login)
         await self.delay_login()
         if not self.routes_by_login:
             return await self._login(login, password)
@@ -283,7 +285,6 @@ class Pop3Session(Session):
 
     async def _login(self, user: bytes, password: bytes) -> bool | None:
         assert self.upstream is not None
-        self.user = user.decode("utf-8", "replace")
         mechanisms = [m.upper() for m in sasl_mechanisms(self.upstream_caps)]
         if "PLAIN" in mechanisms:
             self.upstream.send(format_command("AUTH", b"PLAIN", sasl.encode_plain(user, password)))
@@ -294,7 +295,7 @@ class Pop3Session(Session):
             pass_command = format_command("PASS", password)
         except ValueError:
             # USER and PASS are lines, so a SASL-decoded CR, LF or NUL cannot pass.
-            self.record_login("rejected", user)
+            self.record_login("rejected", self.user)
             self.client.send(format_err("Invalid characters in credentials", "AUTH"))
             return None
         self.upstream.send(user_command)

@@ -117,6 +117,14 @@ LOGIN_SIZE_ERROR = (
 )
 
 
+def decode_login(login: bytes) -> str:
+    """Decode a login for Session.user, keeping invalid UTF-8 bytes as the log shows them.
+
+    The surrogateescape handler lets `logs.escape` print every byte as the client sent it.
+    """
+    return login.decode("utf-8", "surrogateescape")
+
+
 class SessionEnd(Exception):
     """Stop the session quietly; the reason goes to the summary log line."""
 
@@ -140,6 +148,8 @@ class Session:
         self.upstream_target: UpstreamTarget | None = None
         self.phase = "pre-auth"
         self.outcome = "closed"
+        # The login as the client sent it, which the login log lines name. With routing
+        # by login it keeps the server part that the upstream does not receive.
         self.user: str | None = None
         self.started = time.monotonic()
         self.task: asyncio.Task[None] | None = None

@@ -485,6 +485,65 @@ def test_unrouted_login_end_line(proxy: ApplianceProcess) -> None:
     assert "; upstream none (no login was routed);" in line, line
 
 
+# Login lines of failed logins
+
+
+# Each case: listener, the exchange of one failed login (IMAP steps, or POP3 lines with
+# their expected reply), and the login as the client sent it.
+FAILED_LOGINS = {
+    "imap-routed": (
+        "at",
+        [Step(b"a1 LOGIN alice@mail wrong-password\r\n", b"a1 NO")],
+        "alice@mail",
+    ),
+    "imap-host-rule": (
+        "at",
+        [Step(b"a1 LOGIN alice@LocalHost. wrong-password\r\n", b"a1 NO")],
+        "alice@LocalHost.",
+    ),
+    "imap-allow-list": (
+        "at",
+        [Step(b"a1 LOGIN alice@elsewhere wrong-password\r\n", b"a1 NO")],
+        "alice@elsewhere",
+    ),
+    "imap-plain-routed": (
+        "at",
+        [
+            Step(
+                b"a1 AUTHENTICATE PLAIN " + b64(b"\0alice@mail\0wrong") + b"\r\n",
+                b"a1 NO",
+            )
+        ],
+        "alice@mail",
+    ),
+    "pop3-routed": (
+        "pop3",
+        [(b"USER alice@mail_pop3", b"+OK"), (b"PASS wrong", b"-ERR")],
+        "alice@mail_pop3",
+    ),
+    "pop3-allow-list": (
+        "pop3",
+        [(b"USER alice@elsewhere", b"+OK"), (b"PASS wrong", b"-ERR")],
+        "alice@elsewhere",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FAILED_LOGINS))
+def test_failed_login_line_names_sent_login(proxy: ApplianceProcess, case: str) -> None:
+    listener, steps, login = FAILED_LOGINS[case]
+    with connect(proxy, listener) as client:
+        port = client_port(client)
+        if listener == "pop3":
+            pop3_exchange(client, steps)
+        else:
+            converse(client, steps)
+
+    line = wait_for_log(proxy, f"login failed: client {HOST} port {port} ")
+    assert line.endswith(f'user "{login}"'), line
+    assert "wrong" not in line
+
+
 # Host rules and the upstream's TLS policy
 
 

@@ -19,6 +19,7 @@ from appliance.proxy.guard import (
     format_login_outcome,
     raise_open_files_limit,
 )
+from appliance.proxy.session import decode_login
 
 
 class FakeClock:
@@ -257,6 +258,14 @@ def test_outcome_escapes_backslash():
 def test_outcome_escapes_eight_bit():
     line = format_login_outcome("succeeded", "192.0.2.7", 1, "us\u00e9r")
     assert line.endswith('user "us\\xc3\\xa9r"')
+
+
+@pytest.mark.parametrize("login", [b"alice@mail", b"a\xff\xfeb", "usér".encode()])
+def test_outcome_same_for_decoded_login(login):
+    # Session.user contains a decoded login, and allow-list rejections log the raw bytes.
+    decoded = format_login_outcome("failed", "192.0.2.7", 1, decode_login(login))
+
+    assert decoded == format_login_outcome("failed", "192.0.2.7", 1, login)
 
 
 def test_outcome_without_user():
