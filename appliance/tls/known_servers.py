@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import heapq
 import os
 import tempfile
 import threading
@@ -44,6 +45,14 @@ from appliance.tls.probe import mode_strength
 FILE_NAME = "known_servers.json"
 LOCK_SUFFIX = ".lock"
 FORMAT_VERSION = 1
+# Maximum number of learned records. A `tls: auto` template under a wildcard host rule
+# learns one record for each host name that clients log in with, so without a cap the
+# store would grow with every name that resolves. Pinned records do not count toward it
+# and are never evicted.
+MAX_LEARNED_RECORDS = 10_000
+# Minimum seconds between two warnings about evicted records, so that a burst of
+# evictions logs one line.
+EVICTION_WARNING_INTERVAL = 300.0
 
 Mode = Literal["implicit", "starttls", "none"]
 T = TypeVar("T")
@@ -148,9 +157,21 @@ class KnownServerStore:
     With `state_dir` None the store lives in memory only. Lookups are cheap enough for
     every session (one stat call), and writes block on fsync, so async callers run
     them in a thread. Methods are safe to call from several threads.
+
+    When learning a new server takes the learned records over `max_learned_records`,
+    the least recently seen learned records are evicted, and their servers are probed
+    again at their next session. Pinned records are never evicted.
     """
 
-    def __init__(self, state_dir: Path | None) -> None:
+    def __init__(
+        self,
+        state_dir: Path | None,
+        *,
+        max_learned_records: int = MAX_LEARNED_RECORDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_learned_records < 1:
+            raise ValueError("max_learned_records must be positive")
         self.state_dir = state_dir
         self.path = None if state_dir is None else state_dir / FILE_NAME
         self._records: dict[ServerKey, KnownServerRecord] = {}
@@ -158,6 +179,10 @@ class KnownServerStore:
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._load_failure: str | None = None
+        self._max_learned_records = max_learned_records
+        self._clock = clock
+        self._evicted_unreported = 0
+        self._last_eviction_warning = float("-inf")
 
     @classmethod
     def open(cls, state_dir: Path, *, persist: bool = True) -> KnownServerStore:
@@ -302,11 +327,47 @@ class KnownServerStore:
         """
 
         def change(records: dict[ServerKey, KnownServerRecord]) -> KnownServerRecord:
+            is_new = record.key not in records
             merged = merge_learned(records.get(record.key), record)
             records[record.key] = merged
+            if is_new:
+                self._evict_over_cap(records, keep=record.key)
             return merged
 
         return self._modify(change)
+
+    def _evict_over_cap(
+        self, records: dict[ServerKey, KnownServerRecord], keep: ServerKey
+    ) -> None:
+        """Remove the least recently seen learned records beyond the cap, except `keep`."""
+        learned = [
+            found for found in records.values() if not found.pinned and found.key != keep
+        ]
+        excess = len(learned) + 1 - self._max_learned_records
+        if excess <= 0:
+            return
+        oldest = heapq.nsmallest(excess, learned, key=_recency)
+        for evicted in oldest:
+            del records[evicted.key]
+        self._report_eviction(excess, oldest[0].key)
+
+    def _report_eviction(self, count: int, example: ServerKey) -> None:
+        """Log a warning for evicted records, at most once per warning interval."""
+        self._evicted_unreported += count
+        now = self._clock()
+        if now - self._last_eviction_warning < EVICTION_WARNING_INTERVAL:
+            return
+        logger.warning(
+            "known-servers store is at its cap of {} learned records: evicted {} least "
+            "recently seen records since the last warning, such as {}. Their servers "
+            "are probed again at their next session. Pin servers that must keep their "
+            "mode in known_servers or with `known-servers pin`",
+            self._max_learned_records,
+            self._evicted_unreported,
+            example,
+        )
+        self._evicted_unreported = 0
+        self._last_eviction_warning = now
 
     def update(self, key: ServerKey, **fields: object) -> KnownServerRecord | None:
         """Change fields other than the mode of an existing record, such as last_seen."""
@@ -505,6 +566,11 @@ def _index_records(
             record = safer
         records[record.key] = record
     return records
+
+
+def _recency(record: KnownServerRecord) -> tuple[datetime, datetime, datetime]:
+    """Return the sort key of eviction: least recently seen first."""
+    return record.last_seen, record.last_probed, record.first_seen
 
 
 def _safer_record(

@@ -493,3 +493,153 @@ def _is_valid(content: bytes) -> bool:
 def test_server_key_text() -> None:
     assert str(ServerKey("imap", "mail.example.org", None)) == "imap://mail.example.org"
     assert str(ServerKey("pop3", "::1", 995)) == "pop3://[::1]:995"
+
+
+# Cap on learned records
+
+
+class StepClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def host_key(number: int) -> ServerKey:
+    return ServerKey("imap", f"host{number}.example.org", None)
+
+
+def capped_store(folder: Path, clock: StepClock, cap: int = 3) -> KnownServerStore:
+    known_servers.prepare_state_dir(folder)
+    return KnownServerStore(folder, max_learned_records=cap, clock=clock)
+
+
+def learn_hosts(store: KnownServerStore, numbers: range) -> None:
+    """Learn one host per number, each seen an hour after the one before."""
+    for number in numbers:
+        when = T0 + timedelta(hours=number)
+        store.learn(make_record(key=host_key(number), when=when))
+
+
+def stored_hosts(store: KnownServerStore) -> set[str]:
+    return {record.host for record in store.records()}
+
+
+def test_cap_evicts_least_recently_seen(tmp_path: Path) -> None:
+    store = capped_store(tmp_path / "state", StepClock())
+    learn_hosts(store, range(3))
+    # host0 was seen last, so host1 is now the least recently seen.
+    store.update(host_key(0), last_seen=T0 + timedelta(days=1))
+
+    learn_hosts(store, range(3, 4))
+
+    assert stored_hosts(store) == {
+        "host0.example.org",
+        "host2.example.org",
+        "host3.example.org",
+    }
+    reopened = KnownServerStore(tmp_path / "state")
+    assert stored_hosts(reopened) == stored_hosts(store)
+
+
+def test_cap_never_evicts_pinned(tmp_path: Path) -> None:
+    store = capped_store(tmp_path / "state", StepClock(), cap=2)
+    store.pin(host_key(100), "implicit", 993)
+    store.pin(host_key(101), "starttls", 143)
+
+    learn_hosts(store, range(5))
+
+    assert stored_hosts(store) == {
+        "host100.example.org",
+        "host101.example.org",
+        "host3.example.org",
+        "host4.example.org",
+    }
+
+
+def test_cap_ignores_relearned_server(tmp_path: Path) -> None:
+    store = capped_store(tmp_path / "state", StepClock(), cap=2)
+    learn_hosts(store, range(2))
+
+    store.learn(make_record("implicit", key=host_key(0), when=T0 + timedelta(days=1)))
+
+    assert stored_hosts(store) == {"host0.example.org", "host1.example.org"}
+    assert store.get(host_key(0)).mode == "implicit"
+
+
+def test_cap_keeps_new_record(tmp_path: Path) -> None:
+    store = capped_store(tmp_path / "state", StepClock(), cap=1)
+    learn_hosts(store, range(1, 2))
+
+    # Seen earlier than the stored record, but just learned, so it stays.
+    store.learn(make_record(key=host_key(0), when=T0))
+
+    assert stored_hosts(store) == {"host0.example.org"}
+
+
+def test_cap_applies_in_memory(tmp_path: Path) -> None:
+    store = KnownServerStore(None, max_learned_records=2, clock=StepClock())
+
+    learn_hosts(store, range(4))
+
+    assert stored_hosts(store) == {"host2.example.org", "host3.example.org"}
+
+
+def test_cap_trims_oversized_file(tmp_path: Path) -> None:
+    folder = tmp_path / "state"
+    learn_hosts(KnownServerStore.open(folder), range(5))
+    store = KnownServerStore(folder, max_learned_records=2, clock=StepClock())
+
+    learn_hosts(store, range(5, 6))
+
+    assert stored_hosts(store) == {"host4.example.org", "host5.example.org"}
+
+
+def test_eviction_warning_is_rate_limited(
+    tmp_path: Path, log_lines: list[str]
+) -> None:
+    clock = StepClock()
+    store = capped_store(tmp_path / "state", clock, cap=1)
+    learn_hosts(store, range(4))
+    clock.now += known_servers.EVICTION_WARNING_INTERVAL
+
+    learn_hosts(store, range(4, 5))
+
+    warnings = [line for line in log_lines if "known-servers store is at its cap" in line]
+    assert len(warnings) == 2, warnings
+    assert "evicted 1 least recently seen records" in warnings[0]
+    assert "imap://host0.example.org" in warnings[0]
+    # The second warning counts the evictions that the interval kept quiet.
+    assert "evicted 3 least recently seen records" in warnings[1]
+
+
+def test_eviction_written_atomically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "state"
+    store = capped_store(folder, StepClock(), cap=2)
+    learn_hosts(store, range(3))
+    writes: list[Path] = []
+    write = known_servers.write_atomically
+
+    def record_write(path: Path, data: bytes) -> None:
+        writes.append(path)
+        write(path, data)
+
+    monkeypatch.setattr(known_servers, "write_atomically", record_write)
+    learn_hosts(store, range(3, 4))
+
+    # The new record and the eviction go to disk in one atomic replacement.
+    assert writes == [folder / FILE_NAME]
+    stored = json.loads((folder / FILE_NAME).read_text())
+    assert [server["host"] for server in stored["servers"]] == [
+        "host2.example.org",
+        "host3.example.org",
+    ]
+    assert leftover_files(folder) == []
+
+
+def test_nonpositive_cap_raises() -> None:
+    with pytest.raises(ValueError):
+        KnownServerStore(None, max_learned_records=0)
