@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from appliance.proxy.connection import UNFORWARDED_END_TIMEOUT
 from tests.support.appliance import ApplianceProcess, free_port, upstream_config
 from tests.support.dovecot import DovecotServer
 from tests.support.scripted_server import (
@@ -399,11 +400,15 @@ def test_pop3_rejected_login_opens_nothing(
     assert len(pop3_recorder.records) == start + 1
 
 
-def settled_log(path: Path, quiet: float = 0.5, limit: float = 10.0) -> str:
+def settled_log(
+    path: Path, quiet: float = UNFORWARDED_END_TIMEOUT + 0.5, limit: float = 10.0
+) -> str:
     """Return a log's text once it has not changed for `quiet` seconds.
 
     Dovecot logs the end of the fixture's own readiness connections a little later, so
-    a module that starts with this test would otherwise see those lines appear.
+    a module that starts with this test would otherwise see those lines appear. The
+    sessions of earlier tests reach a TLS upstream, which the relay closes only
+    UNFORWARDED_END_TIMEOUT seconds after the client left, and Dovecot then logs it.
     """
     deadline = time.monotonic() + limit
     text = path.read_text(errors="replace")
