@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from appliance.config.json_values import is_secret_path
 from appliance.config.settings import (
     CONTROL_VARIABLES,
     DEFAULT_CONFIG_PATH,
@@ -26,15 +27,12 @@ from appliance.config.settings import (
     ENV_PREFIX,
     NESTING_DELIMITER,
     AppConfig,
+    ConfigSourceError,
     NestedSecretsSource,
-    RepeatedKeyError,
     _config_document,
     _secrets_dir,
     make_env_source,
 )
-
-# Field names whose values are never printed, in errors or in the effective config.
-SECRET_FIELDS = frozenset({"password", "secret", "token"})
 
 
 class ConfigError(Exception):
@@ -146,11 +144,19 @@ def _read_layers(
     The second value is the parsed config file, or None without one.
     """
     layers: list[tuple[str, dict[str, Any]]] = [("init", overrides)]
-    _check_json_variables()
     try:
         layers.append(("env", make_env_source()()))
-    except RepeatedKeyError as exc:
+    except ConfigSourceError as exc:
         raise ConfigError(exc.problems) from None
+    except ValueError as exc:
+        # pydantic-settings' own errors, for values that UniqueKeyEnvSource's JSON
+        # checks let through.
+        raise ConfigError(
+            [
+                f"environment variables could not be read: {_short(exc)}; check the "
+                "APPLIANCE_* variables against docs/configuration.md"
+            ]
+        ) from None
     layers.append((f"secret {secrets}", NestedSecretsSource(AppConfig, secrets)()))
     if path is None:
         return layers, None
@@ -285,26 +291,6 @@ def _too_deep(path: Path, line: int) -> str:
     )
 
 
-def _check_json_variables() -> None:
-    """Name a variable such as APPLIANCE_LISTENERS whose value must be JSON and is not."""
-    problems = []
-    for name, field_info in AppConfig.model_fields.items():
-        variable = ENV_PREFIX + name.upper()
-        value = os.environ.get(variable, "")
-        if not value or field_info.annotation in (str, Path):
-            continue
-        try:
-            json.loads(value)
-        except ValueError:
-            shown = value if len(value) <= 60 else value[:57] + "..."
-            problems.append(
-                f"{name}: value {shown!r} (from env {variable}) is not valid JSON; expected "
-                f"a JSON object, or set single values with {variable}__KEY variables"
-            )
-    if problems:
-        raise ConfigError(problems)
-
-
 def _short(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
@@ -402,7 +388,7 @@ def _describe_error(
     if error["type"] in ("model_type", "dict_type", "model_attributes_type"):
         source = _source_of(path, layers)
         origin = f" (from {source})" if source else ""
-        shown = "" if _is_secret(path) else f" value {error.get('input')!r}:"
+        shown = "" if is_secret_path(path) else f" value {error.get('input')!r}:"
         return (
             f"{where}:{shown} expected a mapping of keys to values here, such as "
             f"'key: value' lines in YAML{origin}; see the config reference"
@@ -421,11 +407,12 @@ def _describe_error(
         path
         and error["type"] != "value_error"
         and "input" in error
-        and not _is_secret(path)
+        and not is_secret_path(path)
         and not isinstance(error["input"], dict)
     ):
         shown = f" value {error['input']!r}:"
     return f"{where}:{shown} {message}{origin}"
+
 
 
 _FIELD_IN_MESSAGE = re.compile(r"^((?:listeners|upstreams)\.[\w-]+\.\w+)\b")
@@ -435,10 +422,6 @@ def _field_named_in(message: str) -> tuple[str, ...]:
     """Return the field path that a top-level validation message starts with, if any."""
     match = _FIELD_IN_MESSAGE.match(message)
     return tuple(match.group(1).split(".")) if match else ()
-
-
-def _is_secret(path: tuple[str, ...]) -> bool:
-    return any(part.lower() in SECRET_FIELDS for part in path)
 
 
 def variable_case_clashes(environ: Mapping[str, str] | None = None) -> list[str]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from appliance.config.loader import SECRET_FIELDS, LoadedConfig
+from appliance.config.json_values import SECRET_FIELDS
+from appliance.config.loader import LoadedConfig
 
 MASK = "********"
 

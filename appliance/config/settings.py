@@ -24,6 +24,12 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from appliance.config.json_values import (
+    JsonOrigin,
+    decode_json_value,
+    is_secret_path,
+    json_field,
+)
 from appliance.config.models import (
     AdminConfig,
     KnownServer,
@@ -75,7 +81,10 @@ class AppConfig(BaseSettings):
     ignoring letter case. Names that differ only in letter case are rejected, as for
     listeners."""
 
-    known_servers: list[KnownServer] = Field(default_factory=list)
+    known_servers: list[KnownServer] = Field(
+        default_factory=list,
+        examples=[[{"host": "mail.example.org", "protocol": "imap", "mode": "implicit"}]],
+    )
     """TLS modes fixed by the operator; they win over modes learned by probing. Two
     entries that fix different modes for one host, protocol and port are rejected."""
 
@@ -368,12 +377,16 @@ def _set_nested(target: dict[str, Any], path: list[str], value: Any) -> None:
     target[path[-1]] = value
 
 
-class RepeatedKeyError(ValueError):
-    """Keys repeated in JSON values of environment variables, one line per key."""
+class ConfigSourceError(ValueError):
+    """Environment variables or secret files that cannot be used, one line per problem."""
 
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+
+
+class RepeatedKeyError(ConfigSourceError):
+    """Keys repeated in JSON values of environment variables, one line per key."""
 
 
 class UniqueKeyEnvSource(EnvSettingsSource):
@@ -398,6 +411,11 @@ class UniqueKeyEnvSource(EnvSettingsSource):
         return decoded
 
     def __call__(self) -> dict[str, Any]:
+        problems = self._json_problems()
+        if problems:
+            # pydantic-settings would raise its own error for the first bad value, naming
+            # only the top-level field.
+            raise ConfigSourceError(problems)
         self._repeated = []
         values = super().__call__()
         if self._repeated:
@@ -405,6 +423,27 @@ class UniqueKeyEnvSource(EnvSettingsSource):
                 [_describe_repeated_key(key, text) for key, text in self._repeated]
             )
         return values
+
+    def _json_problems(self) -> list[str]:
+        """Describe each variable of a list or mapping field whose value is not such JSON."""
+        spelled = {name.lower(): name for name in os.environ}
+        problems = []
+        for name, value in sorted(self.env_vars.items()):
+            variable = spelled.get(name.lower(), name.upper())
+            upper = variable.upper()
+            if not value or not upper.startswith(ENV_PREFIX) or upper in CONTROL_VARIABLES:
+                continue
+            path = upper[len(ENV_PREFIX) :].lower().split(NESTING_DELIMITER)
+            field = json_field(self.settings_cls, path)
+            if field is None:
+                continue
+            origin = JsonOrigin(
+                "variable", variable, f"env {variable}", not is_secret_path(path)
+            )
+            _, problem = decode_json_value(value, field, path, origin)
+            if problem is not None:
+                problems.append(problem)
+        return problems
 
 
 def _repeated_json_keys(text: str) -> list[str]:

@@ -321,6 +321,49 @@ def test_healthcheck_without_listeners_fails(
     assert out.startswith("unhealthy: config is invalid: listeners: no listener")
 
 
+NON_JSON_NETWORKS = "APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL__TRUSTED_NETWORKS"
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+def test_non_json_variable_exits_two(
+    command: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    config_file: Path,
+    secrets_dir: Path,
+) -> None:
+    monkeypatch.setenv(NON_JSON_NETWORKS, "10.0.0.0/8")
+
+    code = main([command, "--config", str(config_file), "--secrets-dir", str(secrets_dir)])
+
+    err = capsys.readouterr().err
+    assert code == EXIT_CONFIG_ERROR
+    assert err.startswith("config is invalid:\n")
+    assert (
+        "  - listeners.imap.proxy_protocol.trusted_networks: value '10.0.0.0/8' "
+        f"(from env {NON_JSON_NETWORKS}) is not valid JSON" in err
+    )
+
+
+def test_healthcheck_non_json_variable_fails(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    config_file: Path,
+    secrets_dir: Path,
+) -> None:
+    monkeypatch.setenv(NON_JSON_NETWORKS, "10.0.0.0/8")
+
+    code = main(
+        ["healthcheck", "--config", str(config_file), "--secrets-dir", str(secrets_dir)]
+    )
+
+    out = capsys.readouterr().out
+    assert code == EXIT_FAILURE
+    assert out.startswith(
+        "unhealthy: config is invalid: listeners.imap.proxy_protocol.trusted_networks:"
+    )
+
+
 def test_missing_command_exits_two(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as caught:
         main([])

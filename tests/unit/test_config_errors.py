@@ -201,6 +201,171 @@ def test_env_json_with_distinct_keys_loads(
     assert loaded.config.upstreams["backup"].host == "b.example.org"
 
 
+# Variables of list and mapping fields, which take JSON at every depth. Each case is the
+# variable, its value, the field path, and a part of the fix that the message must give.
+NON_JSON_VARIABLES = {
+    "list in a section of an entry": (
+        "APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL__TRUSTED_NETWORKS",
+        "10.0.0.0/8",
+        "listeners.imap.proxy_protocol.trusted_networks",
+        """this field is a list, so give a JSON list, such as '["10.0.0.0/8"]'""",
+    ),
+    "list with commas": (
+        "APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL__TRUSTED_NETWORKS",
+        "10.0.0.0/8, 192.0.2.0/24",
+        "listeners.imap.proxy_protocol.trusted_networks",
+        """such as '["10.0.0.0/8", "192.0.2.0/24"]'""",
+    ),
+    "section of an entry": (
+        "APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL",
+        "accept",
+        "listeners.imap.proxy_protocol",
+        (
+            "give a JSON object of its keys, or set each key with its own variable, "
+            "such as APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL__ACCEPT"
+        ),
+    ),
+    "optional section": (
+        "APPLIANCE_LISTENERS__IMAP__ROUTE_BY_LOGIN",
+        "mail",
+        "listeners.imap.route_by_login",
+        "this field is a section, so give a JSON object",
+    ),
+    "list of entries in a section": (
+        "APPLIANCE_LISTENERS__IMAP__ROUTE_BY_LOGIN__ALLOW",
+        "mail",
+        "listeners.imap.route_by_login.allow",
+        """give a JSON list, such as '[{"upstream": "mail", "host": "*.example.org"}]'""",
+    ),
+    "entry": (
+        "APPLIANCE_UPSTREAMS__MAIL",
+        "mail.example.org",
+        "upstreams.mail",
+        "such as APPLIANCE_UPSTREAMS__MAIL__HOST",
+    ),
+    "map of entries": (
+        "APPLIANCE_LISTENERS",
+        "imap",
+        "listeners",
+        (
+            "this field is a map of entries by name, so give a JSON object of entries, "
+            "or set each key of an entry with its own variable, such as "
+            "APPLIANCE_LISTENERS__NAME__PROTOCOL"
+        ),
+    ),
+    "top-level list": (
+        "APPLIANCE_KNOWN_SERVERS",
+        '[{"host": "mail.example.org"',
+        "known_servers",
+        (
+            "this field is a list, so give a JSON list, such as "
+            """'[{"host": "mail.example.org", "protocol": "imap", "mode": "implicit"}]'"""
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "path", "fix"),
+    NON_JSON_VARIABLES.values(),
+    ids=NON_JSON_VARIABLES.keys(),
+)
+def test_non_json_variable_named(
+    variable: str,
+    value: str,
+    path: str,
+    fix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    secrets_dir: Path,
+) -> None:
+    config = write_config(tmp_path, listener_yaml())
+    monkeypatch.setenv(variable, value)
+
+    problem = only_problem(config, secrets_dir)
+
+    assert problem.startswith(f"{path}: value {value!r} (from env {variable})")
+    assert "is not valid JSON" in problem
+    assert fix in problem
+
+
+def test_broken_json_list_reason_given(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
+) -> None:
+    config = write_config(tmp_path, listener_yaml())
+    monkeypatch.setenv("APPLIANCE_KNOWN_SERVERS", '[{"host": "x"')
+
+    problem = only_problem(config, secrets_dir)
+
+    assert "is not valid JSON (expecting ',' delimiter at character 13)" in problem
+    assert "JSON object" not in problem
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("APPLIANCE_KNOWN_SERVERS", '{"host": "mail.example.org"}', "a JSON list"),
+        ("APPLIANCE_LIMITS", "5", "a JSON object"),
+        ("APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL", '["accept"]', "a JSON object"),
+        (
+            "APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL__TRUSTED_NETWORKS",
+            '"10.0.0.0/8"',
+            "a JSON list",
+        ),
+    ],
+)
+def test_json_of_wrong_shape_named(
+    variable: str,
+    value: str,
+    expected: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    secrets_dir: Path,
+) -> None:
+    config = write_config(tmp_path, listener_yaml())
+    monkeypatch.setenv(variable, value)
+
+    problem = only_problem(config, secrets_dir)
+
+    assert f"(from env {variable}) is JSON but not {expected};" in problem
+
+
+def test_every_non_json_variable_listed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
+) -> None:
+    config = write_config(tmp_path, listener_yaml())
+    monkeypatch.setenv("APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL__TRUSTED_NETWORKS", "x")
+    monkeypatch.setenv("APPLIANCE_LIMITS", "y")
+
+    problems = problems_for(config, secrets_dir)
+
+    assert len(problems) == 2
+    assert problems[0].startswith("limits:")
+    assert problems[1].startswith("listeners.imap.proxy_protocol.trusted_networks:")
+
+
+def test_nested_json_variables_load(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
+) -> None:
+    config = write_config(tmp_path, listener_yaml())
+    monkeypatch.setenv("APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL__ACCEPT", "true")
+    monkeypatch.setenv(
+        "APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL__TRUSTED_NETWORKS",
+        '["10.0.0.0/8", "2001:db8::/48"]',
+    )
+    monkeypatch.setenv("APPLIANCE_LISTENERS__IMAP__ROUTE_BY_LOGIN", "null")
+
+    loaded = load_config(config, secrets_dir=secrets_dir)
+
+    proxy_protocol = loaded.config.listeners["imap"].proxy_protocol
+    assert proxy_protocol.accept is True
+    assert [str(n) for n in proxy_protocol.trusted_networks] == [
+        "10.0.0.0/8",
+        "2001:db8::/48",
+    ]
+    assert loaded.config.listeners["imap"].route_by_login is None
+
+
 def test_unknown_secret_key_names_folder(tmp_path: Path, secrets_dir: Path) -> None:
     path = write_config(tmp_path, UPSTREAM_YAML)
     (secrets_dir / "APPLIANCE_UPSTREAMS__MAIL__HOSTT").write_text("mail.example.org")

@@ -53,7 +53,9 @@ class RouteByLoginConfig(StrictModel):
     `alice@example.org` on server `mail`. A login with an empty part between
     separators, such as `alice@@mail`, `@mail` or `alice@`, fails."""
 
-    allow: list[LoginRoute] = Field(min_length=1)
+    allow: list[LoginRoute] = Field(
+        min_length=1, examples=[[{"upstream": "mail", "host": "*.example.org"}]]
+    )
     """Server parts that may be reached, tried in order; the first match wins."""
 
 
@@ -67,7 +69,9 @@ class ProxyProtocolConfig(StrictModel):
     accept: bool = False
     """Read a PROXY protocol header first on connections from `trusted_networks`."""
 
-    trusted_networks: list[IPvAnyNetwork] = Field(default_factory=list)
+    trusted_networks: list[IPvAnyNetwork] = Field(
+        default_factory=list, examples=[["10.0.0.0/8", "2001:db8::/48"]]
+    )
     """Networks of the load balancers, such as `10.0.0.0/8` or `2001:db8::/48`; only
     their headers are believed. A connection from elsewhere that starts with a header
     is closed."""
