@@ -157,7 +157,10 @@ def _read_layers(
                 "APPLIANCE_* variables against docs/configuration.md"
             ]
         ) from None
-    layers.append((f"secret {secrets}", NestedSecretsSource(AppConfig, secrets)()))
+    try:
+        layers.append((f"secret {secrets}", NestedSecretsSource(AppConfig, secrets)()))
+    except ConfigSourceError as exc:
+        raise ConfigError(exc.problems) from None
     if path is None:
         return layers, None
     document = _read_config_file(path)

@@ -313,19 +313,45 @@ class NestedSecretsSource(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
+        """Read every secret file; raise ConfigSourceError naming each unusable one."""
         values: dict[str, Any] = {}
         if not self.folder.is_dir():
             return values
+        problems: list[str] = []
         for entry in sorted(self.folder.iterdir()):
             name = entry.name.upper()
             if not name.startswith(ENV_PREFIX) or not entry.is_file():
                 continue
-            text = entry.read_text(encoding="utf-8").strip()
-            if not text:
-                continue
             path = name[len(ENV_PREFIX) :].lower().split(NESTING_DELIMITER)
-            _set_nested(values, path, text)
+            text, problem = _read_secret_file(entry, path)
+            if problem is not None:
+                problems.append(problem)
+            elif text:
+                _set_nested(values, path, text)
+        if problems:
+            raise ConfigSourceError(problems)
         return values
+
+
+def _read_secret_file(entry: Path, path: list[str]) -> tuple[str, str | None]:
+    """Return a secret file's text without surrounding white space, or a problem."""
+    where = ".".join(path)
+    try:
+        data = entry.read_bytes()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        return "", (
+            f"{where}: secret file {str(entry)!r} could not be read ({reason}); make it "
+            "readable by this process or remove it"
+        )
+    try:
+        return data.decode("utf-8").strip(), None
+    except UnicodeDecodeError as exc:
+        return "", (
+            f"{where}: secret file {str(entry)!r} is not UTF-8 text (byte "
+            f"0x{data[exc.start]:02x} at offset {exc.start}); save the value as UTF-8 "
+            "text"
+        )
 
 
 class FileNameCaseSource(PydanticBaseSettingsSource):

@@ -364,6 +364,23 @@ def test_healthcheck_non_json_variable_fails(
     )
 
 
+@pytest.mark.parametrize("command", ["check-config", "run"])
+def test_non_utf8_secret_exits_two(
+    command: str,
+    capsys: pytest.CaptureFixture[str],
+    config_file: Path,
+    secrets_dir: Path,
+) -> None:
+    secret = secrets_dir / "APPLIANCE_LIMITS__MAX_CONNECTIONS"
+    secret.write_bytes(b"\xff\xfe")
+
+    code = main([command, "--config", str(config_file), "--secrets-dir", str(secrets_dir)])
+
+    err = capsys.readouterr().err
+    assert code == EXIT_CONFIG_ERROR
+    assert f"  - limits.max_connections: secret file {str(secret)!r} is not UTF-8" in err
+
+
 def test_missing_command_exits_two(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as caught:
         main([])

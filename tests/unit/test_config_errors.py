@@ -376,6 +376,45 @@ def test_unknown_secret_key_names_folder(tmp_path: Path, secrets_dir: Path) -> N
     assert f"secret {secrets_dir}" in problem
 
 
+# Secret files that cannot be used
+
+
+def test_non_utf8_secret_named(tmp_path: Path, secrets_dir: Path) -> None:
+    config = write_config(tmp_path, listener_yaml())
+    secret = secrets_dir / "APPLIANCE_LIMITS__MAX_CONNECTIONS"
+    secret.write_bytes(b"\xff\xfe")
+
+    problem = only_problem(config, secrets_dir)
+
+    assert problem.startswith("limits.max_connections: secret file ")
+    assert f"{str(secret)!r} is not UTF-8 text (byte 0xff at offset 0)" in problem
+    assert "save the value as UTF-8 text" in problem
+
+
+def test_unreadable_secret_named(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
+) -> None:
+    # Tests may run as root, who can read a file of mode 000, so the read fails here.
+    config = write_config(tmp_path, listener_yaml())
+    secret = secrets_dir / "APPLIANCE_LIMITS__MAX_CONNECTIONS"
+    secret.write_text("5")
+    real_read_bytes = Path.read_bytes
+
+    def read_bytes(path: Path) -> bytes:
+        if path == secret:
+            raise PermissionError(13, "Permission denied")
+        return real_read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+
+    problem = only_problem(config, secrets_dir)
+
+    assert problem.startswith(
+        f"limits.max_connections: secret file {str(secret)!r} could not be read "
+        "(Permission denied)"
+    )
+
+
 # Listener references
 
 

@@ -84,9 +84,11 @@ def write(path: Path, max_connections: int) -> None:
     temporary.replace(path)
 
 
-def start_reloader(path: Path, *, edit_after_load: int | None = None) -> Reloader:
+def start_reloader(
+    path: Path, *, edit_after_load: int | None = None, secrets_dir: Path | None = None
+) -> Reloader:
     """Load `path` as the CLI does, optionally edit it, and start a Reloader."""
-    loaded = load_config(path)
+    loaded = load_config(path, secrets_dir=secrets_dir)
     if edit_after_load is not None:
         write(path, edit_after_load)
     digests = named_file_digests(loaded)
@@ -96,7 +98,11 @@ def start_reloader(path: Path, *, edit_after_load: int | None = None) -> Reloade
         for name, config in loaded.config.listeners.items()
     }
     reloader = Reloader(
-        runtime, loaded, config_path=str(path), secrets_dir=None, digests=digests
+        runtime,
+        loaded,
+        config_path=str(path),
+        secrets_dir=None if secrets_dir is None else str(secrets_dir),
+        digests=digests,
     )
     reloader.start()
     return reloader
@@ -188,6 +194,45 @@ async def test_emptied_file_rejected(tmp_path: Path, messages: list[str]) -> Non
         assert runtime.snapshot.version == 1
         assert list(runtime.snapshot.config.listeners) == ["imap"]
         assert list(runtime.listeners) == ["imap"]
+    finally:
+        await reloader.stop()
+
+
+# A secret file that arrives broken, and the problem its rejection must name.
+BROKEN_SECRETS = {
+    "not UTF-8": (
+        "APPLIANCE_LIMITS__MAX_CONNECTIONS",
+        b"\xff\xfe",
+        "limits.max_connections: secret file {file!r} is not UTF-8 text",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"), BROKEN_SECRETS.values(), ids=BROKEN_SECRETS.keys()
+)
+async def test_broken_secret_rejected(
+    name: str, content: bytes, expected: str, tmp_path: Path, messages: list[str]
+) -> None:
+    path = tmp_path / "appliance.yaml"
+    write(path, 100)
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    reloader = start_reloader(path, secrets_dir=secrets_dir)
+    runtime = reloader.runtime
+    try:
+        await start_up_checked(messages)
+        # Written beside the folder and renamed in, so the reload reads one complete file.
+        staged = tmp_path / "staged-secret"
+        staged.write_bytes(content)
+        secret = secrets_dir / name
+        staged.replace(secret)
+        await wait_for(lambda: runtime.status.outcome == "rejected", "the rejection")
+        [rejected] = [m for m in messages if "config reload (file change)" in m]
+        assert expected.format(file=str(secret)) in rejected
+        assert "version 1 stays active" in rejected
+        assert not [m for m in messages if "internal error" in m]
+        assert runtime.snapshot.version == 1
     finally:
         await reloader.stop()
 
