@@ -313,24 +313,89 @@ class NestedSecretsSource(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        """Read every secret file; raise ConfigSourceError naming each unusable one."""
+        """Read every secret file; raise ConfigSourceError naming each unusable one.
+
+        A file for a list or mapping field contains JSON, as the variable would.
+        """
         values: dict[str, Any] = {}
         if not self.folder.is_dir():
             return values
         problems: list[str] = []
-        for entry in sorted(self.folder.iterdir()):
+        seen: dict[str, Path] = {}
+        # Sorted ignoring case, so a file for a whole section comes before the files for
+        # its keys, which then change single keys of it.
+        for entry in sorted(self.folder.iterdir(), key=_name_ignoring_case):
             name = entry.name.upper()
             if not name.startswith(ENV_PREFIX) or not entry.is_file():
                 continue
             path = name[len(ENV_PREFIX) :].lower().split(NESTING_DELIMITER)
+            other = seen.setdefault(name, entry)
+            if other != entry:
+                problems.append(_case_clash(path, other, entry))
+                continue
             text, problem = _read_secret_file(entry, path)
+            if problem is None and not text:
+                continue
+            value: Any = text
+            if problem is None:
+                value, problem = self._decode(entry, path, text)
             if problem is not None:
                 problems.append(problem)
-            elif text:
-                _set_nested(values, path, text)
+                continue
+            depth = _set_nested(values, path, value)
+            if depth is not None:
+                problems.append(_inside_non_object(path, depth, entry))
         if problems:
             raise ConfigSourceError(problems)
         return values
+
+    def _decode(self, entry: Path, path: list[str], text: str) -> tuple[Any, str | None]:
+        """Decode the JSON of a file for a list or mapping field; keep other text."""
+        field = json_field(self.settings_cls, path)
+        if field is None:
+            return text, None
+        origin = JsonOrigin(
+            "secret file", entry.name, f"secret file {str(entry)!r}", show_value=False
+        )
+        decoded, problem = decode_json_value(text, field, path, origin)
+        if problem is not None:
+            return text, problem
+        repeated = _repeated_json_keys(text)
+        if repeated:
+            keys = ", ".join(repr(key) for key in repeated)
+            if len(repeated) == 1:
+                repeats = f"key {keys} repeats an earlier key"
+            else:
+                repeats = f"keys {keys} repeat earlier keys"
+            return text, (
+                f"{'.'.join(path)}: {repeats} in the same JSON object (from "
+                f"secret file {str(entry)!r}), so one of two values would be lost; merge "
+                "the two entries or rename one"
+            )
+        return decoded, None
+
+
+def _name_ignoring_case(entry: Path) -> tuple[str, str]:
+    return entry.name.upper(), entry.name
+
+
+def _case_clash(path: list[str], first: Path, second: Path) -> str:
+    return (
+        f"{'.'.join(path)}: secret files {first.name} and {second.name} differ only in "
+        "letter case, and file names are matched ignoring case, so one of them would be "
+        "ignored; remove one of them"
+    )
+
+
+def _inside_non_object(path: list[str], depth: int, entry: Path) -> str:
+    """Describe a file for a key inside a value that another file sets, not to an object."""
+    parent = path[: depth + 1]
+    parent_file = ENV_PREFIX + NESTING_DELIMITER.join(parent).upper()
+    return (
+        f"{'.'.join(path)}: secret file {str(entry)!r} sets a key inside "
+        f"{'.'.join(parent)}, but the secret file {parent_file} sets that to a value "
+        "that is not a JSON object; remove one of the two"
+    )
 
 
 def _read_secret_file(entry: Path, path: list[str]) -> tuple[str, str | None]:
@@ -397,10 +462,18 @@ def _spell_as_in_file(
     return renamed
 
 
-def _set_nested(target: dict[str, Any], path: list[str], value: Any) -> None:
-    for key in path[:-1]:
+def _set_nested(target: dict[str, Any], path: list[str], value: Any) -> int | None:
+    """Set `value` at `path`, creating mappings on the way.
+
+    Returns None, or the index in `path` of a value on the way that is not a mapping,
+    in which case nothing is set.
+    """
+    for depth, key in enumerate(path[:-1]):
         target = target.setdefault(key, {})
+        if not isinstance(target, dict):
+            return depth
     target[path[-1]] = value
+    return None
 
 
 class ConfigSourceError(ValueError):

@@ -415,6 +415,55 @@ def test_unreadable_secret_named(
     )
 
 
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL__TRUSTED_NETWORKS", "192.0.2.0/24\n"),
+        ("APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL", "accept: true\n"),
+    ],
+)
+def test_non_json_secret_named_without_value(
+    name: str, text: str, tmp_path: Path, secrets_dir: Path
+) -> None:
+    config = write_config(tmp_path, listener_yaml())
+    secret = secrets_dir / name
+    secret.write_text(text)
+
+    problem = only_problem(config, secrets_dir)
+
+    path = name.removeprefix("APPLIANCE_").lower().replace("__", ".")
+    assert problem.startswith(
+        f"{path}: the value (from secret file {str(secret)!r}) is not valid"
+    )
+    assert text.strip() not in problem
+
+
+def test_non_json_secret_list_fix_given(tmp_path: Path, secrets_dir: Path) -> None:
+    config = write_config(tmp_path, listener_yaml())
+    name = "APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL__TRUSTED_NETWORKS"
+    (secrets_dir / name).write_text("192.0.2.0/24")
+
+    problem = only_problem(config, secrets_dir)
+
+    assert problem.endswith(
+        "this field is a list, so give a JSON list, such as "
+        """'["10.0.0.0/8", "2001:db8::/48"]'"""
+    )
+
+
+def test_repeated_key_in_secret_json_named(tmp_path: Path, secrets_dir: Path) -> None:
+    config = write_config(tmp_path, listener_yaml())
+    secret = secrets_dir / "APPLIANCE_LIMITS"
+    secret.write_text('{"max_connections": 5, "max_connections": 6}')
+
+    problem = only_problem(config, secrets_dir)
+
+    assert problem.startswith(
+        "limits: key 'max_connections' repeats an earlier key in the same JSON object "
+        f"(from secret file {str(secret)!r})"
+    )
+
+
 # Listener references
 
 

@@ -309,6 +309,97 @@ def test_secret_overrides_one_upstream_field(tmp_path: Path, secrets_dir: Path) 
     assert loaded.sources[("upstreams", "mail", "host")] == f"secret {secrets_dir}"
 
 
+NETWORKS_SECRET = "APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL__TRUSTED_NETWORKS"
+
+
+@pytest.mark.parametrize(
+    "text", ['["10.0.0.0/8", "192.0.2.0/24"]', ' [ "10.0.0.0/8",\n "192.0.2.0/24" ]\n']
+)
+def test_secret_sets_list_as_json(
+    text: str, tmp_path: Path, secrets_dir: Path
+) -> None:
+    path = write_file(tmp_path, "appliance.yaml", LISTENER_YAML)
+    write_file(secrets_dir, NETWORKS_SECRET, text)
+    write_file(secrets_dir, "APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL__ACCEPT", "true")
+
+    loaded = load(path, secrets_dir)
+
+    proxy_protocol = loaded.config.listeners["imap"].proxy_protocol
+    assert proxy_protocol.accept is True
+    assert [str(n) for n in proxy_protocol.trusted_networks] == [
+        "10.0.0.0/8",
+        "192.0.2.0/24",
+    ]
+    networks_path = ("listeners", "imap", "proxy_protocol", "trusted_networks", "0")
+    assert loaded.sources[networks_path] == f"secret {secrets_dir}"
+
+
+def test_secret_sets_empty_list(tmp_path: Path, secrets_dir: Path) -> None:
+    text = LISTENER_YAML.replace(
+        "    upstream: mail\n",
+        "    upstream: mail\n    proxy_protocol: {trusted_networks: [10.0.0.0/8]}\n",
+        1,
+    )
+    path = write_file(tmp_path, "appliance.yaml", text)
+    write_file(secrets_dir, NETWORKS_SECRET, "[]")
+
+    loaded = load(path, secrets_dir)
+
+    assert loaded.config.listeners["imap"].proxy_protocol.trusted_networks == []
+
+
+def test_secret_sets_section_as_json(secrets_dir: Path) -> None:
+    write_file(secrets_dir, "APPLIANCE_LIMITS", '{"max_connections": 5}')
+
+    loaded = load(None, secrets_dir)
+
+    assert loaded.config.limits.max_connections == 5
+    assert loaded.config.limits.connect_timeout == 10.0
+    assert loaded.sources[("limits", "max_connections")] == f"secret {secrets_dir}"
+
+
+def test_secret_key_file_changes_section_file(secrets_dir: Path) -> None:
+    # The key's file name sorts before the section's in a case-sensitive order.
+    write_file(secrets_dir, "appliance_limits__max_connections", "5")
+    limits = '{"max_connections": 6, "connect_timeout": 3}'
+    write_file(secrets_dir, "APPLIANCE_LIMITS", limits)
+
+    loaded = load(None, secrets_dir)
+
+    assert loaded.config.limits.max_connections == 5
+    assert loaded.config.limits.connect_timeout == 3.0
+
+
+def test_secret_key_inside_non_object_rejected(secrets_dir: Path) -> None:
+    write_file(secrets_dir, "APPLIANCE_LISTENERS__IMAP__ROUTE_BY_LOGIN", "null")
+    write_file(secrets_dir, "APPLIANCE_LISTENERS__IMAP__ROUTE_BY_LOGIN__SEPARATOR", "#")
+
+    with pytest.raises(ConfigError) as caught:
+        load(None, secrets_dir)
+
+    [problem] = caught.value.problems
+    assert problem.startswith("listeners.imap.route_by_login.separator: secret file ")
+    assert (
+        "sets a key inside listeners.imap.route_by_login, but the secret file "
+        "APPLIANCE_LISTENERS__IMAP__ROUTE_BY_LOGIN sets that to a value that is not a "
+        "JSON object"
+    ) in problem
+
+
+def test_secret_names_differing_in_case_rejected(secrets_dir: Path) -> None:
+    write_file(secrets_dir, "appliance_limits__max_connections", "5")
+    write_file(secrets_dir, "APPLIANCE_LIMITS__MAX_CONNECTIONS", "6")
+
+    with pytest.raises(ConfigError) as caught:
+        load(None, secrets_dir)
+
+    [problem] = caught.value.problems
+    assert problem.startswith(
+        "limits.max_connections: secret files APPLIANCE_LIMITS__MAX_CONNECTIONS and "
+        "appliance_limits__max_connections differ only in letter case"
+    )
+
+
 def test_secret_file_name_ignores_case(secrets_dir: Path) -> None:
     write_file(secrets_dir, "appliance_logging__level", "error")
 

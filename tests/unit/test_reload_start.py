@@ -205,6 +205,14 @@ BROKEN_SECRETS = {
         b"\xff\xfe",
         "limits.max_connections: secret file {file!r} is not UTF-8 text",
     ),
+    "list not JSON": (
+        "APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL__TRUSTED_NETWORKS",
+        b"10.0.0.0/8",
+        (
+            "listeners.imap.proxy_protocol.trusted_networks: the value (from secret "
+            "file {file!r}) is not valid JSON"
+        ),
+    ),
 }
 
 
