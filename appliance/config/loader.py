@@ -414,8 +414,37 @@ def _describe_error(
         and not isinstance(error["input"], dict)
     ):
         shown = f" value {error['input']!r}:"
-    return f"{where}:{shown} {message}{origin}"
+    return f"{where}:{shown} {message}{origin}{_boolean_hint(error, path)}"
 
+
+# Text that YAML 1.1, which PyYAML follows, reads as a boolean when it is not quoted.
+_YAML_BOOLEAN_WORDS = "yes, no, on, off, true and false"
+
+
+def _boolean_hint(error: Any, path: tuple[str, ...]) -> str:
+    """Explain a boolean in a text or choice field, which unquoted YAML words cause.
+
+    `tls: no` arrives as False, so pydantic's message would list the allowed values
+    without saying why the value is a boolean.
+    """
+    if not path or not isinstance(error.get("input"), bool):
+        return ""
+    key = path[-1]
+    if error["type"] == "literal_error":
+        expected = str(error.get("ctx", {}).get("expected", ""))
+        # `no`, `off` and `false` most likely mean the choice that turns a thing off.
+        turned_off = error["input"] is False and "'none'" in expected
+        example = f", such as {key}: none" if turned_off else ""
+        return (
+            f"; YAML reads unquoted {_YAML_BOOLEAN_WORDS} as booleans, so quote the "
+            f"value or spell it as one of the allowed values{example}"
+        )
+    if error["type"] == "string_type":
+        return (
+            f"; YAML reads unquoted {_YAML_BOOLEAN_WORDS} as booleans, so put the "
+            f"value of {key} in quotes"
+        )
+    return ""
 
 
 _FIELD_IN_MESSAGE = re.compile(r"^((?:listeners|upstreams)\.[\w-]+\.\w+)\b")

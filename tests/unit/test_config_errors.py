@@ -991,6 +991,77 @@ def test_invalid_tls_mode_named(tmp_path: Path, secrets_dir: Path) -> None:
     assert "value 'ssl'" in problem
 
 
+# Unquoted words land in the fields of this config as written, so PyYAML reads yes, no,
+# on and off as booleans.
+FLOW_YAML = """\
+listeners:
+  imap: {{protocol: {protocol}, port: 1143, upstream: {upstream}, tls: {tls}}}
+upstreams:
+  mail: {{host: mail.example.org, tls: {upstream_tls}}}
+"""
+FLOW_DEFAULTS = {
+    "protocol": "imap",
+    "upstream": "mail",
+    "tls": "none",
+    "upstream_tls": "auto",
+}
+
+# Field path, the words put into FLOW_YAML, whether the hint suggests `none`.
+YAML_BOOLEAN_CHOICES = {
+    "listener tls no": ("listeners.imap.tls", {"tls": "no"}, True),
+    "listener tls off": ("listeners.imap.tls", {"tls": "off"}, True),
+    "listener tls yes": ("listeners.imap.tls", {"tls": "yes"}, False),
+    "protocol on": ("listeners.imap.protocol", {"protocol": "on"}, False),
+    "upstream tls false": ("upstreams.mail.tls", {"upstream_tls": "false"}, True),
+}
+
+
+@pytest.mark.parametrize(
+    ("path", "words", "suggests_none"),
+    YAML_BOOLEAN_CHOICES.values(),
+    ids=YAML_BOOLEAN_CHOICES.keys(),
+)
+def test_yaml_boolean_choice_hinted(
+    path: str,
+    words: dict[str, str],
+    suggests_none: bool,
+    tmp_path: Path,
+    secrets_dir: Path,
+) -> None:
+    config = write_config(tmp_path, FLOW_YAML.format(**{**FLOW_DEFAULTS, **words}))
+
+    problem = only_problem(config, secrets_dir)
+
+    assert problem.startswith(f"{path}: value ")
+    assert "Input should be" in problem
+    assert (
+        "; YAML reads unquoted yes, no, on, off, true and false as booleans, so quote "
+        "the value or spell it as one of the allowed values"
+    ) in problem
+    key = path.rsplit(".", 1)[1]
+    assert problem.endswith(f", such as {key}: none") is suggests_none
+
+
+def test_yaml_boolean_text_hinted(tmp_path: Path, secrets_dir: Path) -> None:
+    config = write_config(tmp_path, FLOW_YAML.format(**{**FLOW_DEFAULTS, "upstream": "no"}))
+
+    problem = only_problem(config, secrets_dir)
+
+    assert problem.startswith("listeners.imap.upstream: value False: Input should be")
+    assert problem.endswith(
+        "; YAML reads unquoted yes, no, on, off, true and false as booleans, so put the "
+        "value of upstream in quotes"
+    )
+
+
+def test_text_choice_not_hinted(tmp_path: Path, secrets_dir: Path) -> None:
+    config = write_config(tmp_path, listener_yaml(tls="ssl"))
+
+    problem = only_problem(config, secrets_dir)
+
+    assert "YAML reads" not in problem
+
+
 # Upstreams
 
 
