@@ -22,6 +22,13 @@ environment, secrets folder, config file, default. Names in `listeners` and `ups
 yours to choose; the variable names below use `NAME` for them. An environment variable set
 to the empty string counts as unset.
 
+A variable or secret file for a list, a section or a map of entries contains JSON, marked
+"JSON list" or "JSON object" below: for example
+`APPLIANCE_LISTENERS__NAME__PROXY_PROTOCOL__TRUSTED_NETWORKS='["10.0.0.0/8"]'` or
+`APPLIANCE_LIMITS='{"max_connections": 5}'`. The keys of a section and of a map entry also
+have variables of their own, such as `APPLIANCE_LIMITS__MAX_CONNECTIONS=5`, which take
+plain text.
+
 Fields of type integer or number take numbers, such as `30` or `1.5`, and environment
 variables give them as text. A boolean in such a field is rejected, and so are YAML's `yes`,
 `no`, `on` and `off`, which YAML reads as booleans.
@@ -66,6 +73,9 @@ def _section(
         if "default" not in field and key not in required:
             default = "empty" if "$ref" not in field else "see below"
         variable = "`" + ENV_PREFIX + NESTING_DELIMITER.join((*prefix, key)).upper() + "`"
+        json_kind = _json_kind(field)
+        if json_kind is not None:
+            variable += f" ({json_kind})"
         if "N" in prefix:
             # Lists have no per-item variables; the whole list is one JSON value.
             list_path = NESTING_DELIMITER.join(prefix[: prefix.index("N")]).upper()
@@ -128,6 +138,16 @@ def _type_of(field: dict[str, Any], definitions: dict[str, Any]) -> str:
     if "maximum" in field:
         bounds.append(f"<= {field['maximum']}")
     return kind + (f" ({', '.join(bounds)})" if bounds else "")
+
+
+def _json_kind(field: dict[str, Any]) -> str | None:
+    """Return the kind of JSON that a variable for this field takes, or None for text."""
+    for option in field.get("anyOf", [field]):
+        if "$ref" in option or option.get("type") == "object":
+            return "JSON object"
+        if option.get("type") == "array":
+            return "JSON list"
+    return None
 
 
 def _format_default(value: Any) -> str:

@@ -26,3 +26,14 @@ def test_reference_lists_every_limit() -> None:
 
     for name in ("connect_timeout", "pre_auth_timeout", "max_literal_size"):
         assert f"| `{name}` |" in page
+
+
+def test_reference_marks_json_variables() -> None:
+    page = render_reference()
+
+    networks = "`APPLIANCE_LISTENERS__NAME__PROXY_PROTOCOL__TRUSTED_NETWORKS` (JSON list)"
+    assert networks in page
+    assert "`APPLIANCE_LIMITS` (JSON object)" in page
+    assert "`APPLIANCE_LISTENERS` (JSON object)" in page
+    assert "`APPLIANCE_LISTENERS__NAME__ROUTE_BY_LOGIN` (JSON object)" in page
+    assert "`APPLIANCE_LIMITS__MAX_CONNECTIONS` |" in page
