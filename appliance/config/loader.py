@@ -404,6 +404,10 @@ def _describe_error(
     named = path or _field_named_in(message)
     source = _source_of(named, layers) if named else None
     origin = f" (from {source})" if source else ""
+    from_secret = source is not None and source.startswith("secret ")
+    if from_secret and "input" in error:
+        # A secret file's value stays out of the output, as in the effective config.
+        message = _hide_value(message, error["input"])
     shown = ""
     # Our own value errors already quote the value; pydantic's built-in ones do not.
     if (
@@ -411,10 +415,21 @@ def _describe_error(
         and error["type"] != "value_error"
         and "input" in error
         and not is_secret_path(path)
+        and not from_secret
         and not isinstance(error["input"], dict)
     ):
         shown = f" value {error['input']!r}:"
     return f"{where}:{shown} {message}{origin}{_boolean_hint(error, path)}"
+
+
+def _hide_value(message: str, value: Any) -> str:
+    """Return `message` with every spelling of `value` replaced by a placeholder."""
+    text = str(value)
+    if not text:
+        return message
+    for spelling in (repr(value), repr(text), text):
+        message = message.replace(spelling, "(value hidden)")
+    return message
 
 
 # Text that YAML 1.1, which PyYAML follows, reads as a boolean when it is not quoted.

@@ -1459,3 +1459,23 @@ def test_unquoted_tls_version_loads(
     upstream = loaded.config.upstreams["mail"]
 
     assert upstream.min_version == "1.3"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("APPLIANCE_LIMITS__MAX_CONNECTIONS", "hunter2"),
+        ("APPLIANCE_UPSTREAMS__MAIL__PORT", "99999"),
+        ("APPLIANCE_UPSTREAMS__MAIL__CONNECT_TIMEOUT", "hunter2"),
+    ],
+)
+def test_secret_file_value_hidden(
+    tmp_path: Path, secrets_dir: Path, variable: str, value: str
+) -> None:
+    path = write_config(tmp_path, listener_yaml())
+    (secrets_dir / variable).write_text(value + "\n")
+
+    problem = only_problem(path, secrets_dir)
+
+    assert value not in problem
+    assert f"(from secret {secrets_dir}" in problem
