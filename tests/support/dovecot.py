@@ -10,7 +10,7 @@ Without a shared `pki`, each start creates its own test CA inside the folder,
 so `ca_file` is gone after `stop()`. Set APPLIANCE_TEST_KEEP_DOVECOT=1 to keep
 the folder, logs included, for debugging.
 
-Run `python3 -m tests.support.dovecot --help` for the command-line interface.
+Run `.venv/bin/python -m tests.support.dovecot --help` for the command-line interface.
 """
 
 from __future__ import annotations
