@@ -7,6 +7,7 @@ the source that set it, and what was expected.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -110,7 +111,7 @@ def load_config(
     if require_listeners and not config.listeners:
         raise ConfigError([_no_listeners(path, document)])
     sources = _collect_sources(config.model_dump(by_alias=True), layers)
-    warnings = unknown_variable_warnings()
+    warnings = unknown_variable_warnings() + exposure_warnings(config)
     named_secrets = secrets_dir or os.environ.get("APPLIANCE_SECRETS_DIR")
     if named_secrets and not secrets.is_dir():
         warnings.append(f"secrets folder {str(secrets)!r} does not exist and is ignored")
@@ -508,3 +509,37 @@ def unknown_variable_warnings(environ: Mapping[str, str] | None = None) -> list[
                 f"top-level keys are: {', '.join(sorted(fields))}"
             )
     return warnings
+
+
+def exposure_warnings(config: AppConfig) -> list[str]:
+    """Name the upstreams that send logins where an attacker in the path could read them.
+
+    `tls: none` and `verify: false` are valid choices for a trusted network, so they are
+    warnings, not errors. Upstreams on a loopback address or `localhost` are not named.
+    """
+    warnings = []
+    for name, upstream in config.upstreams.items():
+        if _is_loopback_host(upstream.host):
+            continue
+        if upstream.tls == "none":
+            warnings.append(
+                f"upstreams.{name}: tls: none sends every login to {upstream.host} in "
+                "plain text; use implicit, starttls or auto unless the network to it is "
+                "trusted"
+            )
+        elif not upstream.verify:
+            warnings.append(
+                f"upstreams.{name}: verify: false accepts any certificate from "
+                f"{upstream.host}, so an attacker in the path can read every login; set "
+                "ca_file to trust a private CA instead"
+            )
+    return warnings
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -15,6 +15,7 @@ from watchfiles import awatch
 
 from appliance import metrics
 from appliance.config import AppConfig, ConfigError, LoadedConfig, load_config
+from appliance.config.loader import exposure_warnings
 from appliance.config.settings import DEFAULT_SECRETS_DIR
 from appliance.logs import configure_logging
 from appliance.proxy.listener import BindError, Listener
@@ -234,6 +235,8 @@ class Reloader:
             # An operator who fixed DNS and reloads expects the fix to apply at once.
             RESOLVER.clear()
         if outcome == "applied":
+            for warning in exposure_warnings(prepared.loaded.config):
+                logger.warning("{}", warning)
             await _start_all(prepared.listeners.values())
         return outcome
 
