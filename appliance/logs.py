@@ -52,6 +52,36 @@ def escape(value: bytes | str, limit: int = 128) -> str:
     return text + ("..." if len(value) > limit else "")
 
 
+# Words for exceptions that carry no text. asyncio raises a bare ConnectionResetError
+# when the peer ends the stream during a TLS handshake (asyncio/sslproto.py, Python 3.11).
+_TEXTS_BY_TYPE: tuple[tuple[type[BaseException], str], ...] = (
+    (ConnectionResetError, "connection closed by the {peer}"),
+    (BrokenPipeError, "connection closed by the {peer}"),
+    (ConnectionAbortedError, "connection aborted"),
+    (ConnectionRefusedError, "connection refused"),
+    (TimeoutError, "timed out"),
+    (ConnectionError, "connection failed"),
+)
+
+
+def describe_error(error: BaseException, peer: str = "peer") -> str:
+    """Return a one-line, never empty text for an exception, for log lines.
+
+    An OSError gives its error number's text, another exception its message. One
+    without either gives words for its type, naming `peer` (client or server) where
+    the peer ended the connection, or else the type's name.
+    """
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = str(error)
+    if text:
+        return text
+    for kind, words in _TEXTS_BY_TYPE:
+        if isinstance(error, kind):
+            return words.format(peer=peer)
+    return type(error).__name__
+
+
 _ESCAPED_BYTES = tuple(
     chr(byte) if 0x20 <= byte < 0x7F and byte != 0x5C else f"\\x{byte:02x}"
     for byte in range(256)

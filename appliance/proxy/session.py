@@ -609,7 +609,7 @@ class Session:
                 context, server_side=True, handshake_timeout=self.limits.pre_auth_timeout
             )
         except (ssl.SSLError, ConnectionError, OSError) as exc:
-            raise SessionEnd(f"client {describe_tls_error(exc)}") from None
+            raise SessionEnd(f"client {describe_tls_error(exc, 'client')}") from None
 
     async def start_client_tls(self) -> None:
         """Upgrade the client side after STARTTLS/STLS; pipelined plaintext is discarded."""

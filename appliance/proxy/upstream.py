@@ -10,6 +10,7 @@ import ssl
 from dataclasses import dataclass
 from typing import Any
 
+from appliance.logs import describe_error
 from appliance.proxy.connection import Connection
 from appliance.proxy.errors import UpstreamError
 from appliance.proxy.resolver import RESOLVER
@@ -37,15 +38,19 @@ class UpstreamTarget:
         return f"{host}:{self.port}"
 
 
-def describe_tls_error(exc: BaseException) -> str:
-    """Return a one-line reason for a failed handshake, for logs."""
+def describe_tls_error(exc: BaseException, peer: str = "server") -> str:
+    """Return a one-line reason for a failed handshake, for logs.
+
+    `peer` names the other side (client or server) in reasons such as the connection
+    closed by the client.
+    """
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"certificate verification failed: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError):
         return f"TLS handshake failed: {exc.reason or exc}"
     if isinstance(exc, TimeoutError):
         return "TLS handshake timed out"
-    return f"TLS handshake failed: {type(exc).__name__}: {exc}"
+    return f"TLS handshake failed: {describe_error(exc, peer)}"
 
 
 async def open_upstream(
@@ -107,7 +112,7 @@ def _error_text(exc: OSError) -> str:
     """
     if exc.errno is not None and exc.errno > 0:
         return os.strerror(exc.errno)
-    return exc.strerror or str(exc) or type(exc).__name__
+    return describe_error(exc)
 
 
 async def connect_first(

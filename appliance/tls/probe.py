@@ -25,6 +25,7 @@ from typing import Any
 from cryptography import x509
 
 from appliance.config.models import default_port
+from appliance.logs import describe_error
 from appliance.protocols import capabilities as capability_lists
 from appliance.protocols.errors import UpstreamProtocolError
 from appliance.protocols.imap import Response as ImapResponse
@@ -434,7 +435,10 @@ def _handshake_failure(
         return replace(base, offered=True, reached=reached, detail=detail)
     if isinstance(exc, ConnectionRefusedError):
         return replace(base, detail="connection refused")
-    reason = exc.reason if isinstance(exc, ssl.SSLError) else type(exc).__name__
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason
+    else:
+        reason = describe_error(exc, "server")
     return replace(
         base, reached=reached, detail=f"the port does not speak TLS ({reason})"
     )
@@ -560,7 +564,7 @@ def _os_error_text(exc: OSError) -> str:
         isinstance(error, ConnectionRefusedError) for _, error in exc.errors
     ):
         return "connection refused at " + ", ".join(a for a, _ in exc.errors)
-    return f"connect failed: {exc.strerror or str(exc) or type(exc).__name__}"
+    return f"connect failed: {describe_error(exc)}"
 
 
 def probe_client_context(ca_file: str | None, *, verify: bool) -> ssl.SSLContext:

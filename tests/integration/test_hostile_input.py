@@ -269,6 +269,11 @@ def wait_for_log(proxy: ApplianceProcess, text: str) -> str:
     return proxy.wait_for_log(text, LOG_TIMEOUT)
 
 
+def wait_for_summary(proxy: ApplianceProcess, source: str) -> str:
+    """Return the session end line of the client at address `source`, waiting for it."""
+    return wait_for_log(proxy, f"; client {source}:")
+
+
 # Maximum connections per listener
 
 BUSY = {"imap": b"* BYE [UNAVAILABLE]", "pop3": b"-ERR [SYS/TEMP]"}
@@ -424,6 +429,18 @@ def test_client_hello_split_after_first_byte_closed(strict, protocol):
         reply = client.read_until_closed()
     assert time.monotonic() - started < STRICT_LIMITS["pre_auth_timeout"] - 0.5
     assert reply == b"", reply
+
+
+@pytest.mark.parametrize("protocol", ["imap", "pop3"])
+def test_client_leaving_starttls_handshake_named(strict, protocol):
+    command = b"a1 STARTTLS\r\n" if protocol == "imap" else b"STLS\r\n"
+    with connect(strict, f"{protocol}_starttls") as client:
+        client.send(command)
+        reply = client.read_line()
+    summary = wait_for_summary(strict, client.source)
+    assert reply.startswith((b"a1 OK", b"+OK")), reply
+    outcome = "client TLS handshake failed: connection closed by the client after "
+    assert outcome in summary, summary
 
 
 # Line and literal limits
