@@ -16,5 +16,19 @@ class UpstreamError(Exception):
         self.detail = detail
 
 
+class UpstreamCertificateError(UpstreamError):
+    """The upstream's certificate failed verification during the TLS handshake.
+
+    Its reason is `tls`, as for other handshake failures. The fix lies in the CA file
+    or the server name of the upstream's config, or in the server's certificate, so
+    `tls: auto` does not report it as a possible downgrade.
+    """
+
+    def __init__(self, detail: str, verify_message: str) -> None:
+        super().__init__("tls", detail)
+        self.verify_message = verify_message
+        """OpenSSL's reason, such as a host name mismatch."""
+
+
 class PolicyError(UpstreamError):
     """TLS policy forbids the connection, for example plain text to a server seen with TLS."""

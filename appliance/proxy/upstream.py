@@ -12,7 +12,7 @@ from typing import Any
 
 from appliance.logs import describe_error
 from appliance.proxy.connection import Connection
-from appliance.proxy.errors import UpstreamError
+from appliance.proxy.errors import UpstreamCertificateError, UpstreamError
 from appliance.proxy.resolver import RESOLVER
 from appliance.tls.contexts import UpstreamContext
 
@@ -74,7 +74,7 @@ async def open_upstream(
                 log=log,
             )
     except ssl.SSLError as exc:
-        raise UpstreamError("tls", f"{target.address}: {describe_tls_error(exc)}") from None
+        raise tls_failure(target, exc) from None
     except TimeoutError:
         RESOLVER.forget(target.host)
         raise UpstreamError("timeout", f"{target.address}: connect timed out") from None
@@ -186,7 +186,18 @@ async def upgrade_upstream(connection: Connection, target: UpstreamTarget, timeo
             handshake_timeout=timeout,
         )
     except (ssl.SSLError, TimeoutError, ConnectionError) as exc:
-        raise UpstreamError("tls", f"{target.address}: {describe_tls_error(exc)}") from None
+        raise tls_failure(target, exc) from None
+
+
+def tls_failure(target: UpstreamTarget, exc: BaseException) -> UpstreamError:
+    """Return the UpstreamError for a failed handshake with `target`.
+
+    A certificate that failed verification gives an UpstreamCertificateError.
+    """
+    detail = f"{target.address}: {describe_tls_error(exc)}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return UpstreamCertificateError(detail, exc.verify_message)
+    return UpstreamError("tls", detail)
 
 
 def remember_tls_session(connection: Connection, target: UpstreamTarget) -> None:

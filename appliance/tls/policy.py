@@ -34,7 +34,7 @@ from appliance import metrics
 from appliance.config import AppConfig, UpstreamConfig
 from appliance.config.models import default_port
 from appliance.proxy.connection import Connection
-from appliance.proxy.errors import PolicyError, UpstreamError
+from appliance.proxy.errors import PolicyError, UpstreamCertificateError, UpstreamError
 from appliance.proxy.session import Snapshot
 from appliance.proxy.upstream import UpstreamTarget
 from appliance.tls.known_servers import (
@@ -55,6 +55,8 @@ from appliance.tls.probe import (
 
 # UpstreamError reasons that an attacker between proxy and server can cause by removing
 # or breaking TLS: STARTTLS missing or rejected, a PREAUTH greeting, a failed handshake.
+# A certificate that fails verification has reason `tls` too, but it gets its own
+# warning, because its fix is the CA file or server name, not forgetting the record.
 DOWNGRADE_REASONS = frozenset({"starttls", "preauth", "tls"})
 # A successful session refreshes `last_seen` on disk at most this often (seconds).
 LAST_SEEN_WRITE_INTERVAL = 3600.0
@@ -357,6 +359,20 @@ class UpstreamPlanner:
             # The server offered STARTTLS, but the upgrade failed. A PREAUTH greeting
             # comes before any offer, so it starts no probe.
             self._probe_after_upgrade(snapshot, target.name, key, record, log)
+        elif record.mode != "none" and isinstance(error, UpstreamCertificateError):
+            log.warning(
+                "{} failed TLS in its recorded mode {}: the certificate failed "
+                "verification: {}. The session fails closed, and forgetting the record "
+                "would not help. If the certificate is the server's own, set "
+                "upstreams.{}.ca_file to the CA that issued it or upstreams.{}.server_name "
+                "to a name that it contains",
+                key,
+                record.mode,
+                # OpenSSL's messages may end with a period.
+                error.verify_message.rstrip("."),
+                target.name,
+                target.name,
+            )
         elif record.mode != "none" and error.reason in DOWNGRADE_REASONS:
             log.warning(
                 "{} failed in its recorded mode {} ({}); this looks like a downgrade, so "

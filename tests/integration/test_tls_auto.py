@@ -403,6 +403,27 @@ def test_stripped_starttls_fails_closed(
     assert records(appliance)["imap"]["mode"] == "starttls"
 
 
+def test_certificate_failure_not_called_downgrade(
+    both: DovecotServer, tmp_path: Path, appliances: list[ApplianceProcess]
+) -> None:
+    # The certificate is valid, but for another name than the one the appliance expects.
+    entry = upstream(both.ports["imaps"], both, server_name="wrong-name.example.org")
+    appliance = start(appliance_config(imap=entry), tmp_path)
+    appliances.append(appliance)
+
+    replies = [first_line(appliance.port("imap")) for _ in range(2)]
+    line = appliance.wait_for_log("the certificate failed verification", TIMEOUT)
+
+    assert all(reply.startswith(b"* BYE [UNAVAILABLE]") for reply in replies), replies
+    assert "[session=" in line
+    assert "wrong-name.example.org" in line
+    assert "upstreams.imap.ca_file" in line
+    assert "upstreams.imap.server_name" in line
+    assert "looks like a downgrade" not in appliance.log_text()
+    assert "known-servers forget" not in appliance.log_text()
+    assert records(appliance)["imap"]["mode"] == "implicit"
+
+
 @pytest.mark.parametrize("protocol", ["imap", "pop3"])
 def test_stripped_first_probe_still_upgrades(
     protocol: str,

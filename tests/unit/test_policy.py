@@ -14,7 +14,11 @@ import pytest
 from loguru import logger
 
 from appliance.config import AppConfig
-from appliance.proxy.errors import PolicyError, UpstreamError
+from appliance.proxy.errors import (
+    PolicyError,
+    UpstreamCertificateError,
+    UpstreamError,
+)
 from appliance.proxy.session import Snapshot
 from appliance.tls import known_servers
 from appliance.tls.contexts import build_all_contexts
@@ -348,6 +352,41 @@ async def test_recorded_tls_failure_is_downgrade(log_lines: list[str]) -> None:
 
     assert any("looks like a downgrade" in line for line in log_lines)
     assert learned(planner).mode == "starttls"
+
+
+async def test_recorded_certificate_failure_named(log_lines: list[str]) -> None:
+    snapshot = make_snapshot()
+    planner = make_planner(snapshot, ScriptedProbe(server_report("implicit")))
+    await plan_modes(planner, snapshot)
+    reason = "Hostname mismatch, certificate is not valid for 'mail.example.org'."
+    error = UpstreamCertificateError(
+        f"mail.example.org:993: certificate verification failed: {reason}", reason
+    )
+
+    planner.report(
+        snapshot, "imap", session_target(planner, snapshot, "implicit"), None, error
+    )
+
+    [line] = [line for line in log_lines if "recorded mode implicit" in line]
+    assert f"the certificate failed verification: {reason}" in line
+    assert "upstreams.mail.ca_file" in line
+    assert "upstreams.mail.server_name" in line
+    assert "downgrade" not in line
+    assert "known-servers forget" not in line
+    assert learned(planner).mode == "implicit"
+
+
+async def test_other_tls_failure_is_downgrade(log_lines: list[str]) -> None:
+    snapshot = make_snapshot()
+    planner = make_planner(snapshot, ScriptedProbe(server_report("implicit")))
+    await plan_modes(planner, snapshot)
+    error = UpstreamError("tls", "mail.example.org:993: TLS handshake failed: EOF")
+
+    planner.report(
+        snapshot, "imap", session_target(planner, snapshot, "implicit"), None, error
+    )
+
+    assert any("looks like a downgrade" in line for line in log_lines)
 
 
 class UpgradedConnection:
