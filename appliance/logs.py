@@ -8,6 +8,8 @@ place, and peer-supplied text goes through `escape` so CR/LF cannot forge a line
 from __future__ import annotations
 
 import sys
+import time
+from collections.abc import Callable, Hashable
 
 from loguru import logger
 
@@ -86,3 +88,30 @@ _ESCAPED_BYTES = tuple(
     chr(byte) if 0x20 <= byte < 0x7F and byte != 0x5C else f"\\x{byte:02x}"
     for byte in range(256)
 )
+
+
+class RepeatLimiter:
+    """A limit of one log line per key every `interval` seconds, counting the rest.
+
+    For warnings that any peer can cause, such as a client that speaks plain text to a
+    TLS port, so that a scanner cannot flood the log with them. Keys should come from a
+    bounded set, such as config names and fixed words, because each is kept.
+    """
+
+    def __init__(
+        self, interval: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._last_allowed: dict[Hashable, float] = {}
+        self._held_back: dict[Hashable, int] = {}
+
+    def allow(self, key: Hashable) -> int | None:
+        """Return None to hold a line back, or the count held back since the last one."""
+        now = self._clock()
+        last = self._last_allowed.get(key)
+        if last is not None and now - last < self.interval:
+            self._held_back[key] = self._held_back.get(key, 0) + 1
+            return None
+        self._last_allowed[key] = now
+        return self._held_back.pop(key, 0)

@@ -21,6 +21,7 @@ from loguru import logger
 
 from appliance import metrics
 from appliance.config import AppConfig, ListenerConfig, UpstreamConfig
+from appliance.logs import RepeatLimiter
 from appliance.protocols import sasl
 from appliance.protocols.capabilities import ClientSideState
 from appliance.protocols.errors import (
@@ -115,6 +116,15 @@ LOGIN_SIZE_ERROR = (
     f"User names are limited to {MAX_LOGIN_USER_SIZE} bytes "
     f"and passwords to {MAX_LOGIN_PASSWORD_SIZE} bytes"
 )
+# OpenSSL's reasons (3.0) for a first record that is no TLS record at all: its version
+# bytes are not 3.x, or it starts like an HTTP request. The client likely spoke plain text.
+PLAINTEXT_HANDSHAKE_REASONS = frozenset(
+    {"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "HTTPS_PROXY_REQUEST"}
+)
+# A warning about a client set up for the wrong kind of port is logged once a minute
+# per listener and kind, and its repeats at DEBUG, so that a scanner cannot flood the log.
+CLIENT_SETUP_WARNING_INTERVAL = 60.0
+CLIENT_SETUP_WARNINGS = RepeatLimiter(CLIENT_SETUP_WARNING_INTERVAL)
 
 
 def decode_login(login: bytes) -> str:
@@ -502,7 +512,8 @@ class Session:
         # A TLS handshake record: content type 22, then major version 3. Neither byte
         # can start an IMAP tag or a POP3 command.
         if data[:2] == b"\x16\x03":
-            self.log.warning(
+            self.warn_client_setup(
+                "tls_on_plaintext_port",
                 "closing connection from {}: it started a TLS handshake on a plaintext "
                 "port; the client expects implicit TLS (tls: implicit on the listener, "
                 "or STARTTLS in the client)",
@@ -602,18 +613,49 @@ class Session:
             succeeded = result == "succeeded"
             self.env.guard.record_login(self.client_host, self.limits, succeeded=succeeded)
 
-    async def _client_handshake(self) -> None:
+    async def _client_handshake(self, *, implicit: bool = True) -> None:
+        """Run the server side of the client's TLS handshake.
+
+        `implicit` is False after STARTTLS/STLS, where the client has spoken plain text
+        already, so plain text instead of a handshake is no sign of a wrong port.
+        """
         context = self.env.snapshot.contexts.listeners[self.env.listener_name]
         try:
             await self.client.start_tls(
                 context, server_side=True, handshake_timeout=self.limits.pre_auth_timeout
             )
         except (ssl.SSLError, ConnectionError, OSError) as exc:
+            reason = getattr(exc, "reason", None)
+            if implicit and reason in PLAINTEXT_HANDSHAKE_REASONS:
+                self.warn_client_setup(
+                    "plaintext_on_tls_port",
+                    "closing connection from {}: it sent data that is not a TLS "
+                    "handshake ({}), likely plain IMAP or POP3, to an implicit TLS port. "
+                    "Set the client to use TLS (SSL/TLS, not STARTTLS) on this port, or "
+                    "connect it to a STARTTLS or plain-text listener",
+                    self.peer_address,
+                    reason,
+                )
             raise SessionEnd(f"client {describe_tls_error(exc, 'client')}") from None
 
     async def start_client_tls(self) -> None:
         """Upgrade the client side after STARTTLS/STLS; pipelined plaintext is discarded."""
-        await self._client_handshake()
+        await self._client_handshake(implicit=False)
+
+    def warn_client_setup(self, kind: str, message: str, *args: Any) -> None:
+        """Log a warning about a client set up for another kind of port.
+
+        One such warning per listener and `kind` goes out each
+        CLIENT_SETUP_WARNING_INTERVAL seconds, with the count of repeats since the last
+        one. The repeats are logged at DEBUG.
+        """
+        held_back = CLIENT_SETUP_WARNINGS.allow((self.env.listener_name, kind))
+        if held_back is None:
+            self.log.debug(message, *args)
+            return
+        if held_back:
+            message += f" ({held_back} more since the last such warning, at DEBUG)"
+        self.log.warning(message, *args)
 
     async def _relay(self) -> None:
         assert self.upstream is not None

@@ -195,6 +195,9 @@ def strict(upstreams, pki: TestPKI, tmp_path_factory) -> Iterator[ApplianceProce
         "imap_full": listener_config("imap", "imap"),
         "pop3_full": listener_config("pop3", "pop3"),
         "imap_flood": listener_config("imap", "imap"),
+        "imap_implicit": listener_config("imap", "imap", tls="implicit", cert=cert),
+        "pop3_implicit": listener_config("pop3", "pop3", tls="implicit", cert=cert),
+        "imap_hello": listener_config("imap", "imap"),
     }
     config = appliance_config(upstreams, listeners, STRICT_LIMITS)
     workdir = tmp_path_factory.mktemp("hostile-strict")
@@ -401,22 +404,53 @@ def test_one_byte_per_second_timed_out(strict, protocol):
 
 
 
+def client_hello() -> bytes:
+    """Return the first bytes that a TLS client sends: its ClientHello."""
+    context = ssl.create_default_context()
+    outgoing = ssl.MemoryBIO()
+    tls = context.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def setup_log_lines(proxy: ApplianceProcess, listener: str, text: str) -> list[str]:
+    """Return the log lines of `listener` that contain `text`."""
+    return [
+        line
+        for line in proxy.log_text().splitlines()
+        if f"listener={listener}]" in line and text in line
+    ]
+
+
 @pytest.mark.parametrize("protocol", ["imap", "pop3", "imap_starttls", "pop3_starttls"])
 def test_tls_client_on_plaintext_port_closed_at_once(strict, protocol):
     # A mail client set to implicit TLS sends a ClientHello and waits; the appliance
     # closes without waiting for the pre-auth timeout.
-    context = ssl.create_default_context()
-    client_hello = ssl.MemoryBIO()
-    tls = context.wrap_bio(ssl.MemoryBIO(), client_hello, server_hostname="localhost")
-    with pytest.raises(ssl.SSLWantReadError):
-        tls.do_handshake()
     started = time.monotonic()
     with connect(strict, protocol) as client:
-        client.sock.sendall(client_hello.read())
+        client.sock.sendall(client_hello())
         client.read_until_closed()
     assert time.monotonic() - started < STRICT_LIMITS["pre_auth_timeout"] - 0.5
     line = wait_for_log(strict, "started a TLS handshake on a plaintext port")
     assert "expects implicit TLS" in line
+
+
+def test_tls_on_plaintext_port_repeats_at_debug(strict):
+    sources = []
+    for _ in range(3):
+        with connect(strict, "imap_hello") as client:
+            sources.append(client.source)
+            client.sock.sendall(client_hello())
+            client.read_until_closed()
+    for source in sources:
+        wait_for_summary(strict, source)
+
+    lines = setup_log_lines(strict, "imap_hello", "started a TLS handshake")
+    warnings = [line for line in lines if " WARNING " in line]
+    repeats = [line for line in lines if " DEBUG " in line]
+    assert len(warnings) == 1, lines
+    assert len(repeats) == 2, lines
 
 
 @pytest.mark.parametrize("protocol", ["imap", "pop3"])
@@ -429,6 +463,32 @@ def test_client_hello_split_after_first_byte_closed(strict, protocol):
         reply = client.read_until_closed()
     assert time.monotonic() - started < STRICT_LIMITS["pre_auth_timeout"] - 0.5
     assert reply == b"", reply
+
+
+@pytest.mark.parametrize(
+    ("listener", "command"),
+    [("imap_implicit", b"a1 CAPABILITY\r\n"), ("pop3_implicit", b"CAPA\r\n")],
+)
+def test_plaintext_on_implicit_port_explained(strict, listener, command):
+    sources = []
+    for _ in range(3):
+        client = SourceClient(strict.port(listener))
+        sources.append(client.source)
+        with client:
+            client.send(command)
+            reply = client.read_until_closed()
+        assert not reply.startswith((b"* ", b"+OK")), reply
+    for source in sources:
+        wait_for_summary(strict, source)
+
+    lines = setup_log_lines(strict, listener, "it sent data that is not a TLS handshake")
+    warnings = [line for line in lines if " WARNING " in line]
+    repeats = [line for line in lines if " DEBUG " in line]
+    assert len(warnings) == 1, lines
+    assert len(repeats) == 2, lines
+    assert "(WRONG_VERSION_NUMBER)" in warnings[0]
+    assert "Set the client to use TLS (SSL/TLS, not STARTTLS) on this port" in warnings[0]
+    assert f"closing connection from {sources[0]}:" in warnings[0]
 
 
 @pytest.mark.parametrize("protocol", ["imap", "pop3"])
