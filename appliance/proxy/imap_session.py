@@ -24,6 +24,7 @@ from appliance.protocols.imap import (
     ContinuationRequest,
     CommandReader,
     Literal8,
+    LiteralRejected,
     LiteralTooLarge,
     Response,
     ResponseReader,
@@ -56,7 +57,8 @@ LITERAL8_LOGIN_ERROR = "Login arguments are strings; literal8 (~{n}) is for bina
 COMMANDS_WITHOUT_ARGUMENTS = frozenset({"CAPABILITY", "NOOP", "LOGOUT", "STARTTLS"})
 # Largest literal, by argument position, that a login may announce. A larger one is
 # rejected before the client sends it. The AUTHENTICATE mechanism name (None) keeps the
-# general max_literal_size, and its initial response may be a whole PLAIN response.
+# general max_literal_size, and its initial response may be a whole PLAIN response. The
+# keys are the commands whose literals may carry credentials.
 LOGIN_LITERAL_LIMITS: dict[str, tuple[int | None, ...]] = {
     "LOGIN": (MAX_LOGIN_USER_SIZE, MAX_LOGIN_PASSWORD_SIZE),
     "AUTHENTICATE": (None, MAX_SASL_RESPONSE_SIZE),
@@ -206,6 +208,10 @@ class ImapSession(Session):
                 continue
             except ClientProtocolError as exc:
                 self._protocol_error(exc.message, exc.tag, fatal=exc.fatal)
+                if isinstance(exc, LiteralRejected) and exc.command in LOGIN_LITERAL_LIMITS:
+                    # A login literal rejected by a rule other than LOGIN_LITERAL_LIMITS,
+                    # such as max_literal_size, which is checked first.
+                    self._close_if_literal_arrived()
                 continue
             if isinstance(event, ContinuationRequest):
                 self._answer_literal(event)
@@ -260,6 +266,10 @@ class ImapSession(Session):
         They came before the client could see the rejection, so they are a literal sent
         without waiting, likely a password. Parsed as commands, their first word would
         come back as a tag, so they are never parsed.
+
+        NOTE: only bytes received by the time the rejection is sent count. Literal bytes
+        that the client writes apart from the command line may arrive later, and those
+        are still read as commands.
         """
         if self.commands.buffered_size or self.client.buffered:
             message = "literal sent without waiting for a continuation"

@@ -898,6 +898,39 @@ def test_oversized_literal_sent_without_waiting_closes(strict):
     assert b"mypass" not in reply
 
 
+# Login literals over the general limits.max_literal_size (65536 bytes by default), which
+# the reader checks before the credential limits, each sent without waiting for "+".
+GENERAL_LIMIT_LITERALS = {
+    "login-user": b"a1 LOGIN {70000}\r\n",
+    "login-password": b"a1 LOGIN alice {70000}\r\n",
+    "login-third": b"a1 LOGIN alice pw {70000}\r\n",
+    "authenticate-mechanism": b"a1 AUTHENTICATE {70000}\r\n",
+}
+
+
+@pytest.mark.parametrize("case", GENERAL_LIMIT_LITERALS, ids=list(GENERAL_LIMIT_LITERALS))
+def test_general_limit_login_literal_closes(strict, upstreams, case):
+    announcement = GENERAL_LIMIT_LITERALS[case]
+    before = len(upstreams["imap"].received)
+    with connect(strict, "imap") as client:
+        client.send(announcement + b"secretpw rest\r\n")
+        reply = client.read_until_closed()
+    first, _, rest = reply.partition(b"\r\n")
+    goodbye = b"* BYE " + GOODBYE_TEXTS["unreadable"].encode() + b"\r\n"
+    assert first == b"a1 BAD literal too large (limit 65536 bytes)", reply
+    assert rest == goodbye, reply
+    assert b"secretpw" not in reply
+    assert b"secretpw" not in bytes(upstreams["imap"].received[before:])
+
+
+def test_general_limit_other_literal_stays_open(strict):
+    # A client that waits for "+" gets BAD and goes on; only login literals close.
+    with connect(strict, "imap") as client:
+        converse(client, [Step(b"a1 ID {70000}\r\n", b"a1 BAD literal too large")])
+        replies = converse(client, [Step(b"a2 NOOP\r\n", b"a2 OK")])
+    assert not any(line.startswith(b"* BYE") for line in replies), replies
+
+
 # Each case: listener, command before TLS, and the user name that the log line names.
 PRE_TLS_SASL_USERS = {
     "imap-plain": (

@@ -16,6 +16,7 @@ from appliance.protocols.imap.commands import (
     ContinuationLine,
     ContinuationRequest,
     Literal8,
+    LiteralRejected,
     LiteralTooLarge,
 )
 
@@ -675,6 +676,65 @@ def test_general_literal_limit_checked_first() -> None:
 
     assert not isinstance(raised.value, LiteralTooLarge)
     assert raised.value.message == "literal too large (limit 6 bytes)"
+
+
+def test_general_limit_rejection_names_command() -> None:
+    reader = CommandReader(max_literal_size=16)
+    reader.feed(b"a1 LOGIN alice {70}\r\nsecretpw rest\r\n")
+
+    with pytest.raises(LiteralRejected) as raised:
+        reader.next_event()
+
+    error = raised.value
+    assert error.command == "LOGIN"
+    assert error.tag == "a1"
+    assert error.fatal is False
+    assert error.message == "literal too large (limit 16 bytes)"
+    # The session decides whether bytes after the announcement are a literal or commands.
+    assert reader.buffered_size == len(b"secretpw rest\r\n")
+
+
+# Each case: input, and the command of each error in order (None for an error that is
+# not a LiteralRejected).
+LITERAL_REJECTIONS = {
+    "general-limit": (b"a1 LOGIN alice {70}\r\n", ["LOGIN"]),
+    "mechanism": (b"a1 AUTHENTICATE {70}\r\n", ["AUTHENTICATE"]),
+    "accepted": (b"a1 LOGIN {3}\r\n", []),
+    "too-many": (b"a1 LOGIN {1}\r\nx {2}\r\nyy {3}\r\n", ["LOGIN"]),
+    "in-quote": (b'a1 LOGIN "alice {70}\r\n', ["LOGIN"]),
+    "no-literal": (b'a1 LOGIN "alice\r\n', [None]),
+}
+
+
+@pytest.mark.parametrize("case", LITERAL_REJECTIONS, ids=list(LITERAL_REJECTIONS))
+def test_literal_rejection_by_line_end(case: str) -> None:
+    data, expected = LITERAL_REJECTIONS[case]
+    reader = CommandReader(max_literal_size=16, max_literals=2)
+    reader.feed(data)
+    errors = []
+    for _ in range(10):
+        try:
+            event = reader.next_event()
+        except ClientProtocolError as error:
+            errors.append(error)
+            continue
+        if event is None:
+            break
+    commands = [
+        error.command if isinstance(error, LiteralRejected) else None for error in errors
+    ]
+    assert commands == expected
+
+
+def test_literal_plus_rejection_stays_fatal() -> None:
+    reader = CommandReader(max_literal_size=16)
+    reader.feed(b"a1 LOGIN alice {70+}\r\n")
+
+    with pytest.raises(LiteralRejected) as raised:
+        reader.next_event()
+
+    assert raised.value.fatal is True
+    assert raised.value.command == "LOGIN"
 
 
 def test_over_long_continuation_line_is_not_buffered() -> None:

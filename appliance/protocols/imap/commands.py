@@ -40,6 +40,8 @@ _LITERAL_SIZE_RE = re.compile(rb"([0-9]+)(\+?)")
 # A rejected line that ends like "{5+}" may announce a LITERAL+ literal. The client
 # sends its bytes without waiting, so they would be read as commands.
 _LITERAL_PLUS_END_RE = re.compile(rb"\+\}\r?\n\Z")
+# A rejected line that ends like "{5}" or "{5+}" announced a literal.
+_LITERAL_END_RE = re.compile(rb"\{[0-9]+\+?\}\r?\n\Z")
 
 _SP = 0x20
 _DQUOTE = 0x22
@@ -103,7 +105,23 @@ def is_valid_tag(tag: str | bytes) -> bool:
     return _TAG_RE.fullmatch(tag) is not None
 
 
-class LiteralTooLarge(ClientProtocolError):
+class LiteralRejected(ClientProtocolError):
+    """A command rejected on a line that announced a literal.
+
+    The reader has dropped the command. After a synchronizing literal it reads the next
+    line as a new command, because the client sends no literal bytes until it gets "+".
+    A client that sends them without waiting would have them read as commands, so a
+    session closes when they arrive for a command whose literals may be credentials.
+    After a LITERAL+ literal the error is fatal.
+    """
+
+    def __init__(self, message: str, *, tag: str | None, fatal: bool, command: str) -> None:
+        super().__init__(message, tag=tag, fatal=fatal)
+        self.command = command
+        """Name of the rejected command, in upper case."""
+
+
+class LiteralTooLarge(LiteralRejected):
     """A literal announced larger than the limit of its argument.
 
     The limits come from CommandReader's argument_literal_limits. The reader has dropped
@@ -124,8 +142,7 @@ class LiteralTooLarge(ClientProtocolError):
         limit: int,
         preceding: tuple[Value, ...],
     ) -> None:
-        super().__init__(message, tag=tag, fatal=fatal)
-        self.command = command
+        super().__init__(message, tag=tag, fatal=fatal, command=command)
         self.position = position
         """Index of the literal's argument, from 0."""
         self.size = size
@@ -440,6 +457,9 @@ class CommandReader:
                     limit=rejected.limit,
                     preceding=rejected.preceding,
                 ) from None
+            if name and _LITERAL_END_RE.search(line):
+                message = rejected.message
+                raise LiteralRejected(message, tag=tag, fatal=fatal, command=name) from None
             raise ClientProtocolError(rejected.message, tag=tag, fatal=fatal) from None
 
     def _process_command_text(self, content: bytes) -> Event | None:
