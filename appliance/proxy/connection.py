@@ -244,6 +244,28 @@ class Connection(asyncio.Protocol):
                 self._read_waiter = None
         return self.take_buffer()
 
+    async def wait_for_end(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the remote side's end of stream.
+
+        Returns whether it came. Bytes that arrive meanwhile stay buffered for
+        `read_some`. NOTE: reading pauses above PRE_AUTH_BUFFER_LIMIT buffered bytes, and
+        an end of stream behind those is not seen.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self._eof:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            waiter = loop.create_future()
+            self._read_waiter = waiter
+            try:
+                await asyncio.wait([waiter], timeout=remaining)
+            finally:
+                self._read_waiter = None
+                waiter.cancel()
+        return True
+
     def take_buffer(self) -> bytes:
         """Remove and return every byte received and not yet read."""
         data = bytes(self._buffer)

@@ -13,8 +13,9 @@ can match it:
     login failed: client 192.0.2.7 port 50124 user "alice"
 
 The result word is `succeeded`, `failed` (the upstream rejected the credentials),
-`rejected` (the appliance refused to forward them), `cancelled` (the client sent `*`)
-or `invalid` (a malformed SASL response). Only `failed` feeds the delay. The client
+`rejected` (the appliance refused to forward them), `cancelled` (the client sent `*`,
+or left while its login waited out the delay) or `invalid` (a malformed SASL
+response). Only `failed` feeds the delay. The client
 address comes before any text that the client chose, and the user name is escaped,
 so no user name can move the address or start a new line.
 """
@@ -30,7 +31,7 @@ import resource
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from loguru import logger
 
@@ -75,9 +76,21 @@ def address_key(host: str, ipv6_prefix_length: int) -> str:
 class _Failures:
     count: int
     last: float
-    # Earliest start of the next login from the address, so that parallel logins wait
-    # in turn instead of all waiting the same delay at once.
-    next_start: float = 0.0
+    # Reserved start times of logins from the address, on the guard's clock. Those in the
+    # past are dropped at the next reservation. A new login starts one delay after the
+    # latest, so that parallel logins wait in turn instead of all at once.
+    turns: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LoginTurn:
+    """The start that `ClientGuard.reserve_login` reserved for one login."""
+
+    key: str
+    start: float
+    """Time on the guard's clock when the login may start."""
+    delay: float
+    """Seconds from the reservation to the start; 0 when the login need not wait."""
 
 
 class ClientGuard:
@@ -140,24 +153,42 @@ class ClientGuard:
 
     # Logins
 
-    def login_delay(self, host: str, limits: Limits) -> float:
-        """Return the seconds that this login from `host` must wait, and reserve its turn.
+    def reserve_login(self, host: str, limits: Limits) -> LoginTurn:
+        """Reserve the start of a login from `host` and return it.
 
         After a failure, logins from the address start at least the current delay apart.
         A client that opens many connections at once therefore waits in turn, one delay
-        after another, instead of trying many passwords per delay.
+        after another, instead of trying many passwords per delay. A login that will not
+        happen gives its turn back with `release_login`.
         """
         self._expire(limits)
-        record = self._failures.get(address_key(host, limits.ipv6_prefix_length))
+        key = address_key(host, limits.ipv6_prefix_length)
+        now = self._clock()
+        record = self._failures.get(key)
         if record is None or limits.auth_failure_delay == 0:
-            return 0.0
+            return LoginTurn(key, now, 0.0)
         doublings = min(record.count - 1, _MAX_DOUBLINGS)
         delay = limits.auth_failure_delay * 2**doublings
         delay = min(delay, limits.auth_failure_delay_max)
-        now = self._clock()
-        start = max(now + delay, record.next_start)
-        record.next_start = start + delay
-        return start - now
+        # A turn that has started holds back no login beyond now + delay.
+        record.turns = [start for start in record.turns if start > now]
+        start = max([now, *record.turns]) + delay
+        record.turns.append(start)
+        return LoginTurn(key, start, start - now)
+
+    def login_delay(self, host: str, limits: Limits) -> float:
+        """Reserve the turn of a login from `host` and return its seconds to wait."""
+        return self.reserve_login(host, limits).delay
+
+    def release_login(self, turn: LoginTurn) -> None:
+        """Give back a turn whose login will not happen, such as one whose client left.
+
+        Logins reserved later keep their starts, but the next one starts one delay
+        after the latest turn still held, so turns that clients gave back do not pile up.
+        """
+        record = self._failures.get(turn.key)
+        if record is not None and turn.start in record.turns:
+            record.turns.remove(turn.start)
 
     def record_login(self, host: str, limits: Limits, *, succeeded: bool) -> None:
         """Count an authentication failure from `host`, or reset it after a success."""

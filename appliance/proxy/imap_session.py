@@ -418,7 +418,7 @@ class ImapSession(Session):
             self.client.send(format_tagged(client_tag, "NO", LOGIN_SIZE_ERROR, "LIMIT"))
             return None
         self.user = decode_login(login)
-        await self.delay_login()
+        await self.delay_login(login)
         if not self.routes_by_login:
             return await self._login(client_tag, login, password)
         if not self.choose_route(login):
@@ -432,7 +432,7 @@ class ImapSession(Session):
         return result
 
     async def _reject_login(self, client_tag: str, login: bytes) -> None:
-        await self.delay_login()
+        await self.delay_login(login)
         self._reply_login_failed(client_tag, login)
 
     def _reply_login_failed(self, client_tag: str, login: bytes) -> None:

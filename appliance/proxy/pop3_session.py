@@ -212,7 +212,7 @@ class Pop3Session(Session):
                 authzid, user, password = sasl.decode_plain(response)
                 if authzid and authzid != user:
                     # A request to act as another user is rejected, never dropped.
-                    await self.delay_login()
+                    await self.delay_login(user)
                     self._reply_login_failed(user)
                     return None
             elif mechanism == b"LOGIN":
@@ -251,7 +251,7 @@ class Pop3Session(Session):
         if self.routes_by_login:
             self.client.send(format_err("APOP is not available here; use USER or AUTH"))
             return None
-        await self.delay_login()
+        await self.delay_login(user)
         self.user = decode_login(user)
         self.upstream.send(format_command("APOP", user, digest))
         return await self._finish_login(await self._status_event())
@@ -264,7 +264,7 @@ class Pop3Session(Session):
             self.client.send(format_err(LOGIN_SIZE_ERROR, "AUTH"))
             return None
         self.user = decode_login(login)
-        await self.delay_login()
+        await self.delay_login(login)
         if not self.routes_by_login:
             return await self._login(login, password)
         if not self.choose_route(login):

@@ -575,12 +575,32 @@ class Session:
 
     # Login outcomes
 
-    async def delay_login(self) -> None:
-        """Wait the delay that authentication failures from this client address earned."""
-        delay = self.env.guard.login_delay(self.client_host, self.limits)
-        if delay > 0:
-            self.log.debug("delaying login by {:.1f}s after failed logins", delay)
-            await asyncio.sleep(delay)
+    async def delay_login(self, login: bytes | str | None) -> None:
+        """Wait the delay that authentication failures from this client address earned.
+
+        A client that ends its stream before or during the wait has left, or at least
+        sent its last command. Its login (`login` is the user name for the log) is then
+        logged as cancelled and never sent upstream, its turn goes back to the guard, and
+        ConnectionClosed ends the session.
+        """
+        turn = self.env.guard.reserve_login(self.client_host, self.limits)
+        if turn.delay <= 0:
+            return
+        self.log.debug("delaying login by {:.1f}s after failed logins", turn.delay)
+        ended = True
+        try:
+            ended = await self.client.wait_for_end(turn.delay)
+        finally:
+            # Also when the wait is cancelled, by the pre-auth timeout or a shutdown.
+            if ended:
+                self.env.guard.release_login(turn)
+        if ended:
+            self.log.debug(
+                "client ended the connection during the failed-login delay; "
+                "dropping its login"
+            )
+            self.record_login("cancelled", login)
+            raise ConnectionClosed
 
     def reject_oversized_login(self, user: bytes, password: bytes) -> bool:
         """Record a login over MAX_LOGIN_USER_SIZE or MAX_LOGIN_PASSWORD_SIZE as rejected.

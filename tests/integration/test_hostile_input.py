@@ -622,6 +622,58 @@ def test_parallel_logins_wait_in_turn(delayed):
     assert waits[2] >= 2.9
 
 
+# Each case: protocol, and what the client sends to log in as gone-user.
+GONE_LOGINS = {
+    "imap-login": ("imap", b"a1 LOGIN gone-user right\r\n"),
+    "imap-authenticate-plain": (
+        "imap",
+        b"a1 AUTHENTICATE PLAIN " + plain(b"gone-user", RIGHT_PASSWORD) + b"\r\n",
+    ),
+    "imap-authenticate-login": (
+        "imap",
+        b"a1 AUTHENTICATE LOGIN "
+        + base64.b64encode(b"gone-user")
+        + b"\r\n"
+        + base64.b64encode(RIGHT_PASSWORD)
+        + b"\r\n",
+    ),
+    "pop3-user-pass": ("pop3", b"USER gone-user\r\nPASS right\r\n"),
+    "pop3-auth-plain": (
+        "pop3",
+        b"AUTH PLAIN " + plain(b"gone-user", RIGHT_PASSWORD) + b"\r\n",
+    ),
+    "pop3-apop": ("pop3", b"APOP gone-user 0123456789abcdef0123456789abcdef\r\n"),
+}
+
+
+@pytest.mark.parametrize("case", GONE_LOGINS, ids=list(GONE_LOGINS))
+def test_delayed_login_dropped_when_client_leaves(delayed, upstreams, case):
+    protocol, login_bytes = GONE_LOGINS[case]
+    source = next_source()
+    timed_login(delayed, protocol, source, b"wrong")
+    before = len(upstreams[protocol].received)
+
+    with connect(delayed, protocol, source) as client:
+        port = client.sock.getsockname()[1]
+        client.send(login_bytes)
+        # Leave while the login waits out the 1 s failed-login delay.
+        time.sleep(0.2)
+    cancelled = wait_for_log(delayed, f"login cancelled: client {source} port {port} ")
+    summary = wait_for_log(delayed, f"; client {source}:{port};")
+    # A turn given back does not delay the next login: one delay, not two.
+    reply, seconds = timed_login(delayed, protocol, source, RIGHT_PASSWORD)
+    # Past the start that the dropped login had reserved.
+    time.sleep(0.5)
+
+    received = bytes(upstreams[protocol].received[before:])
+    assert cancelled.endswith(' user "gone-user"'), cancelled
+    assert "session ended: client disconnected before login after 0." in summary
+    assert succeeded(protocol, reply), reply
+    assert 0.9 <= seconds < 1.6
+    assert plain(b"gone-user", RIGHT_PASSWORD) not in received, received
+    assert b"gone-user" not in received, received
+
+
 def test_failed_login_delay_per_address(delayed):
     noisy = next_source()
     for _ in range(3):

@@ -134,6 +134,62 @@ def test_parallel_logins_wait_in_turn():
     assert client_guard.login_delay("192.0.2.8", rules) == 0
 
 
+def test_released_turn_not_waited_for():
+    clock = FakeClock()
+    client_guard = ClientGuard(clock=clock)
+    rules = limits(auth_failure_delay=2, auth_failure_delay_max=15)
+    client_guard.record_login("192.0.2.7", rules, succeeded=False)
+
+    gone = client_guard.reserve_login("192.0.2.7", rules)
+    client_guard.release_login(gone)
+    clock.now += 0.5
+
+    assert gone.delay == 2
+    assert client_guard.login_delay("192.0.2.7", rules) == 2
+
+
+def test_released_turns_do_not_pile_up():
+    """Clients that reserve a turn and leave, many at once, never push logins out."""
+    clock = FakeClock()
+    client_guard = ClientGuard(clock=clock)
+    rules = limits(auth_failure_delay=2, auth_failure_delay_max=15)
+    client_guard.record_login("192.0.2.7", rules, succeeded=False)
+
+    for _ in range(100):
+        turns = [client_guard.reserve_login("192.0.2.7", rules) for _ in range(5)]
+        for turn in turns:
+            client_guard.release_login(turn)
+
+    assert client_guard.login_delay("192.0.2.7", rules) == 2
+
+
+def test_release_keeps_later_turns():
+    clock = FakeClock()
+    client_guard = ClientGuard(clock=clock)
+    rules = limits(auth_failure_delay=2, auth_failure_delay_max=15)
+    client_guard.record_login("192.0.2.7", rules, succeeded=False)
+
+    first = client_guard.reserve_login("192.0.2.7", rules)
+    second = client_guard.reserve_login("192.0.2.7", rules)
+    client_guard.release_login(first)
+
+    assert second.delay == 4
+    # The next login starts one delay after the turn still held.
+    assert client_guard.login_delay("192.0.2.7", rules) == 6
+
+
+def test_release_after_reset_is_ignored():
+    client_guard = ClientGuard(clock=FakeClock())
+    rules = limits(auth_failure_delay=2, auth_failure_delay_max=15)
+    client_guard.record_login("192.0.2.7", rules, succeeded=False)
+    turn = client_guard.reserve_login("192.0.2.7", rules)
+    client_guard.record_login("192.0.2.7", rules, succeeded=True)
+
+    client_guard.release_login(turn)
+
+    assert client_guard.login_delay("192.0.2.7", rules) == 0
+
+
 def test_success_resets_delay():
     client_guard = ClientGuard()
     rules = limits()
