@@ -1,11 +1,11 @@
 """Prometheus metrics of the running appliance, and the upstream states that /readyz shows.
 
 Label values come only from config names (listener and upstream keys, which the config
-restricts to letters, digits, `-` and `_`) and from the fixed words in this module. A user
+restricts to letters, digits, `-` and `_`) and from fixed words in code. A user
 name, a password or any text a peer sent never becomes a label value.
 
-Counters move when something finishes: a session ends, a login gets its reply, a probe or a
-reload completes. Gauges that describe the present (active sessions, listeners, certificate
+Counters move when something finishes: a session ends, a login gets its outcome, a probe or
+a reload completes. Gauges that describe the present (active sessions, listeners, certificate
 expiry) are computed from the runtime when Prometheus scrapes.
 """
 
@@ -30,6 +30,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from appliance.proxy.guard import LOGIN_RESULTS
 
 if TYPE_CHECKING:
     from appliance.proxy.runtime import Runtime
@@ -147,7 +149,8 @@ class Metrics:
         )
         self.logins = Counter(
             "appliance_logins",
-            "Login replies from upstreams, by result (success or failure).",
+            "Login attempts by result, the word of the `login <result>:` log line: "
+            "succeeded, failed, rejected, cancelled or invalid.",
             ["listener", "upstream", "result"],
             registry=registry,
         )
@@ -205,11 +208,17 @@ class Metrics:
             # The upstream connection was set up; a closed transport has no TLS version.
             self._mark_reachable(session)
 
-    def login_finished(self, session: Session, succeeded: bool) -> None:
-        result = "success" if succeeded else "failure"
+    def login_finished(self, session: Session, result: str) -> None:
+        """Count a login outcome, one of LOGIN_RESULTS.
+
+        A login that succeeded or failed also marks its upstream as reachable. The
+        other results can come before any upstream connection.
+        """
+        label = result if result in LOGIN_RESULTS else "other"
         upstream = upstream_name(session)
-        self.logins.labels(session.env.listener_name, upstream, result).inc()
-        self._mark_reachable(session)
+        self.logins.labels(session.env.listener_name, upstream, label).inc()
+        if label in ("succeeded", "failed"):
+            self._mark_reachable(session)
 
     def probe_finished(self, upstream: str, mode: str | None) -> None:
         """Count a probe; `mode` is the mode it chose, None when it found none usable."""
@@ -457,9 +466,9 @@ def record_session_end(session: Session) -> None:
     _guarded(METRICS.session_ended, session)
 
 
-def record_login(session: Session, succeeded: bool) -> None:
-    """Count the upstream's reply to a login and note the upstream as reachable."""
-    _guarded(METRICS.login_finished, session, succeeded)
+def record_login(session: Session, result: str) -> None:
+    """Count a login outcome, a word of `LOGIN_RESULTS`, as its log line does."""
+    _guarded(METRICS.login_finished, session, result)
 
 
 def record_upstream_handshake(upstream: str, resumed: bool) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-from appliance import metrics
 from appliance.protocols import capabilities, sasl
 from appliance.protocols.errors import (
     ClientProtocolError,
@@ -437,7 +436,6 @@ class ImapSession(Session):
 
     def _reply_login_failed(self, client_tag: str, login: bytes) -> None:
         """Fail a login that the appliance does not forward, like a wrong password."""
-        metrics.record_login(self, succeeded=False)
         self.record_login("failed", login)
         self.client.send(
             format_tagged(
@@ -490,7 +488,6 @@ class ImapSession(Session):
             )
 
     def _finish_login(self, client_tag: str, tagged: Response) -> bool | None:
-        metrics.record_login(self, succeeded=tagged.status == "OK")
         if tagged.status != "OK":
             self.record_login("failed", self.user)
             code = tagged.code

@@ -3,7 +3,6 @@ RFC 5034 AUTH), answered by the proxy; the login itself is re-encoded for the up
 
 from __future__ import annotations
 
-from appliance import metrics
 from appliance.protocols import capabilities, sasl
 from appliance.protocols.errors import ClientProtocolError, TooManyProtocolErrors
 from appliance.protocols.pop3 import (
@@ -279,7 +278,6 @@ class Pop3Session(Session):
 
     def _reply_login_failed(self, login: bytes) -> None:
         """Fail a login that the appliance does not forward, like a wrong password."""
-        metrics.record_login(self, succeeded=False)
         self.record_login("failed", login)
         self.client.send(format_err("Authentication failed.", "AUTH"))
 
@@ -316,7 +314,6 @@ class Pop3Session(Session):
 
     async def _finish_login(self, event: Status) -> bool | None:
         status = event.status
-        metrics.record_login(self, succeeded=status.ok)
         if not status.ok:
             self.record_login("failed", self.user)
             self.client.send(format_err(status.text or "Authentication failed", status.code))

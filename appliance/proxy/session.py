@@ -622,13 +622,15 @@ class Session:
         return True
 
     def record_login(self, result: str, user: bytes | str | None = None) -> None:
-        """Log an authentication outcome in the stable format, and count a failure.
+        """Log an authentication outcome in the stable format, count it, and feed the delay.
 
-        `result` is one of `guard.LOGIN_RESULTS`; `succeeded` resets the failed-login
-        delay of the client address, and `failed` makes it grow.
+        `result` is one of `guard.LOGIN_RESULTS`, which the metric counts by the same
+        word. `succeeded` resets the failed-login delay of the client address, and
+        `failed` makes it grow.
         """
         message = format_login_outcome(result, self.client_host, self.client_port, user)
         self.log.info("{}", message)
+        metrics.record_login(self, result)
         if result in ("succeeded", "failed"):
             succeeded = result == "succeeded"
             self.env.guard.record_login(self.client_host, self.limits, succeeded=succeeded)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import imaplib
 import json
 import poplib
+import socket
 import subprocess
 import sys
 import time
@@ -221,7 +222,7 @@ def test_imap_session_moves_counters(
         appliance, "appliance_sessions_total", outcome="closed_by_client", **labels
     )
     logins_before = metric(
-        appliance, "appliance_logins_total", result="success", **labels
+        appliance, "appliance_logins_total", result="succeeded", **labels
     )
     sent_before = metric(
         appliance, "appliance_client_bytes_total", direction="sent", **labels
@@ -237,7 +238,7 @@ def test_imap_session_moves_counters(
         outcome="closed_by_client",
         **labels,
     )
-    logins = metric(appliance, "appliance_logins_total", result="success", **labels)
+    logins = metric(appliance, "appliance_logins_total", result="succeeded", **labels)
     sent = metric(appliance, "appliance_client_bytes_total", direction="sent", **labels)
     assert sessions == sessions_before + 1
     assert logins == logins_before + 1
@@ -248,14 +249,14 @@ def test_pop3_session_moves_counters(
     appliance: ApplianceProcess, mail_server: DovecotServer
 ) -> None:
     labels = {"listener": "pop3", "upstream": "mail-pop3"}
-    before = metric(appliance, "appliance_logins_total", result="success", **labels)
+    before = metric(appliance, "appliance_logins_total", result="succeeded", **labels)
     client = poplib.POP3(HOST, appliance.port("pop3"), timeout=TIMEOUT)
     client.user(USER)
     client.pass_(mail_server.users[USER])
     client.stat()
     client.quit()
     logins = wait_for_metric(
-        appliance, "appliance_logins_total", before + 1, result="success", **labels
+        appliance, "appliance_logins_total", before + 1, result="succeeded", **labels
     )
     tls_mode = metric(
         appliance, "appliance_upstream_tls_mode", upstream="mail-pop3", mode="implicit"
@@ -282,13 +283,40 @@ def test_upstream_tls_sessions_resumed(
 
 
 def test_failed_login_counted(appliance: ApplianceProcess) -> None:
-    labels = {"listener": "imap", "upstream": "mail-imap", "result": "failure"}
+    labels = {"listener": "imap", "upstream": "mail-imap", "result": "failed"}
     before = metric(appliance, "appliance_logins_total", **labels)
     assert not imap_login(appliance, "wrong-password-for-metrics")
     assert (
         wait_for_metric(appliance, "appliance_logins_total", before + 1, **labels)
         == before + 1
     )
+
+
+# Logins that the appliance ends itself, each as the client sends it and by the result
+# word of its log line.
+REFUSED_LOGINS = {
+    "rejected": [b"a1 AUTHENTICATE X-UNKNOWN\r\n"],
+    "cancelled": [b"a1 AUTHENTICATE PLAIN\r\n", b"*\r\n"],
+    "invalid": [b"a1 AUTHENTICATE PLAIN not*base64!\r\n"],
+}
+
+
+@pytest.mark.parametrize("result", REFUSED_LOGINS)
+def test_refused_login_counted(appliance: ApplianceProcess, result: str) -> None:
+    labels = {"listener": "imap", "upstream": "mail-imap", "result": result}
+    before = metric(appliance, "appliance_logins_total", **labels)
+    with socket.create_connection((HOST, appliance.port("imap")), timeout=TIMEOUT) as sock:
+        replies = sock.makefile("rb")
+        greeting = replies.readline()
+        for line in REFUSED_LOGINS[result]:
+            sock.sendall(line)
+            reply = replies.readline()
+        sock.sendall(b"a2 LOGOUT\r\n")
+    counted = wait_for_metric(appliance, "appliance_logins_total", before + 1, **labels)
+    assert greeting.startswith(b"* OK"), greeting
+    assert reply.startswith((b"a1 NO", b"a1 BAD")), reply
+    assert counted == before + 1
+    assert f'login {result}: client 127.0.0.1 ' in appliance.log_text()
 
 
 def test_upstream_connect_error_counted(appliance: ApplianceProcess) -> None:
@@ -317,7 +345,7 @@ def test_labels_never_contain_credentials(
         1,
         listener="imap",
         upstream="mail-imap",
-        result="success",
+        result="succeeded",
     )
     _, _, body = http_get(admin_url(appliance, "/metrics"))
     label_values = [

@@ -26,6 +26,7 @@ from appliance.metrics import (
     outcome_label,
     upstream_error_reason,
 )
+from appliance.proxy.guard import LOGIN_RESULTS
 from appliance.proxy.routing import Route
 from appliance.proxy.runtime import ReloadStatus
 
@@ -204,7 +205,7 @@ def test_client_named_host_leaves_template_state(meters: Metrics) -> None:
 
     meters.session_ended(failed)
     meters.session_ended(reached)
-    meters.login_finished(reached, succeeded=True)
+    meters.login_finished(reached, "succeeded")
 
     assert "mail" not in meters.upstreams
 
@@ -226,13 +227,11 @@ def test_session_without_target_uses_listener_upstream(
     assert value == 1.0
 
 
-@pytest.mark.parametrize(
-    ("succeeded", "result"), [(True, "success"), (False, "failure")]
-)
+@pytest.mark.parametrize("result", LOGIN_RESULTS)
 def test_login_counted_by_result(
-    meters: Metrics, registry: CollectorRegistry, succeeded: bool, result: str
+    meters: Metrics, registry: CollectorRegistry, result: str
 ) -> None:
-    meters.login_finished(fake_session(phase="pre-auth"), succeeded)
+    meters.login_finished(fake_session(phase="pre-auth"), result)
     value = sample(
         registry,
         "appliance_logins_total",
@@ -243,8 +242,45 @@ def test_login_counted_by_result(
     assert value == 1.0
 
 
+def test_unknown_login_result_counted_as_other(
+    meters: Metrics, registry: CollectorRegistry
+) -> None:
+    meters.login_finished(fake_session(phase="pre-auth"), f"user {USER}")
+    value = sample(
+        registry,
+        "appliance_logins_total",
+        listener="imap",
+        upstream="mail",
+        result="other",
+    )
+    assert value == 1.0
+
+
+@pytest.mark.parametrize("result", ["rejected", "cancelled", "invalid"])
+def test_login_before_upstream_leaves_state(meters: Metrics, result: str) -> None:
+    meters.login_finished(fake_session(phase="pre-auth"), result)
+    assert "mail" not in meters.upstreams
+
+
+def test_login_without_upstream_uses_listener_upstream(
+    meters: Metrics, registry: CollectorRegistry
+) -> None:
+    session = fake_session(upstream=None, connected=False, phase="pre-auth")
+    meters.login_finished(session, "rejected")
+    value = sample(
+        registry,
+        "appliance_logins_total",
+        listener="imap",
+        upstream="mail",
+        result="rejected",
+    )
+    assert value == 1.0
+
+
 def test_login_records_upstream_tls_state(meters: Metrics) -> None:
-    meters.login_finished(fake_session(mode="implicit", tls_version="TLSv1.2"), True)
+    meters.login_finished(
+        fake_session(mode="implicit", tls_version="TLSv1.2"), "succeeded"
+    )
     state = meters.upstreams["mail"]
     assert state.reachable is True
     assert state.mode == "implicit"
@@ -253,14 +289,14 @@ def test_login_records_upstream_tls_state(meters: Metrics) -> None:
 
 
 def test_closed_connection_keeps_tls_version(meters: Metrics) -> None:
-    meters.login_finished(fake_session(tls_version="TLSv1.3"), True)
+    meters.login_finished(fake_session(tls_version="TLSv1.3"), "succeeded")
     meters.session_ended(fake_session(tls_version=None))
     assert meters.upstreams["mail"].tls_version == "TLSv1.3"
 
 
 def test_plain_connection_clears_tls_version(meters: Metrics) -> None:
-    meters.login_finished(fake_session(tls_version="TLSv1.3"), True)
-    meters.login_finished(fake_session(mode="none", tls_version=None), True)
+    meters.login_finished(fake_session(tls_version="TLSv1.3"), "succeeded")
+    meters.login_finished(fake_session(mode="none", tls_version=None), "failed")
     assert meters.upstreams["mail"].mode == "none"
     assert meters.upstreams["mail"].tls_version is None
 
@@ -295,8 +331,8 @@ def test_exposition_never_contains_credentials(
     meters: Metrics, registry: CollectorRegistry
 ) -> None:
     session = fake_session()
-    meters.login_finished(session, True)
-    meters.login_finished(session, False)
+    for result in LOGIN_RESULTS:
+        meters.login_finished(session, result)
     meters.session_ended(session)
     meters.session_ended(fake_session(outcome=f"client {USER} {PASSWORD}"))
     text = generate_latest(registry).decode()
@@ -311,7 +347,7 @@ def test_exposition_never_contains_credentials(
 def test_hook_swallows_metric_errors() -> None:
     broken = SimpleNamespace(env=None, outcome="closed by client")
     metrics.record_session_end(broken)  # must not raise
-    metrics.record_login(broken, True)
+    metrics.record_login(broken, "succeeded")
 
 
 # Scrape-time gauges
@@ -428,7 +464,7 @@ def test_config_version_gauge(
 def test_tls_mode_gauge_marks_current_mode(
     meters: Metrics, registry: CollectorRegistry
 ) -> None:
-    meters.login_finished(fake_session(mode="starttls"), True)
+    meters.login_finished(fake_session(mode="starttls"), "succeeded")
     name = "appliance_upstream_tls_mode"
     assert sample(registry, name, upstream="mail", mode="starttls") == 1.0
     assert sample(registry, name, upstream="mail", mode="implicit") == 0.0
