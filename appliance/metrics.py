@@ -1,8 +1,8 @@
 """Prometheus metrics of the running appliance, and the upstream states that /readyz shows.
 
 Label values come only from config names (listener and upstream keys, which the config
-restricts to letters, digits, `-` and `_`) and from fixed words in code. A user
-name, a password or any text a peer sent never becomes a label value.
+restricts to letters, digits, `-` and `_`) and from fixed words in code. A user name, a
+password or any text a peer sent never becomes a label value.
 
 Counters move when something finishes: a session ends, a login gets its outcome, a probe or
 a reload completes. Gauges that describe the present (active sessions, listeners, certificate

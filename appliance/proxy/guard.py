@@ -15,9 +15,9 @@ can match it:
 The result word is `succeeded`, `failed` (the upstream rejected the credentials),
 `rejected` (the appliance refused to forward them), `cancelled` (the client sent `*`,
 or left while its login waited out the delay) or `invalid` (a malformed SASL
-response). Only `failed` feeds the delay. The client
-address comes before any text that the client chose, and the user name is escaped,
-so no user name can move the address or start a new line.
+response). Only `failed` feeds the delay. The client address comes before any text
+that the client chose, and the user name is escaped, so no user name can move the
+address or start a new line.
 """
 
 from __future__ import annotations
