@@ -218,6 +218,16 @@ def delayed(upstreams, tmp_path_factory) -> Iterator[ApplianceProcess]:
         yield process
 
 
+@pytest.fixture(scope="module")
+def no_literals(upstreams, tmp_path_factory) -> Iterator[ApplianceProcess]:
+    """An appliance with `max_literal_size: 0`, which rejects literals before login."""
+    listeners = {"imap": listener_config("imap", "imap")}
+    config = appliance_config(upstreams, listeners, {"max_literal_size": 0})
+    workdir = tmp_path_factory.mktemp("hostile-no-literals")
+    with ApplianceProcess(config, workdir) as process:
+        yield process
+
+
 # Clients
 
 
@@ -542,6 +552,15 @@ def test_oversize_nonsync_literal_closes(strict, size):
     assert first.startswith(b"a1 BAD literal too large"), reply
     assert last.startswith(b"* BYE Closing the connection after input"), reply
     assert b"+ " not in reply
+
+
+def test_zero_literal_size_rejects_literals(no_literals):
+    with connect(no_literals, "imap") as client:
+        client.send(b"a1 LOGIN {4}\r\n")
+        reply = client.read_line()
+        login_reply = imap_login(client, b"a2", RIGHT_PASSWORD)
+    assert reply.startswith(b"a1 BAD literal too large"), reply
+    assert login_reply.startswith(b"a2 OK"), login_reply
 
 
 # Protocol error budget

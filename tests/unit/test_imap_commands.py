@@ -556,6 +556,22 @@ def test_expect_line_inside_command_raises() -> None:
 def test_nonpositive_limit_raises() -> None:
     with pytest.raises(ValueError):
         CommandReader(max_literals=0)
+    with pytest.raises(ValueError):
+        CommandReader(max_literal_size=-1)
+
+
+def test_zero_literal_size_rejects_literals() -> None:
+    reader = CommandReader(max_literal_size=0)
+    reader.feed(b'a1 LOGIN {5}\r\na2 LOGIN "alice" "secret"\r\n')
+
+    with pytest.raises(ClientProtocolError) as rejected:
+        reader.next_event()
+    quoted = reader.next_event()
+
+    assert rejected.value.fatal is False
+    assert isinstance(quoted, Command)
+    assert quoted.tag == "a2"
+    assert quoted.args == (b"alice", b"secret")
 
 
 def event_objects_three_ways(data: bytes) -> list[list[object]]:

@@ -302,8 +302,10 @@ class CommandReader:
         max_literals: int = 8,
         argument_literal_limits: Mapping[str, Sequence[int | None]] | None = None,
     ) -> None:
-        if min(max_line_length, max_literal_size, max_literals) < 1:
-            raise ValueError("CommandReader limits must be positive")
+        if min(max_line_length, max_literals) < 1 or max_literal_size < 0:
+            raise ValueError(
+                "CommandReader limits must be positive, and max_literal_size at least 0"
+            )
         self._max_line_length = max_line_length
         self._max_literal_size = max_literal_size
         self._max_literals = max_literals

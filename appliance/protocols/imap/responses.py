@@ -86,8 +86,11 @@ class ResponseReader:
     def __init__(
         self, max_line_length: int = 65536, max_literal_size: int = 1 << 20
     ) -> None:
-        if min(max_line_length, max_literal_size) < 1:
-            raise ValueError("ResponseReader limits must be positive")
+        if max_line_length < 1 or max_literal_size < 0:
+            raise ValueError(
+                "ResponseReader max_line_length must be positive, and max_literal_size "
+                "at least 0"
+            )
         self._max_line_length = max_line_length
         self._max_literal_size = max_literal_size
         self._input = InputBuffer()
