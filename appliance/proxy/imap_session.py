@@ -210,7 +210,7 @@ class ImapSession(Session):
                 if isinstance(exc, LiteralRejected) and exc.command in LOGIN_LITERAL_LIMITS:
                     # A login literal rejected by a rule other than LOGIN_LITERAL_LIMITS,
                     # such as max_literal_size, which is checked first.
-                    self._close_if_literal_arrived()
+                    self._close_after_rejected_literal()
                 continue
             if isinstance(event, ContinuationRequest):
                 self._answer_literal(event)
@@ -229,19 +229,19 @@ class ImapSession(Session):
         if is_login and not self.client_state.login_allowed:
             self.commands.reject_literal()
             self._reject_before_tls(request.tag, None)
-            self._close_if_literal_arrived()
+            self._close_after_rejected_literal()
         elif is_login and request.binary:
             self.commands.reject_literal()
             self._protocol_error(LITERAL8_LOGIN_ERROR, request.tag)
-            self._close_if_literal_arrived()
+            self._close_after_rejected_literal()
         else:
             self.client.send(b"+ Ready for literal data\r\n")
 
     def _reject_oversized_literal(self, error: LiteralTooLarge) -> None:
         """Reply NO [LIMIT] to a login whose announced literal is over a credential limit.
 
-        The client got no "+", so it sends no literal. The bytes of a non-synchronizing
-        literal come regardless, so then the error is raised again to close the session.
+        The session then closes, because the literal's bytes may follow: always for a
+        non-synchronizing literal, and from a client that does not wait for "+".
         """
         self.log.info(
             "rejecting a {} whose argument {} was announced as a {}-byte literal: "
@@ -257,22 +257,18 @@ class ImapSession(Session):
         self.client.send(format_tagged(error.tag, "NO", LOGIN_SIZE_ERROR, "LIMIT"))
         if error.fatal:
             raise error
-        self._close_if_literal_arrived()
+        self._close_after_rejected_literal()
 
-    def _close_if_literal_arrived(self) -> None:
-        """Raise a fatal error if bytes of a just-rejected login literal are buffered.
+    def _close_after_rejected_literal(self) -> None:
+        """Raise a fatal error after a login literal was rejected instead of answered.
 
-        They came before the client could see the rejection, so they are a literal sent
-        without waiting, likely a password. Parsed as commands, their first word would
-        come back as a tag, so they are never parsed.
-
-        NOTE: only bytes received by the time the rejection is sent count. Literal bytes
-        that the client writes apart from the command line may arrive later, and those
-        are still read as commands.
+        A client that waits for "+" sends no literal, but one that does not wait sends
+        it anyway, and it is likely a password. Its bytes may arrive in any later read,
+        and parsed as commands their first word would come back as a tag. So the session
+        closes rather than read on.
         """
-        if self.commands.buffered_size or self.client.buffered:
-            message = "literal sent without waiting for a continuation"
-            raise ClientProtocolError(message, fatal=True)
+        message = "closing after a rejected login literal, which may follow unasked"
+        raise ClientProtocolError(message, fatal=True)
 
     def _reject_before_tls(self, tag: str, user: object) -> None:
         self.record_login("rejected", user if isinstance(user, (str, bytes)) else None)

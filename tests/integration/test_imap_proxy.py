@@ -391,10 +391,11 @@ def test_oversize_literal_rejected_without_continuation(proxy, mail_server, size
         client.send(b"a1 LOGIN {" + size + b"}\r\n")
         reply = client.read_line()
         assert reply.startswith(b"a1 BAD"), reply
+        # The literal may follow unasked, so the session closes instead of reading on.
+        rest = client.read_until_closed()
+        assert rest.startswith(b"* BYE"), rest
 
-        replies = converse(client, [Step(b"a2 NOOP\r\n", b"a2 OK")])
-        assert not any(line.startswith(b"+") for line in replies), replies
-
+    with raw_client(proxy) as client:
         converse(
             client,
             [Step(b"a3 LOGIN alice " + imap_quoted(password) + b"\r\n", b"a3 OK")],
@@ -440,6 +441,9 @@ def oversized_logins() -> dict[str, list[Step]]:
 
 # Exchanges whose user name is over the limit, so the log leaves it out.
 OVERSIZED_USER_EXCHANGES = {"login-64k-user", "login-mechanism"}
+# Exchanges that announce a literal, after which the session closes, because a client
+# that does not wait for "+" may send the literal anyway.
+OVERSIZED_LITERAL_EXCHANGES = {"login-64k-user", "login-password"}
 
 
 @pytest.mark.parametrize("exchange", sorted(oversized_logins()))
@@ -448,8 +452,13 @@ def test_oversized_login_rejected_locally(proxy, mail_server, exchange):
     with raw_client(proxy) as client:
         port = client.sock.getsockname()[1]
         replies = converse(client, oversized_logins()[exchange])
-        # The upstream connection of the session still works.
-        converse(client, [Step(b"a2 LOGIN alice " + password + b"\r\n", b"a2 OK")])
+        if exchange in OVERSIZED_LITERAL_EXCHANGES:
+            rest = client.read_until_closed()
+            assert rest.startswith(b"* BYE"), rest
+        else:
+            # The upstream connection of the session still works.
+            step = Step(b"a2 LOGIN alice " + password + b"\r\n", b"a2 OK")
+            converse(client, [step])
     assert LOGIN_SIZE_ERROR.encode() in replies[-1], replies
     rejected = proxy.wait_for_log(f"login rejected: client {HOST} port {port} ")
     names_user = exchange not in OVERSIZED_USER_EXCHANGES
