@@ -365,7 +365,8 @@ class UpstreamPlanner:
                 "verification: {}. The session fails closed, and forgetting the record "
                 "would not help. If the certificate is the server's own, set "
                 "upstreams.{}.ca_file to the CA that issued it or upstreams.{}.server_name "
-                "to a name that it contains",
+                "to a name that it contains. If it is not, something between the "
+                "appliance and the server presents its own certificate",
                 key,
                 record.mode,
                 # OpenSSL's messages may end with a period.
