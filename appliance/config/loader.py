@@ -512,26 +512,52 @@ def unknown_variable_warnings(environ: Mapping[str, str] | None = None) -> list[
 
 
 def exposure_warnings(config: AppConfig) -> list[str]:
-    """Name the upstreams that send logins where an attacker in the path could read them.
+    """Name the settings that send logins where an attacker in the path could read them.
 
-    `tls: none` and `verify: false` are valid choices for a trusted network, so they are
-    warnings, not errors. Upstreams on a loopback address or `localhost` are not named.
+    `tls: none`, `verify: false`, `allow_plaintext: true` and a pinned mode `none` are
+    valid choices for a trusted network, so they are warnings, not errors. Hosts on a
+    loopback address or named `localhost` are not named. A template upstream of a
+    `route_by_login` host rule is named whatever its own host, because its settings go
+    to every server that the rule's pattern matches.
     """
+    templates = {
+        route.upstream
+        for listener in config.listeners.values()
+        if listener.route_by_login is not None
+        for route in listener.route_by_login.allow
+        if route.host is not None
+    }
     warnings = []
     for name, upstream in config.upstreams.items():
-        if _is_loopback_host(upstream.host):
+        if name in templates:
+            where = "the servers that route_by_login host rules reach through it"
+        elif _is_loopback_host(upstream.host):
             continue
+        else:
+            where = upstream.host
         if upstream.tls == "none":
             warnings.append(
-                f"upstreams.{name}: tls: none sends every login to {upstream.host} in "
-                "plain text; use implicit, starttls or auto unless the network to it is "
-                "trusted"
+                f"upstreams.{name}: tls: none sends every login to {where} in plain "
+                "text; use implicit, starttls or auto unless the network to it is trusted"
             )
         elif not upstream.verify:
             warnings.append(
-                f"upstreams.{name}: verify: false accepts any certificate from "
-                f"{upstream.host}, so an attacker in the path can read every login; set "
-                "ca_file to trust a private CA instead"
+                f"upstreams.{name}: verify: false accepts any certificate from {where}, "
+                "so an attacker in the path can read every login; set ca_file to trust a "
+                "private CA instead"
+            )
+        elif upstream.tls == "auto" and upstream.allow_plaintext:
+            warnings.append(
+                f"upstreams.{name}: allow_plaintext: true sends logins to {where} in "
+                "plain text when it offers no TLS; remove it unless the network to it "
+                "is trusted"
+            )
+    for index, entry in enumerate(config.known_servers):
+        if entry.mode == "none" and not _is_loopback_host(entry.host):
+            warnings.append(
+                f"known_servers[{index}]: mode none sends logins to {entry.host} in plain "
+                "text under tls: auto, also without allow_plaintext; use starttls or "
+                "implicit unless the network to it is trusted"
             )
     return warnings
 
@@ -540,6 +566,8 @@ def _is_loopback_host(host: str) -> bool:
     if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)

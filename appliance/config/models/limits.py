@@ -35,8 +35,9 @@ class Limits(StrictModel):
     """Maximum length in bytes of one command or response line before login."""
 
     max_literal_size: Annotated[int, Field(ge=0, le=1 << 24), NUMBER_CHECK] = 65536
-    """Maximum size in bytes of one IMAP literal before login. 0 rejects every literal,
-    so clients must send LOGIN arguments as quoted strings or use AUTHENTICATE."""
+    """Maximum size in bytes of one IMAP literal before login. 0 rejects every literal
+    but the empty `{0}`, so clients must send LOGIN arguments as quoted strings or use
+    AUTHENTICATE."""
 
     max_connections: Annotated[int, Field(ge=1), NUMBER_CHECK] = 1000
     """Maximum concurrent sessions on one listener."""
