@@ -546,14 +546,21 @@ class UniqueKeyEnvSource(EnvSettingsSource):
 
 
 def _repeated_json_keys(text: str) -> list[str]:
-    """Return the keys that some object of a JSON text gives more than once."""
+    """Return the keys that some object of a JSON text gives more than once.
+
+    Keys that differ only in letter case count as repeated, because names in variables
+    and secret files match ignoring case, so one of the two entries would be lost.
+    """
     repeated: list[str] = []
 
     def build(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         document: dict[str, Any] = {}
+        seen: set[str] = set()
         for key, value in pairs:
-            if key in document and key not in repeated:
+            folded = key.lower()
+            if folded in seen and key not in repeated:
                 repeated.append(key)
+            seen.add(folded)
             document[key] = value
         return document
 

@@ -334,7 +334,9 @@ def test_every_non_json_variable_listed(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
 ) -> None:
     config = write_config(tmp_path, listener_yaml())
-    monkeypatch.setenv("APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL__TRUSTED_NETWORKS", "x")
+    monkeypatch.setenv(
+        "APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL__TRUSTED_NETWORKS", "x"
+    )
     monkeypatch.setenv("APPLIANCE_LIMITS", "y")
 
     problems = problems_for(config, secrets_dir)
@@ -418,7 +420,10 @@ def test_unreadable_secret_named(
 @pytest.mark.parametrize(
     ("name", "text"),
     [
-        ("APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL__TRUSTED_NETWORKS", "192.0.2.0/24\n"),
+        (
+            "APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL__TRUSTED_NETWORKS",
+            "192.0.2.0/24\n",
+        ),
         ("APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL", "accept: true\n"),
     ],
 )
@@ -747,7 +752,14 @@ def test_numeric_paths_cover_every_section() -> None:
     assert ("limits", "connect_timeout") in NUMERIC_PATHS
     assert ("listeners", "imap", "proxy_protocol", "timeout") in NUMERIC_PATHS
     assert ("known_servers", "0", "port") in NUMERIC_PATHS
-    assert sections == {"listeners", "upstreams", "known_servers", "tls_auto", "limits", "admin"}
+    assert sections == {
+        "listeners",
+        "upstreams",
+        "known_servers",
+        "tls_auto",
+        "limits",
+        "admin",
+    }
 
 
 @pytest.mark.parametrize("path", NUMERIC_PATHS, ids=".".join)
@@ -760,12 +772,16 @@ def test_boolean_number_rejected(
     problem = only_problem(config, secrets_dir)
 
     assert problem.startswith(".".join(path) + ": value ")
-    assert f"value {str(value).lower()} is a boolean, but a number is expected" in problem
+    assert (
+        f"value {str(value).lower()} is a boolean, but a number is expected" in problem
+    )
     assert f"(from file {config})" in problem
 
 
 def test_yaml_yes_for_number_rejected(tmp_path: Path, secrets_dir: Path) -> None:
-    config = write_config(tmp_path, listener_yaml() + "limits:\n  connect_timeout: yes\n")
+    config = write_config(
+        tmp_path, listener_yaml() + "limits:\n  connect_timeout: yes\n"
+    )
 
     problem = only_problem(config, secrets_dir)
 
@@ -810,7 +826,11 @@ ENV_NUMBERS = {
         ("limits", "drain_removed_listeners_after"),
         30.0,
     ),
-    "APPLIANCE_TLS_AUTO__MAX_RECORD_AGE": ("3600", ("tls_auto", "max_record_age"), 3600.0),
+    "APPLIANCE_TLS_AUTO__MAX_RECORD_AGE": (
+        "3600",
+        ("tls_auto", "max_record_age"),
+        3600.0,
+    ),
     "APPLIANCE_UPSTREAMS__MAIL__PORT": ("993", ("upstreams", "mail", "port"), 993),
 }
 
@@ -940,7 +960,9 @@ def test_nan_env_duration_named(
 def test_short_max_record_age_rejected(
     value: float, tmp_path: Path, secrets_dir: Path
 ) -> None:
-    config = write_config(tmp_path, duration_yaml(("tls_auto", "max_record_age"), value))
+    config = write_config(
+        tmp_path, duration_yaml(("tls_auto", "max_record_age"), value)
+    )
 
     problem = only_problem(config, secrets_dir)
 
@@ -1043,7 +1065,9 @@ def test_yaml_boolean_choice_hinted(
 
 
 def test_yaml_boolean_text_hinted(tmp_path: Path, secrets_dir: Path) -> None:
-    config = write_config(tmp_path, FLOW_YAML.format(**{**FLOW_DEFAULTS, "upstream": "no"}))
+    config = write_config(
+        tmp_path, FLOW_YAML.format(**{**FLOW_DEFAULTS, "upstream": "no"})
+    )
 
     problem = only_problem(config, secrets_dir)
 
@@ -1241,7 +1265,9 @@ def with_extra_entry(section: str, name: str) -> str:
     return yaml.safe_dump(document)
 
 
-@pytest.mark.parametrize(("section", "name"), [("listeners", "IMAP"), ("upstreams", "MAIL")])
+@pytest.mark.parametrize(
+    ("section", "name"), [("listeners", "IMAP"), ("upstreams", "MAIL")]
+)
 def test_names_differing_in_case_rejected(
     section: str, name: str, tmp_path: Path, secrets_dir: Path
 ) -> None:
@@ -1263,7 +1289,9 @@ def test_variables_differing_in_case_rejected(
 
     problem = only_problem(path, secrets_dir)
 
-    assert "APPLIANCE_LISTENERS__IMAP__PORT and APPLIANCE_LISTENERS__imap__PORT" in problem
+    assert (
+        "APPLIANCE_LISTENERS__IMAP__PORT and APPLIANCE_LISTENERS__imap__PORT" in problem
+    )
     assert "differ only in letter case" in problem
     assert "unset one of them" in problem
 
@@ -1479,3 +1507,30 @@ def test_secret_file_value_hidden(
 
     assert value not in problem
     assert f"(from secret {secrets_dir}" in problem
+
+
+def test_env_json_case_only_names_rejected(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
+) -> None:
+    config = write_config(tmp_path, listener_yaml())
+    monkeypatch.setenv(
+        "APPLIANCE_LISTENERS", '{"imap": {"port": 1}, "IMAP": {"port": 2}}'
+    )
+
+    problem = only_problem(config, secrets_dir)
+
+    assert problem.startswith("listeners: key 'IMAP' repeats an earlier key")
+    assert "APPLIANCE_LISTENERS" in problem
+
+
+def test_secret_json_case_only_names_rejected(
+    tmp_path: Path, secrets_dir: Path
+) -> None:
+    config = write_config(tmp_path, listener_yaml())
+    (secrets_dir / "APPLIANCE_UPSTREAMS").write_text(
+        '{"mail": {"port": 21851}, "MAIL": {"port": 1}}'
+    )
+
+    problem = only_problem(config, secrets_dir)
+
+    assert problem.startswith("upstreams: key 'MAIL' repeats an earlier key")
