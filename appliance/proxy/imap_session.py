@@ -260,7 +260,7 @@ class ImapSession(Session):
         self._close_after_rejected_literal()
 
     def _close_after_rejected_literal(self) -> None:
-        """Raise a fatal error after a login literal was rejected instead of answered.
+        """Raise a fatal error after a login literal got a rejection instead of "+".
 
         A client that waits for "+" sends no literal, but one that does not wait sends
         it anyway, and it is likely a password. Its bytes may arrive in any later read,

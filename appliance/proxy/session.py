@@ -146,10 +146,10 @@ class SessionEnd(Exception):
 class Session:
     """Base class of the IMAP and POP3 sessions."""
 
-    # Upstream of the last routed login that failed, for the session's end line. A class
-    # attribute, set on an instance only when a routed login fails, because CPython 3.11
-    # shares the key table of instance dicts only up to 30 attribute names: past that,
-    # every session's __dict__ grows from about 0.3 to 1.5 KiB.
+    # Upstream of the last routed login that failed, for the session's end line. It is a
+    # class attribute, set on an instance only when a routed login fails. CPython 3.11
+    # shares the key table of instance dicts only up to 30 attribute names, and past
+    # that every session's __dict__ grows from about 0.3 to 1.5 KiB.
     dropped_upstream: str | None = None
 
     protocol: ClassVar[str]
