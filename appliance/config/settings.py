@@ -358,20 +358,10 @@ class NestedSecretsSource(PydanticBaseSettingsSource):
             "secret file", entry.name, f"secret file {str(entry)!r}", show_value=False
         )
         decoded, problem = decode_json_value(text, field, path, origin)
+        if problem is None:
+            problem = _repeated_keys_problem(text, path, origin)
         if problem is not None:
             return text, problem
-        repeated = _repeated_json_keys(text)
-        if repeated:
-            keys = ", ".join(repr(key) for key in repeated)
-            if len(repeated) == 1:
-                repeats = f"key {keys} repeats an earlier key"
-            else:
-                repeats = f"keys {keys} repeat earlier keys"
-            return text, (
-                f"{'.'.join(path)}: {repeats} in the same JSON object (from "
-                f"secret file {str(entry)!r}), so one of two values would be lost; merge "
-                "the two entries or rename one"
-            )
         return decoded, None
 
 
@@ -484,30 +474,15 @@ class ConfigSourceError(ValueError):
         self.problems = problems
 
 
-class RepeatedKeyError(ConfigSourceError):
-    """Keys repeated in JSON values of environment variables, one line per key."""
-
-
 class UniqueKeyEnvSource(EnvSettingsSource):
-    """The environment source, rejecting a key given twice in one JSON object.
+    """The environment source, checking the JSON of list and mapping variables first.
 
-    The json module keeps the last of two equal keys, so one value would be lost
-    silently, while config files reject repeated keys. The check runs where
-    pydantic-settings decodes a value as JSON, so a text value that merely looks like
-    JSON, such as a host name, is never checked.
+    A value that is not JSON of the field's shape, or that gives a key twice in one
+    object, is rejected with the variable's name. The json module keeps the last of two
+    equal keys, so one value would be lost silently, while config files reject repeated
+    keys. Only fields that take JSON are checked, so a text value that merely looks like
+    JSON, such as a host name, is not.
     """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._repeated: list[tuple[str, str]] = []
-
-    def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
-        decoded = super().decode_complex_value(field_name, field, value)
-        if isinstance(value, str) and decoded is not value:
-            # Decoding succeeded above, so only the repeated keys remain to be found.
-            for key in _repeated_json_keys(value):
-                self._repeated.append((key, value))
-        return decoded
 
     def __call__(self) -> dict[str, Any]:
         problems = self._json_problems()
@@ -515,16 +490,10 @@ class UniqueKeyEnvSource(EnvSettingsSource):
             # pydantic-settings would raise its own error for the first bad value, naming
             # only the top-level field.
             raise ConfigSourceError(problems)
-        self._repeated = []
-        values = super().__call__()
-        if self._repeated:
-            raise RepeatedKeyError(
-                [_describe_repeated_key(key, text) for key, text in self._repeated]
-            )
-        return values
+        return super().__call__()
 
     def _json_problems(self) -> list[str]:
-        """Describe each variable of a list or mapping field whose value is not such JSON."""
+        """Describe each list or mapping variable whose JSON is invalid or repeats a key."""
         spelled = {name.lower(): name for name in os.environ}
         problems = []
         for name, value in sorted(self.env_vars.items()):
@@ -540,6 +509,8 @@ class UniqueKeyEnvSource(EnvSettingsSource):
                 "variable", variable, f"env {variable}", not is_secret_path(path)
             )
             _, problem = decode_json_value(value, field, path, origin)
+            if problem is None:
+                problem = _repeated_keys_problem(value, path, origin)
             if problem is not None:
                 problems.append(problem)
         return problems
@@ -568,24 +539,21 @@ def _repeated_json_keys(text: str) -> list[str]:
     return repeated
 
 
-def _describe_repeated_key(key: str, text: str) -> str:
-    """Describe a repeated key, naming the variable whose JSON value contains it."""
-    variables = sorted(
-        name
-        for name, value in os.environ.items()
-        if name.upper().startswith(ENV_PREFIX) and value == text
-    )
-    if not variables:
-        return (
-            f"config: key {key!r} repeats an earlier key in the same JSON object of an "
-            "APPLIANCE_* variable; merge the two entries or rename one"
-        )
-    variable = " or ".join(variables)
-    path = variables[0][len(ENV_PREFIX) :].lower().replace(NESTING_DELIMITER, ".")
+def _repeated_keys_problem(
+    text: str, path: list[str], origin: JsonOrigin
+) -> str | None:
+    """Describe the keys that the valid JSON `text` repeats within one object, if any."""
+    repeated = _repeated_json_keys(text)
+    if not repeated:
+        return None
+    keys = ", ".join(repr(key) for key in repeated)
+    if len(repeated) == 1:
+        repeats = f"key {keys} repeats an earlier key"
+    else:
+        repeats = f"keys {keys} repeat earlier keys"
     return (
-        f"{path}: key {key!r} repeats an earlier key in the same JSON object (from env "
-        f"{variable}), so one of the two values would be lost; merge the two entries "
-        "or rename one"
+        f"{'.'.join(path)}: {repeats} in the same JSON object (from {origin.label}), so "
+        "one of two values would be lost; merge the two entries or rename one"
     )
 
 
