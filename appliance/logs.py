@@ -106,12 +106,16 @@ class RepeatLimiter:
         self._last_allowed: dict[Hashable, float] = {}
         self._held_back: dict[Hashable, int] = {}
 
-    def allow(self, key: Hashable) -> int | None:
-        """Return None to hold a line back, or the count held back since the last one."""
+    def allow(self, key: Hashable, weight: int = 1) -> int | None:
+        """Return None to hold a line back, or the count held back since the last one.
+
+        `weight` is what this event adds to the count, such as the records that one
+        eviction removed; the returned count leaves out the event's own weight.
+        """
         now = self._clock()
         last = self._last_allowed.get(key)
         if last is not None and now - last < self.interval:
-            self._held_back[key] = self._held_back.get(key, 0) + 1
+            self._held_back[key] = self._held_back.get(key, 0) + weight
             return None
         self._last_allowed[key] = now
         return self._held_back.pop(key, 0)

@@ -40,6 +40,7 @@ from pydantic import (
     field_validator,
 )
 
+from appliance.logs import RepeatLimiter
 from appliance.tls.probe import mode_strength
 
 FILE_NAME = "known_servers.json"
@@ -180,9 +181,7 @@ class KnownServerStore:
         self._write_lock = threading.Lock()
         self._load_failure: str | None = None
         self._max_learned_records = max_learned_records
-        self._clock = clock
-        self._evicted_unreported = 0
-        self._last_eviction_warning = float("-inf")
+        self._eviction_warnings = RepeatLimiter(EVICTION_WARNING_INTERVAL, clock)
 
     @classmethod
     def open(cls, state_dir: Path, *, persist: bool = True) -> KnownServerStore:
@@ -353,9 +352,8 @@ class KnownServerStore:
 
     def _report_eviction(self, count: int, example: ServerKey) -> None:
         """Log a warning for evicted records, at most once per warning interval."""
-        self._evicted_unreported += count
-        now = self._clock()
-        if now - self._last_eviction_warning < EVICTION_WARNING_INTERVAL:
+        held_back = self._eviction_warnings.allow("evicted", count)
+        if held_back is None:
             return
         logger.warning(
             "known-servers store is at its cap of {} learned records: evicted {} least "
@@ -363,11 +361,9 @@ class KnownServerStore:
             "are probed again at their next session. Pin servers that must keep their "
             "mode in known_servers or with `known-servers pin`",
             self._max_learned_records,
-            self._evicted_unreported,
+            held_back + count,
             example,
         )
-        self._evicted_unreported = 0
-        self._last_eviction_warning = now
 
     def update(self, key: ServerKey, **fields: object) -> KnownServerRecord | None:
         """Change fields other than the mode of an existing record, such as last_seen."""

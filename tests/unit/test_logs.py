@@ -45,3 +45,15 @@ def test_keys_limited_apart() -> None:
     assert limiter.allow(("pop3", "plaintext_on_tls_port")) == 0
     assert limiter.allow(("imap", "tls_on_plaintext_port")) == 0
     assert limiter.allow(("imap", "plaintext_on_tls_port")) is None
+
+
+def test_limiter_counts_weights() -> None:
+    clock = FakeClock()
+    limiter = RepeatLimiter(60.0, clock)
+    limiter.allow("evicted", 3)
+    limiter.allow("evicted", 2)
+    limiter.allow("evicted", 4)
+
+    clock.now += 60.0
+
+    assert limiter.allow("evicted", 1) == 6
