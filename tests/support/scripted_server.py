@@ -3,8 +3,9 @@
 `ScriptedServer` plays the mail server behind the proxy. Its `Script` sets the greeting,
 whether STARTTLS (IMAP) or STLS (POP3) is offered, the bytes sent right after the
 STARTTLS/STLS reply and before the TLS handshake, and the capabilities in the login
-reply. The server accepts any credentials and records every byte it receives, decrypted
-after a TLS upgrade, so a test can check that no credentials ever reached it.
+reply. The server accepts any credentials, unless the script makes it close or stay
+silent once they arrive. It records every byte it receives, decrypted after a TLS
+upgrade, so a test can check that no credentials ever reached it.
 
 `LineClient` is a blocking client socket that writes raw bytes and reads raw lines and
 literals, for tests that need exact control over what a mail client sends.
@@ -30,6 +31,8 @@ PROTOCOLS = ("imap", "pop3")
 CREDENTIAL_COMMANDS = frozenset(
     {"LOGIN", "AUTHENTICATE", "USER", "PASS", "AUTH", "APOP"}
 )
+# Values of Script.login_reply.
+LOGIN_REPLIES = ("ok", "close", "none")
 IO_TIMEOUT = 30.0
 ACCEPT_POLL_INTERVAL = 0.1
 # IMAP literal announcement at the end of a line: {5}, {5+} or ~{5}.
@@ -57,6 +60,11 @@ class Script:
     """IMAP tag of the STARTTLS reply. None uses the command's tag."""
     login_reply_tag: bytes | None = None
     """IMAP tag of the LOGIN and AUTHENTICATE replies. None uses the command's tag."""
+    login_reply: str = "ok"
+    """Reply to the command that completes a login (LOGIN, AUTHENTICATE, PASS, AUTH or
+    APOP). `ok` sends the usual reply, `close` closes the connection without one, and
+    `none` sends nothing and keeps reading. The usual reply to APOP is -ERR, because
+    the server has no shared secret."""
 
 
 @dataclass
@@ -142,6 +150,10 @@ class ScriptedServer:
         if script.protocol not in PROTOCOLS:
             raise ValueError(
                 f"invalid protocol {script.protocol!r}: expected {PROTOCOLS}"
+            )
+        if script.login_reply not in LOGIN_REPLIES:
+            raise ValueError(
+                f"invalid login_reply {script.login_reply!r}: expected {LOGIN_REPLIES}"
             )
         if script.offer_starttls and cert is None:
             raise ValueError(
@@ -289,14 +301,24 @@ class ScriptedServer:
                 peer.send(b"+ \r\n")
                 if peer.read_line() is None:
                     return False
-            peer.send((self.script.login_reply_tag or tag) + self._imap_login_ok())
+            reply = (self.script.login_reply_tag or tag) + self._imap_login_ok()
+            return self._reply_to_login(peer, reply)
         elif name == "LOGIN":
-            peer.send((self.script.login_reply_tag or tag) + self._imap_login_ok())
+            reply = (self.script.login_reply_tag or tag) + self._imap_login_ok()
+            return self._reply_to_login(peer, reply)
         elif name == "LOGOUT":
             peer.send(b"* BYE Logging out\r\n" + tag + b" OK done\r\n")
             return False
         else:
             peer.send(tag + b" OK done\r\n")
+        return True
+
+    def _reply_to_login(self, peer: _ServerPeer, reply: bytes) -> bool:
+        """Handle a completed login as `Script.login_reply` sets; return False to close."""
+        if self.script.login_reply == "close":
+            return False
+        if self.script.login_reply == "ok":
+            peer.send(reply)
         return True
 
     def _imap_capabilities(self, tls_active: bool) -> list[str]:
@@ -349,9 +371,13 @@ class ScriptedServer:
                 peer.send(b"+ \r\n")
                 if peer.read_line() is None:
                     return False
-            peer.send(b"+OK Logged in\r\n")
-        elif name in ("USER", "PASS"):
+            return self._reply_to_login(peer, b"+OK Logged in\r\n")
+        elif name == "USER":
             peer.send(b"+OK\r\n")
+        elif name == "PASS":
+            return self._reply_to_login(peer, b"+OK\r\n")
+        elif name == "APOP":
+            return self._reply_to_login(peer, b"-ERR Unknown command\r\n")
         elif name == "STAT":
             peer.send(b"+OK 0 0\r\n")
         elif name == "QUIT":
