@@ -150,7 +150,7 @@ class Metrics:
         self.logins = Counter(
             "appliance_logins",
             "Login attempts by result, the word of the `login <result>:` log line: "
-            "succeeded, failed, rejected, cancelled or invalid.",
+            "succeeded, failed, rejected, cancelled, invalid or unavailable.",
             ["listener", "upstream", "result"],
             registry=registry,
         )
@@ -212,7 +212,8 @@ class Metrics:
         """Count a login outcome, one of LOGIN_RESULTS.
 
         A login that succeeded or failed also marks its upstream as reachable. The
-        other results can come before any upstream connection.
+        other results can come before any upstream connection or, for `unavailable`,
+        after a failure of the upstream, so they leave its state alone.
         """
         label = result if result in LOGIN_RESULTS else "other"
         upstream = upstream_name(session)

@@ -14,10 +14,13 @@ can match it:
 
 The result word is `succeeded`, `failed` (the upstream rejected the credentials),
 `rejected` (the appliance refused to forward them), `cancelled` (the client sent `*`,
-or left while its login waited out the delay) or `invalid` (a malformed SASL
-response). Only `failed` feeds the delay. The client address comes before any text
-that the client chose, and the user name is escaped, so no user name can move the
-address or start a new line.
+or left while its login waited out the delay), `invalid` (a malformed SASL
+response) or `unavailable` (the upstream closed, failed or did not reply before the
+pre-auth timeout while the login was forwarded, or a routed server could not be
+reached). Of these words only `failed` feeds the delay, but `Session.connect_route`
+also counts a routed server that could not be reached as a failure. The client
+address comes before any text that the client chose, and the user name is escaped,
+so no user name can move the address or start a new line.
 """
 
 from __future__ import annotations
@@ -38,7 +41,14 @@ from loguru import logger
 from appliance.config import Limits
 from appliance.logs import escape
 
-LOGIN_RESULTS = ("succeeded", "failed", "rejected", "cancelled", "invalid")
+LOGIN_RESULTS = (
+    "succeeded",
+    "failed",
+    "rejected",
+    "cancelled",
+    "invalid",
+    "unavailable",
+)
 # Addresses whose failures are remembered; the oldest is dropped beyond this, so an
 # attacker who rotates addresses costs bounded memory. Open sessions are counted apart
 # and bounded by the listeners' max_connections.

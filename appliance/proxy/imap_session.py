@@ -414,6 +414,7 @@ class ImapSession(Session):
             return None
         self.user = decode_login(login)
         await self.delay_login(login)
+        self.start_forwarding_login()
         if not self.routes_by_login:
             return await self._login(client_tag, login, password)
         if not self.choose_route(login):

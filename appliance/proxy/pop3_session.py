@@ -252,6 +252,7 @@ class Pop3Session(Session):
             return None
         await self.delay_login(user)
         self.user = decode_login(user)
+        self.start_forwarding_login()
         self.upstream.send(format_command("APOP", user, digest))
         return await self._finish_login(await self._status_event())
 
@@ -264,6 +265,7 @@ class Pop3Session(Session):
             return None
         self.user = decode_login(login)
         await self.delay_login(login)
+        self.start_forwarding_login()
         if not self.routes_by_login:
             return await self._login(login, password)
         if not self.choose_route(login):

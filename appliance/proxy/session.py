@@ -151,6 +151,12 @@ class Session:
     # shares the key table of instance dicts only up to 30 attribute names, and past
     # that every session's __dict__ grows from about 0.3 to 1.5 KiB.
     dropped_upstream: str | None = None
+    # True while the proxy forwards a login to the upstream, from the end of the
+    # failed-login delay until record_login logs the outcome. An upstream failure or
+    # the pre-auth timeout meanwhile logs the login as `unavailable`. Like
+    # dropped_upstream it is a class attribute, and record_login deletes the instance's
+    # value, so that a logged-in session does not keep it in its __dict__.
+    forwarding_login: bool = False
 
     protocol: ClassVar[str]
     # Attributes that only the login phase reads; the relay drops them.
@@ -274,16 +280,19 @@ class Session:
                 logged_in = await self.pre_auth()
         except TimeoutError:
             self.outcome = "pre-auth timeout"
+            self._record_unavailable_login()
             self._say_goodbye("timeout")
             return
         except UpstreamError as exc:
             self.outcome = f"upstream {exc.reason}"
             self.log.warning("upstream {} unusable: {}", self._upstream_label(), exc.detail)
+            self._record_unavailable_login()
             self._say_goodbye("unavailable")
             return
         except UpstreamProtocolError as exc:
             self.outcome = "upstream protocol error"
             self.log.warning("upstream {} sent an invalid response: {}", self._upstream_label(), exc.message)
+            self._record_unavailable_login()
             self._say_goodbye("unavailable")
             return
         except ClientProtocolError as exc:
@@ -625,6 +634,23 @@ class Session:
         self.record_login("rejected", user if len(user) <= MAX_LOGIN_USER_SIZE else None)
         return True
 
+    def start_forwarding_login(self) -> None:
+        """Mark the current login as forwarded until record_login logs its outcome.
+
+        Protocols call it after the failed-login delay, before a routed login connects
+        its upstream.
+        """
+        self.forwarding_login = True
+
+    def _record_unavailable_login(self) -> None:
+        """Record the login that the proxy was forwarding as `unavailable`.
+
+        The failed-login delay stays as it is, except after a routed server that could
+        not be reached, which `connect_route` counts as a failure.
+        """
+        if self.forwarding_login:
+            self.record_login("unavailable", self.user)
+
     def record_login(self, result: str, user: bytes | str | None = None) -> None:
         """Log an authentication outcome in the stable format, count it, and feed the delay.
 
@@ -632,6 +658,8 @@ class Session:
         word. `succeeded` resets the failed-login delay of the client address, and
         `failed` makes it grow.
         """
+        if "forwarding_login" in self.__dict__:
+            del self.forwarding_login
         message = format_login_outcome(result, self.client_host, self.client_port, user)
         self.log.info("{}", message)
         metrics.record_login(self, result)

@@ -262,6 +262,12 @@ def test_login_before_upstream_leaves_state(meters: Metrics, result: str) -> Non
     assert "mail" not in meters.upstreams
 
 
+def test_unavailable_login_leaves_state(meters: Metrics) -> None:
+    # The upstream connection exists, but it failed during the login.
+    meters.login_finished(fake_session(phase="pre-auth"), "unavailable")
+    assert "mail" not in meters.upstreams
+
+
 def test_login_without_upstream_uses_listener_upstream(
     meters: Metrics, registry: CollectorRegistry
 ) -> None:
