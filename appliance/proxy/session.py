@@ -254,9 +254,12 @@ class Session:
             await self._run_phases()
         except asyncio.CancelledError:
             self.outcome = self.outcome if self.outcome != "closed" else "cancelled"
+            # A shutdown while a login is forwarded: the server gave no verdict.
+            self._record_unavailable_login()
         except Exception:  # noqa: BLE001 - the session boundary: log, close, keep serving
             self.outcome = "internal error"
             self.log.opt(exception=True).error("session failed with an internal error")
+            self._record_unavailable_login()
             self._say_goodbye("internal")
         finally:
             await self._close()

@@ -367,3 +367,43 @@ def test_unreachable_route_grows_delay(proxy: ApplianceProcess, protocol: str) -
     assert second == expected + b"\r\n"
     assert first_seconds < 0.9
     assert second_seconds >= 0.9
+
+
+def logins_received(server: ScriptedServer) -> int:
+    """Count the server's connections on which credentials arrived."""
+    return sum(record.credentials_received for record in list(server.records))
+
+
+@pytest.mark.parametrize("protocol", ["imap", "pop3"])
+def test_shutdown_during_login_logs_unavailable(
+    scripted: dict[str, ScriptedServer],
+    tmp_path_factory: pytest.TempPathFactory,
+    protocol: str,
+) -> None:
+    """A shutdown while the upstream has not answered a login logs it as unavailable."""
+    listener = f"{protocol}_silent"
+    server = scripted[listener]
+    config = {
+        "listeners": {listener: listener_config(protocol, listener)},
+        "upstreams": {listener: {"host": HOST, "port": server.port, "tls": "none"}},
+        "limits": {"shutdown_grace_period": 1},
+    }
+    workdir = tmp_path_factory.mktemp(f"shutdown-{protocol}")
+    form = "auth-plain" if protocol == "pop3" else "login"
+    with ApplianceProcess(config, workdir) as process:
+        with connect(process, listener, HOST) as client:
+            port = client.sock.getsockname()[1]
+            forwarded = logins_received(server)
+            for turn in login_turns(protocol, form, USER):
+                client.send(turn.send)
+            deadline = time.monotonic() + LOG_TIMEOUT
+            while logins_received(server) == forwarded:
+                assert time.monotonic() < deadline, "the login never reached the upstream"
+                time.sleep(0.05)
+            process.stop()
+            rest = client.read_until_closed()
+        line = login_line(process, "unavailable", HOST, port)
+
+    assert rest.startswith((b"* BYE [UNAVAILABLE]", b"-ERR [SYS/TEMP]")), rest
+    assert line.endswith(f'user "{USER.decode()}"'), line
+    assert PASSWORD.decode() not in process.log_text()
