@@ -380,7 +380,7 @@ def test_shutdown_during_login_logs_unavailable(
     tmp_path_factory: pytest.TempPathFactory,
     protocol: str,
 ) -> None:
-    """A shutdown while the upstream has not answered a login logs it as unavailable."""
+    """A shutdown before the upstream replies to a login logs the login as unavailable."""
     listener = f"{protocol}_silent"
     server = scripted[listener]
     config = {
