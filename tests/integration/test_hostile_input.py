@@ -524,6 +524,33 @@ def test_overlong_imap_line_bad_then_in_sync(strict):
     assert reply.startswith(b"a1 BAD"), reply
 
 
+@pytest.mark.parametrize("announcement", [b"{11}", b"{11+}", b"~{11}"])
+def test_overlong_imap_line_with_literal_closes(strict, upstreams, announcement):
+    # The literal follows without a "+", as from a client that does not wait for one.
+    line = b"a1 LOGIN " + b"x" * 3000 + b" " + announcement + b"\r\n"
+    before = len(upstreams["imap"].received)
+    with connect(strict, "imap") as client:
+        client.send(line + b"mypass word\r\n")
+        reply = client.read_until_closed()
+    first, _, rest = reply.partition(b"\r\n")
+    goodbye = b"* BYE " + GOODBYE_TEXTS["unreadable"].encode() + b"\r\n"
+    assert first == b"a1 BAD command line too long (limit 1024 bytes)", reply
+    assert rest == goodbye, reply
+    assert b"mypass" not in reply
+    assert b"mypass" not in bytes(upstreams["imap"].received[before:])
+
+
+def test_invalid_tag_with_literal_closes(strict):
+    with connect(strict, "imap") as client:
+        client.send(b"a*1 LOGIN {11}\r\nmypass word\r\n")
+        reply = client.read_until_closed()
+    first, _, rest = reply.partition(b"\r\n")
+    goodbye = b"* BYE " + GOODBYE_TEXTS["unreadable"].encode() + b"\r\n"
+    assert first == b"* BAD invalid tag", reply
+    assert rest == goodbye, reply
+    assert b"mypass" not in reply
+
+
 def test_overlong_pop3_line_err_then_in_sync(strict):
     with connect(strict, "pop3") as client:
         client.send(b"USER " + b"x" * 3000 + b"\r\n")

@@ -402,6 +402,19 @@ def test_oversize_literal_rejected_without_continuation(proxy, mail_server, size
         )
 
 
+def test_overlong_line_with_literal_closes(proxy, mail_server):
+    # The client sends the password literal without waiting for "+".
+    password = mail_server.users["alice"].encode()
+    line = b"a1 LOGIN " + b"u" * 9000 + b" {%d}\r\n" % len(password)
+    with raw_client(proxy) as client:
+        client.send(line + password + b"\r\n")
+        reply = client.read_until_closed()
+    first, _, rest = reply.partition(b"\r\n")
+    assert first == b"a1 BAD command line too long (limit 8192 bytes)", reply
+    assert rest.startswith(b"* BYE"), reply
+    assert password not in reply
+
+
 # Credential size limits before login
 
 

@@ -335,7 +335,12 @@ ERROR_CASES = [
     Case(
         "NUL in literal then LITERAL+",
         b"a1 LOGIN {3}\r\na\0b {1+}\r\nx\r\n",
-        [CONTINUE, rejected("a1"), rejected("a1", fatal=True)],
+        [CONTINUE, rejected("a1", fatal=True)],
+    ),
+    Case(
+        "NUL in literal then literal",
+        b"a1 LOGIN {3}\r\na\0b {6}\r\nsecret\r\n",
+        [CONTINUE, rejected("a1", fatal=True)],
     ),
     Case("bare CR", b"a1 LOGIN a\rb c\r\n" + NOOP, [rejected("a1"), NOOP_OUTCOME]),
     Case("bare LF", b"a1 NOOP\n" + NOOP, [rejected("a1"), NOOP_OUTCOME]),
@@ -368,9 +373,55 @@ ERROR_CASES = [
         [rejected("a1", fatal=True)],
     ),
     Case(
+        "invalid tag before literal",
+        b"a*1 LOGIN {6}\r\nsecret\r\n",
+        [rejected(None, fatal=True)],
+    ),
+    Case(
+        "invalid command name before literal",
+        b"a1 LOG\x01IN {6}\r\nsecret\r\n",
+        [rejected("a1", fatal=True)],
+    ),
+    Case(
+        "over-long line",
+        b"a1 LOGIN " + b"x" * 40 + b"\r\n" + NOOP,
+        [rejected("a1"), NOOP_OUTCOME],
+        SMALL_LIMITS,
+    ),
+    Case(
+        "over-long line ending in brace",
+        b"a1 ID " + b"x" * 40 + b"}\r\n" + NOOP,
+        [rejected("a1"), NOOP_OUTCOME],
+        SMALL_LIMITS,
+    ),
+    Case(
         "over-long line ending in LITERAL+",
         b"a1 LOGIN " + b"x" * 40 + b" {3+}\r\nabc\r\n",
-        [rejected("a1"), rejected("a1", fatal=True)],
+        [rejected("a1", fatal=True)],
+        SMALL_LIMITS,
+    ),
+    Case(
+        "over-long line ending in literal",
+        b"a1 LOGIN " + b"x" * 40 + b" {6}\r\nsecret\r\n",
+        [rejected("a1", fatal=True)],
+        SMALL_LIMITS,
+    ),
+    Case(
+        "over-long line ending in literal8",
+        b"a1 LOGIN " + b"x" * 40 + b" ~{6}\r\nsecret\r\n",
+        [rejected("a1", fatal=True)],
+        SMALL_LIMITS,
+    ),
+    Case(
+        "over-long line ending in long literal size",
+        b"a1 LOGIN x {" + b"0" * 60 + b"6}\r\nsecret\r\n",
+        [rejected("a1", fatal=True)],
+        SMALL_LIMITS,
+    ),
+    Case(
+        "over-long line ending in bare LF literal",
+        b"a1 LOGIN " + b"x" * 40 + b" {6}\nsecret\r\n",
+        [rejected("a1", fatal=True)],
         SMALL_LIMITS,
     ),
 ]
@@ -766,6 +817,11 @@ def test_over_long_continuation_line_is_not_buffered() -> None:
             errors.append(error)
 
     assert reader.buffered_size <= 102
-    assert [(error.tag, error.fatal) for error in errors] == [(None, False)]
+    # The error waits for the end of the line.
+    assert errors == []
     reader.feed(b"AAAA\r\n" + NOOP)
+    with pytest.raises(ClientProtocolError) as raised:
+        reader.next_event()
+    assert raised.value.tag is None
+    assert raised.value.fatal is False
     assert reader.next_event() == Command("a2", "NOOP")

@@ -515,6 +515,30 @@ def test_unwaited_login_literal_never_parsed(configs):
     assert not outcome.upstream.credentials_before_tls
 
 
+# Lines whose literal gets BAD instead of "+". Each is followed by what a client that
+# does not wait for "+" sends next: the literal "mypass" and a command.
+REJECTED_LITERALS = {
+    "over-long": b"a1 LOGIN " + b"x" * 600 + b" {6}\r\n",
+    "over-long+": b"a1 LOGIN " + b"x" * 600 + b" {6+}\r\n",
+    "invalid-tag": b"a*1 LOGIN {6}\r\n",
+}
+
+
+@pytest.mark.parametrize("case", REJECTED_LITERALS, ids=list(REJECTED_LITERALS))
+def test_rejected_literal_closes_session(configs, case):
+    data = REJECTED_LITERALS[case] + b"mypass\r\na2 NOOP\r\n"
+    outcome = asyncio.run(run_pre_auth(configs["imap", "none"], "imap", [data]))
+    lines = bytes(outcome.client_output).split(b"\r\n")
+    assert lines[1].startswith((b"a1 BAD ", b"* BAD ")), lines
+    assert not any(line.startswith(b"+") for line in lines), lines
+    assert not any(line.startswith(b"a2") for line in lines), lines
+    assert b"mypass" not in outcome.client_output
+    assert isinstance(outcome.error, ClientProtocolError)
+    assert outcome.error.fatal
+    assert outcome.upstream is not None
+    assert not outcome.upstream.logged_in
+
+
 def test_starttls_then_login_succeeds(configs):
     steps = [b"a1 STARTTLS\r\n", b"a2 LOGIN user right\r\n"]
     outcome = asyncio.run(run_pre_auth(configs["imap", "starttls"], "imap", steps))

@@ -13,7 +13,7 @@ import enum
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, NoReturn, TypeAlias
+from typing import NamedTuple, TypeAlias
 
 from appliance.protocols.errors import ClientProtocolError
 from appliance.protocols.imap.framing import InputBuffer, LineTooLong, line_content
@@ -42,6 +42,10 @@ _LITERAL_SIZE_RE = re.compile(rb"([0-9]+)(\+?)")
 _LITERAL_PLUS_END_RE = re.compile(rb"\+\}\r?\n\Z")
 # A rejected line that ends like "{5}" or "{5+}" announced a literal.
 _LITERAL_END_RE = re.compile(rb"\{[0-9]+\+?\}\r?\n\Z")
+# The end of an announcement whose "{" lies before the kept tail of a discarded line.
+_LITERAL_SIZE_END_RE = re.compile(rb"[0-9]+\+?\}\r?\n")
+# Bytes kept from the end of a discarded line, to tell whether it announced a literal.
+_DISCARD_TAIL_SIZE = 32
 
 _SP = 0x20
 _DQUOTE = 0x22
@@ -389,15 +393,16 @@ class CommandReader:
     def _read_event(self) -> Event | None:
         while True:
             if self._state is _State.DISCARD:
-                if not self._discard_through_line_end():
-                    return None
-                continue
+                self._discard_through_line_end()
+                return None
             if self._state is _State.LITERAL:
                 if not self._read_literal():
                     return None
                 continue
             line = self._take_line()
             if line is None:
+                if self._state is _State.DISCARD:
+                    continue
                 return None
             event = self._process_line(line)
             if event is not None:
@@ -413,25 +418,27 @@ class CommandReader:
         self._literal_remaining = 0
         self._literal_binary = False
         self._discard_tag: str | None = None
+        self._discard_error: str | None = None
         self._discard_tail = b""
         self._literal_announced = False
 
     def _take_line(self) -> bytes | None:
+        """Return the next line, or None until it is complete or while it is discarded."""
         # The cap covers the text of the whole command, across its literals.
         try:
             return self._input.take_line(self._max_line_length - self._text_size)
         except LineTooLong as too_long:
             self._reject_long_line(too_long.scanned)
+            return None
 
-    def _reject_long_line(self, scanned: int) -> NoReturn:
+    def _reject_long_line(self, scanned: int) -> None:
         if self._expect_continuation:
             self._expect_continuation = False
             tag = None
         else:
             tag = self._current_tag(self._input.data, scanned)
-        self._start_discard(tag)
         message = f"command line too long (limit {self._max_line_length} bytes)"
-        raise ClientProtocolError(message, tag=tag)
+        self._start_discard(tag, message)
 
     def _process_line(self, line: bytes) -> Event | None:
         expecting = self._expect_continuation
@@ -459,9 +466,13 @@ class CommandReader:
                     limit=rejected.limit,
                     preceding=rejected.preceding,
                 ) from None
-            if name and _LITERAL_END_RE.search(line):
+            announced = _LITERAL_END_RE.search(line) is not None
+            if name and announced:
                 message = rejected.message
                 raise LiteralRejected(message, tag=tag, fatal=fatal, command=name) from None
+            # Without a command name the session cannot tell whether an announced literal
+            # is a password, which a client that does not wait for "+" sends anyway.
+            fatal = fatal or announced
             raise ClientProtocolError(rejected.message, tag=tag, fatal=fatal) from None
 
     def _process_command_text(self, content: bytes) -> Event | None:
@@ -520,38 +531,63 @@ class CommandReader:
         self._state = _State.LINE
         # literal8 (RFC 3516) may carry NUL, but an ordinary literal is CHAR8 only.
         if not self._literal_binary and b"\0" in data:
-            tag = self._command.tag
-            self._start_discard(tag)
-            raise ClientProtocolError("NUL byte in literal", tag=tag)
+            self._start_discard(self._command.tag, "NUL byte in literal")
+            return True
         self._command.add_literal(Literal8(data) if self._literal_binary else data)
         return True
 
-    def _start_discard(self, tag: str | None) -> None:
-        """Drop the command in progress and skip input through the next LF."""
+    def _start_discard(self, tag: str | None, message: str) -> None:
+        """Drop the command in progress and skip input through the next LF.
+
+        The error with `message` is raised when the LF arrives. So one line gets one
+        reply, and by then the reader has seen whether the line ended in a literal
+        announcement.
+        """
         self._clear_command()
         self._state = _State.DISCARD
         self._discard_tag = tag
+        self._discard_error = message
 
-    def _discard_through_line_end(self) -> bool:
+    def _discard_through_line_end(self) -> None:
+        """Skip input through the next LF, then raise the error of the discarded line.
+
+        Returns without an error while the LF has not arrived. The error is fatal when
+        the line ended in a literal announcement such as "{5}" or "{5+}". Its command is
+        gone, so the reader cannot tell whether the literal is a password, and a client
+        that does not wait for "+" sends it anyway.
+        """
         data = self._input.data
         end = data.find(b"\n")
         if end < 0:
-            self._discard_tail = (self._discard_tail + data[-3:])[-3:]
+            tail = self._discard_tail + data[-_DISCARD_TAIL_SIZE:]
+            self._discard_tail = tail[-_DISCARD_TAIL_SIZE:]
             self._input.clear()
-            return False
-        tail = self._discard_tail + data[max(0, end - 3) : end + 1]
+            return
+        start = max(0, end + 1 - _DISCARD_TAIL_SIZE)
+        tail = (self._discard_tail + data[start : end + 1])[-_DISCARD_TAIL_SIZE:]
         tag = self._discard_tag
+        message = self._discard_error
+        assert message is not None
         self._input.take(end + 1)
         self._clear_command()
-        if _LITERAL_PLUS_END_RE.search(tail):
-            message = "rejected command line announced a LITERAL+ literal"
-            raise ClientProtocolError(message, tag=tag, fatal=True)
-        return True
+        raise ClientProtocolError(message, tag=tag, fatal=_ends_with_announcement(tail))
 
     def _current_tag(self, data: bytes | bytearray, end: int) -> str | None:
         if self._command is not None:
             return self._command.tag
         return _peek_tag(data, end)
+
+
+def _ends_with_announcement(tail: bytes) -> bool:
+    """Return whether a line that ends with `tail` ended in a literal announcement.
+
+    `tail` contains at most _DISCARD_TAIL_SIZE bytes. When digits fill all of it, the
+    "{" may lie before it, so the line counts as an announcement.
+    """
+    if _LITERAL_END_RE.search(tail):
+        return True
+    full = len(tail) == _DISCARD_TAIL_SIZE
+    return full and _LITERAL_SIZE_END_RE.fullmatch(tail) is not None
 
 
 def _peek_tag(data: bytes | bytearray, end: int) -> str | None:
