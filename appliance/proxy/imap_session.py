@@ -55,9 +55,11 @@ LITERAL8_LOGIN_ERROR = "Login arguments are strings; literal8 (~{n}) is for bina
 # and RFC 9051).
 COMMANDS_WITHOUT_ARGUMENTS = frozenset({"CAPABILITY", "NOOP", "LOGOUT", "STARTTLS"})
 # Largest literal, by argument position, that a login may announce. A larger one is
-# rejected before the client sends it. The AUTHENTICATE mechanism name (None) keeps the
-# general max_literal_size, and its initial response may be a whole PLAIN response. The
-# keys are the commands whose literals may carry credentials.
+# rejected before the client sends it, and so is any literal that the command cannot
+# use. That is the AUTHENTICATE mechanism name (None, because RFC 3501 makes it an
+# atom), an argument after the last position, and a literal inside or after a
+# parenthesized list. The AUTHENTICATE initial response may be a whole PLAIN response.
+# The keys are the commands whose literals may carry credentials.
 LOGIN_LITERAL_LIMITS: dict[str, tuple[int | None, ...]] = {
     "LOGIN": (MAX_LOGIN_USER_SIZE, MAX_LOGIN_PASSWORD_SIZE),
     "AUTHENTICATE": (None, MAX_SASL_RESPONSE_SIZE),
@@ -208,8 +210,9 @@ class ImapSession(Session):
             except ClientProtocolError as exc:
                 self._protocol_error(exc.message, exc.tag, fatal=exc.fatal)
                 if isinstance(exc, LiteralRejected) and exc.command in LOGIN_LITERAL_LIMITS:
-                    # A login literal rejected by a rule other than LOGIN_LITERAL_LIMITS,
-                    # such as max_literal_size, which is checked first.
+                    # A login literal rejected for a reason other than a credential
+                    # size cap: over max_literal_size, which is checked first, or at a
+                    # place where the command takes no literal.
                     self._close_after_rejected_literal()
                 continue
             if isinstance(event, ContinuationRequest):

@@ -858,7 +858,7 @@ def test_pop3_malformed_input_stays_in_sync(strict, case):
 PRE_TLS_LITERALS = [
     b"a1 LOGIN {4}\r\n",
     b"a1 LOGIN user {5}\r\n",
-    b"a1 AUTHENTICATE {5}\r\n",
+    b"a1 AUTHENTICATE PLAIN {5}\r\n",
 ]
 
 
@@ -1027,6 +1027,41 @@ def test_general_limit_login_literal_closes(strict, upstreams, case):
     assert rest == goodbye, reply
     assert b"secretpw" not in reply
     assert b"secretpw" not in bytes(upstreams["imap"].received[before:])
+
+
+# Login literals that the command cannot use, and the BAD that each gets instead of "+".
+UNUSABLE_LOGIN_LITERALS = {
+    "login-third": (b"a1 LOGIN alice pw {13}\r\n", b"LOGIN takes at most 2 arguments"),
+    "login-in-list": (b"a1 LOGIN (alice {13}\r\n", b"LOGIN takes no parenthesized list"),
+    "login-after-list": (b"a1 LOGIN (alice) {13}\r\n", b"LOGIN takes no parenthesized list"),
+    "authenticate-mechanism": (
+        b"a1 AUTHENTICATE {13}\r\n",
+        b"argument 1 of AUTHENTICATE cannot be a literal",
+    ),
+    "authenticate-third": (
+        b"a1 AUTHENTICATE PLAIN " + plain(b"user", RIGHT_PASSWORD) + b" {13}\r\n",
+        b"AUTHENTICATE takes at most 2 arguments",
+    ),
+}
+
+
+@pytest.mark.parametrize("plus", [False, True], ids=["synchronizing", "literal-plus"])
+@pytest.mark.parametrize("case", UNUSABLE_LOGIN_LITERALS, ids=list(UNUSABLE_LOGIN_LITERALS))
+def test_unusable_login_literal_closes(strict, upstreams, case, plus):
+    announcement, message = UNUSABLE_LOGIN_LITERALS[case]
+    if plus:
+        announcement = announcement.replace(b"}", b"+}")
+    before = len(upstreams["imap"].received)
+    with connect(strict, "imap") as client:
+        # The literal follows without a "+", as from a client that does not wait.
+        client.send(announcement + b"secretpw rest\r\na2 NOOP\r\n")
+        reply = client.read_until_closed()
+    first, _, rest = reply.partition(b"\r\n")
+    goodbye = b"* BYE " + GOODBYE_TEXTS["unreadable"].encode() + b"\r\n"
+    assert first == b"a1 BAD " + message, reply
+    assert rest == goodbye, reply
+    assert b"secretpw" not in reply
+    assert b"AUTHENTICATE" not in bytes(upstreams["imap"].received[before:])
 
 
 def test_general_limit_other_literal_stays_open(strict):

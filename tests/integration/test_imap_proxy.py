@@ -415,6 +415,34 @@ def test_overlong_line_with_literal_closes(proxy, mail_server):
     assert password not in reply
 
 
+# Literals that LOGIN and AUTHENTICATE cannot use, and the BAD that each gets instead of
+# "+". The session then closes, because a client that does not wait may send them.
+UNUSABLE_LOGIN_LITERALS = {
+    "login-third": (b"a1 LOGIN alice pw {5}\r\n", b"LOGIN takes at most 2 arguments"),
+    "login-in-list": (b"a1 LOGIN (alice {5}\r\n", b"LOGIN takes no parenthesized list"),
+    "mechanism": (
+        b"a1 AUTHENTICATE {5}\r\n",
+        b"argument 1 of AUTHENTICATE cannot be a literal",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", UNUSABLE_LOGIN_LITERALS, ids=list(UNUSABLE_LOGIN_LITERALS))
+def test_unusable_login_literal_gets_bad(proxy, mail_server, case):
+    announcement, message = UNUSABLE_LOGIN_LITERALS[case]
+    password = mail_server.users["alice"].encode()
+    with raw_client(proxy) as client:
+        client.send(announcement)
+        reply = client.read_line()
+        rest = client.read_until_closed()
+    assert reply == b"a1 BAD " + message + b"\r\n", reply
+    assert rest.startswith(b"* BYE"), rest
+
+    with raw_client(proxy) as client:
+        step = Step(b"a2 LOGIN alice " + imap_quoted(password) + b"\r\n", b"a2 OK")
+        converse(client, [step])
+
+
 # Credential size limits before login
 
 

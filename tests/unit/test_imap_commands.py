@@ -693,24 +693,91 @@ def test_argument_limit_rejects_at_announcement(data, expected):
             b"a1 LOGIN {4+}\r\nalic {8+}\r\n12345678\r\n",
             [command("a1", "LOGIN", b"alic", b"12345678")],
         ),
-        # A mechanism (None), a third argument and a list item have no lower cap.
-        (
-            b"a1 AUTHENTICATE {13}\r\n" + b"m" * 13 + b"\r\n",
-            [CONTINUE, command("a1", "AUTHENTICATE", b"m" * 13)],
-        ),
-        (
-            b"a1 LOGIN a b {13}\r\n" + b"x" * 13 + b"\r\n",
-            [CONTINUE, command("a1", "LOGIN", "a", "b", b"x" * 13)],
-        ),
-        (
-            b"a1 LOGIN ({13}\r\n" + b"x" * 13 + b")\r\n",
-            [CONTINUE, command("a1", "LOGIN", (b"x" * 13,))],
-        ),
+        # A command without limits takes literals anywhere, lists included.
         (b"a1 ID {13}\r\n" + b"x" * 13 + b"\r\n", [CONTINUE, command("a1", "ID", b"x" * 13)]),
+        (
+            b"a1 ID (a {13}\r\n" + b"x" * 13 + b")\r\n",
+            [CONTINUE, command("a1", "ID", ("a", b"x" * 13))],
+        ),
     ],
-    ids=["at-limit", "at-limit+", "mechanism", "third", "in-list", "other-command"],
+    ids=["at-limit", "at-limit+", "other-command", "other-command-list"],
 )
 def test_argument_limit_allows(data, expected):
+    assert literal_outcomes(data) == expected_three_ways(expected)
+
+
+# Literals that a command with argument limits cannot use. Each case: input, the
+# "+" requests before the rejection, and the rejection's message.
+UNUSABLE_LITERALS = {
+    "mechanism": (
+        b"a1 AUTHENTICATE {5}\r\n",
+        0,
+        "argument 1 of AUTHENTICATE cannot be a literal",
+    ),
+    "sasl-third": (
+        b"a1 AUTHENTICATE PLAIN x {5}\r\n",
+        0,
+        "AUTHENTICATE takes at most 2 arguments",
+    ),
+    "third": (b"a1 LOGIN a b {5}\r\n", 0, "LOGIN takes at most 2 arguments"),
+    "third-after-quoted": (
+        b'a1 LOGIN "a" "b" {5}\r\n',
+        0,
+        "LOGIN takes at most 2 arguments",
+    ),
+    "third-after-literals": (
+        b"a1 LOGIN {1}\r\na {1}\r\nb {5}\r\n",
+        2,
+        "LOGIN takes at most 2 arguments",
+    ),
+    "fourth": (b"a1 LOGIN a b c {5}\r\n", 0, "LOGIN takes at most 2 arguments"),
+    "in-list": (b"a1 LOGIN ({5}\r\n", 0, "LOGIN takes no parenthesized list"),
+    "in-nested-list": (b"a1 LOGIN a ((b {5}\r\n", 0, "LOGIN takes no parenthesized list"),
+    "after-list": (b"a1 LOGIN (a) {5}\r\n", 0, "LOGIN takes no parenthesized list"),
+    "sasl-in-list": (
+        b"a1 AUTHENTICATE PLAIN ({5}\r\n",
+        0,
+        "AUTHENTICATE takes no parenthesized list",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", UNUSABLE_LITERALS, ids=list(UNUSABLE_LITERALS))
+def test_argument_limit_rejects_unusable_literal(case: str) -> None:
+    data, requests, _ = UNUSABLE_LITERALS[case]
+    expected = [CONTINUE] * requests + [rejected("a1")]
+
+    assert literal_outcomes(data) == expected_three_ways(expected)
+
+
+@pytest.mark.parametrize("case", UNUSABLE_LITERALS, ids=list(UNUSABLE_LITERALS))
+def test_unusable_literal_error_names_command(case: str) -> None:
+    data, requests, message = UNUSABLE_LITERALS[case]
+    reader = CommandReader(argument_literal_limits=ARGUMENT_LIMITS)
+    reader.feed(data + NOOP)
+    for _ in range(requests):
+        assert isinstance(reader.next_event(), ContinuationRequest)
+
+    with pytest.raises(LiteralRejected) as raised:
+        reader.next_event()
+
+    error = raised.value
+    assert not isinstance(error, LiteralTooLarge)
+    assert error.command == data.split(b" ")[1].decode()
+    assert error.tag == "a1"
+    assert error.fatal is False
+    assert error.message == message
+    # A client that waits for "+" sends no literal, so the next line is a command.
+    assert reader.next_event() == Command("a2", "NOOP")
+
+
+@pytest.mark.parametrize("case", UNUSABLE_LITERALS, ids=list(UNUSABLE_LITERALS))
+def test_unusable_literal_plus_is_fatal(case: str) -> None:
+    data, _, _ = UNUSABLE_LITERALS[case]
+    # Every announcement becomes LITERAL+, so the client sends each literal unasked.
+    data = data.replace(b"}\r\n", b"+}\r\n") + b"hello\r\n"
+    expected = [rejected("a1", fatal=True)]
+
     assert literal_outcomes(data) == expected_three_ways(expected)
 
 

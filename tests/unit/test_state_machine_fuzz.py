@@ -521,6 +521,11 @@ REJECTED_LITERALS = {
     "over-long": b"a1 LOGIN " + b"x" * 600 + b" {6}\r\n",
     "over-long+": b"a1 LOGIN " + b"x" * 600 + b" {6+}\r\n",
     "invalid-tag": b"a*1 LOGIN {6}\r\n",
+    "login-third": b"a1 LOGIN user right {6}\r\n",
+    "login-list": b"a1 LOGIN ({6}\r\n",
+    "login-after-list": b"a1 LOGIN (user) {6}\r\n",
+    "sasl-mechanism": b"a1 AUTHENTICATE {6}\r\n",
+    "sasl-third": b"a1 AUTHENTICATE PLAIN " + RIGHT_PLAIN + b" {6}\r\n",
 }
 
 

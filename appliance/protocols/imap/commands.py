@@ -292,11 +292,14 @@ class CommandReader:
     max_line_length caps the command text of one command, without CRLF and without
     literal bytes. max_literal_size caps each literal and max_literals their number per
     command. argument_literal_limits maps a command name to lower caps, in bytes, for
-    the literals of its first arguments by position, for example
-    {"LOGIN": (1024, 4096)}. A literal over such a cap raises LiteralTooLarge when it is
-    announced. Literals at a position whose cap is None, at later positions or inside a
-    parenthesized list have max_literal_size only. After a non-fatal error the reader
-    continues with the next command.
+    the literals of its arguments by position, for example {"LOGIN": (1024, 4096)}. A
+    literal over such a cap raises LiteralTooLarge when it is announced. A listed
+    command takes literals only at the positions that have a cap, and only while no
+    parenthesized list precedes or contains them. Any other literal of that command,
+    at a position whose cap is None or after the last position, raises LiteralRejected
+    when it is announced. Literals of commands that are not listed have
+    max_literal_size only. After a non-fatal error the reader continues with the next
+    command.
     """
 
     def __init__(
@@ -491,7 +494,7 @@ class CommandReader:
         size = _parse_literal_size(marker.digits, self._max_literal_size)
         if self._literal_count == self._max_literals:
             raise _Rejected(f"too many literals (limit {self._max_literals})")
-        self._check_argument_limit(size)
+        self._check_argument_literal(size)
         self._literal_count += 1
         self._literal_remaining = size
         self._literal_binary = marker.binary
@@ -501,20 +504,26 @@ class CommandReader:
         self._literal_announced = True
         return ContinuationRequest(self._command.tag, self._command.name, marker.binary)
 
-    def _check_argument_limit(self, size: int) -> None:
+    def _check_argument_literal(self, size: int) -> None:
+        """Reject a literal that argument_literal_limits does not allow where it sits."""
         assert self._command is not None
-        limits = self._argument_literal_limits.get(self._command.name)
+        name = self._command.name
+        limits = self._argument_literal_limits.get(name)
         if limits is None:
             return
         preceding = self._command.top_level_arguments()
-        if preceding is None or len(preceding) >= len(limits):
-            return
+        if preceding is None or any(isinstance(arg, tuple) for arg in preceding):
+            raise _Rejected(f"{name} takes no parenthesized list")
         position = len(preceding)
+        if position >= len(limits):
+            raise _Rejected(f"{name} takes at most {len(limits)} arguments")
         limit = limits[position]
-        if limit is not None and size > limit:
+        if limit is None:
+            raise _Rejected(f"argument {position + 1} of {name} cannot be a literal")
+        if size > limit:
             message = (
                 f"literal too large for argument {position + 1} of "
-                f"{self._command.name} (limit {limit} bytes)"
+                f"{name} (limit {limit} bytes)"
             )
             raise _LiteralOverLimit(message, position, size, limit, preceding)
 
