@@ -357,6 +357,10 @@ class ImapSession(Session):
         if not command.args or not isinstance(command.args[0], str):
             self._protocol_error("AUTHENTICATE needs a mechanism name", tag)
             return None
+        if len(command.args) > 2:
+            # RFC 4959: a mechanism name and at most an initial response.
+            self._protocol_error("AUTHENTICATE takes at most 2 arguments", tag)
+            return None
         mechanism = command.args[0].upper()
         initial_argument = command.args[1] if len(command.args) > 1 else None
         if isinstance(initial_argument, Literal8):

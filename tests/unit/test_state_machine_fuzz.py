@@ -544,6 +544,16 @@ def test_rejected_literal_closes_session(configs, case):
     assert not outcome.upstream.logged_in
 
 
+def test_authenticate_extra_argument_rejected(configs):
+    data = b"a1 AUTHENTICATE PLAIN " + RIGHT_PLAIN + b" extra\r\n"
+    outcome = asyncio.run(run_pre_auth(configs["imap", "none"], "imap", [data]))
+    lines = bytes(outcome.client_output).split(b"\r\n")
+    assert lines[1] == b"a1 BAD AUTHENTICATE takes at most 2 arguments", lines
+    assert outcome.result is not True
+    assert outcome.upstream is not None
+    assert not outcome.upstream.logged_in
+
+
 def test_starttls_then_login_succeeds(configs):
     steps = [b"a1 STARTTLS\r\n", b"a2 LOGIN user right\r\n"]
     outcome = asyncio.run(run_pre_auth(configs["imap", "starttls"], "imap", steps))
