@@ -74,7 +74,8 @@ def _add_known_servers_command(commands: argparse._SubParsersAction) -> None:
         parser.add_argument(
             "--port",
             type=_port_argument,
-            help="the upstream's configured port (default: the standard ports)",
+            help="only the records of this port, the upstream's configured port or "
+            "the port its mode connects to (default: every port of HOST)",
         )
         parser.add_argument(
             "--protocol", choices=("imap", "pop3"), help="default: both protocols"

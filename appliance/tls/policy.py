@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import shlex
 from collections.abc import Coroutine
 from datetime import datetime
 from typing import Any
@@ -378,13 +379,25 @@ class UpstreamPlanner:
             log.warning(
                 "{} failed in its recorded mode {} ({}); this looks like a downgrade, so "
                 "the session fails closed and the record stays {}; if the server really "
-                "dropped TLS, run `appliance known-servers forget {}`",
+                "dropped TLS, run `{}`",
                 key,
                 record.mode,
                 error.detail,
                 record.mode,
-                key.host,
+                self._forget_command(record),
             )
+
+    def _forget_command(self, record: KnownServerRecord) -> str:
+        """Return the CLI command that forgets this one record and no other.
+
+        Without --port and --protocol, `forget` removes every record of the host.
+        """
+        port = record.port or record.connect_port
+        words = ["appliance", "known-servers", "forget", record.host]
+        words += ["--protocol", record.protocol, "--port", str(port)]
+        if self.store.path is not None:
+            words += ["--state-dir", str(self.store.path.parent)]
+        return shlex.join(words)
 
     def _probe_after_upgrade(
         self,

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import shlex
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -352,6 +355,38 @@ async def test_recorded_tls_failure_is_downgrade(log_lines: list[str]) -> None:
 
     assert any("looks like a downgrade" in line for line in log_lines)
     assert learned(planner).mode == "starttls"
+
+
+async def test_downgrade_advice_forgets_one_record(
+    tmp_path: Path, log_lines: list[str]
+) -> None:
+    snapshot = make_snapshot()
+    store = KnownServerStore.open(tmp_path / "state")
+    planner = make_planner(snapshot, ScriptedProbe(server_report("starttls")), store)
+    await plan_modes(planner, snapshot)
+    other = ServerKey("imap", "mail.example.org", 10143)
+    store.pin(other, "implicit", 10143)
+    error = UpstreamError("starttls", "server does not offer STARTTLS")
+    planner.report(
+        snapshot, "imap", session_target(planner, snapshot, "starttls"), None, error
+    )
+    [line] = [line for line in log_lines if "looks like a downgrade" in line]
+    command = shlex.split(line.split("`")[-2])
+
+    forget = subprocess.run(
+        [sys.executable, "-m", "appliance.cli", *command[1:]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert command[:2] == ["appliance", "known-servers"]
+    assert forget.returncode == 0, forget.stderr
+    assert "forgot imap://mail.example.org (starttls)" in forget.stdout
+    remaining = KnownServerStore(tmp_path / "state")
+    assert remaining.get(KEY) is None
+    assert remaining.get(other) is not None
 
 
 async def test_recorded_certificate_failure_named(log_lines: list[str]) -> None:
