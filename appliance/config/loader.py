@@ -22,11 +22,8 @@ from pydantic import ValidationError
 
 from appliance.config.json_values import is_secret_path
 from appliance.config.settings import (
-    CONTROL_VARIABLES,
     DEFAULT_CONFIG_PATH,
     DEFAULT_SECRETS_DIR,
-    ENV_PREFIX,
-    NESTING_DELIMITER,
     AppConfig,
     ConfigSourceError,
     NestedSecretsSource,
@@ -34,6 +31,7 @@ from appliance.config.settings import (
     _secrets_dir,
     make_env_source,
 )
+from appliance.config.variables import CONTROL_VARIABLES, ENV_PREFIX, NESTING_DELIMITER
 
 
 class ConfigError(Exception):

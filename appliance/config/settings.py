@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
@@ -39,17 +40,19 @@ from appliance.config.models import (
     TlsAutoConfig,
     UpstreamConfig,
 )
+from appliance.config.variables import (
+    ENV_PREFIX,
+    NESTING_DELIMITER,
+    config_variables,
+    encoding_problems,
+    escape_non_utf8,
+    field_path,
+    first_invalid_byte,
+    is_utf8,
+)
 
-ENV_PREFIX = "APPLIANCE_"
-NESTING_DELIMITER = "__"
 DEFAULT_CONFIG_PATH = Path("/etc/appliance/appliance.yaml")
 DEFAULT_SECRETS_DIR = Path("/run/secrets")
-
-# Variables with the prefix that the command line reads (where the config is, which
-# event loop runs it); they are not config fields.
-CONTROL_VARIABLES = frozenset(
-    {"APPLIANCE_CONFIG", "APPLIANCE_SECRETS_DIR", "APPLIANCE_EVENT_LOOP"}
-)
 
 # The parsed config file and the secrets folder of the load in progress;
 # settings_customise_sources reads them, so the file is parsed once per load.
@@ -328,6 +331,10 @@ class NestedSecretsSource(PydanticBaseSettingsSource):
             name = entry.name.upper()
             if not name.startswith(ENV_PREFIX) or not entry.is_file():
                 continue
+            invalid_byte = first_invalid_byte(entry.name)
+            if invalid_byte is not None:
+                problems.append(_non_utf8_file_name(entry, *invalid_byte))
+                continue
             path = name[len(ENV_PREFIX) :].lower().split(NESTING_DELIMITER)
             other = seen.setdefault(name, entry)
             if other != entry:
@@ -385,6 +392,15 @@ def _inside_non_object(path: list[str], depth: int, entry: Path) -> str:
         f"{'.'.join(path)}: secret file {str(entry)!r} sets a key inside "
         f"{'.'.join(parent)}, but the secret file {parent_file} sets that to a value "
         "that is not a JSON object; remove one of the two"
+    )
+
+
+def _non_utf8_file_name(entry: Path, byte: int, offset: int) -> str:
+    """Describe a secret file whose name is not UTF-8, so it matches no config field."""
+    return (
+        f"secret file '{escape_non_utf8(str(entry))}': the name is not UTF-8 (byte "
+        f"0x{byte:02x} at offset {offset}), so it matches no config field; rename it "
+        "to a UTF-8 name, as docs/configuration.md lists the variables"
     )
 
 
@@ -475,33 +491,37 @@ class ConfigSourceError(ValueError):
 
 
 class UniqueKeyEnvSource(EnvSettingsSource):
-    """The environment source, checking the JSON of list and mapping variables first.
+    """The environment source, checking every APPLIANCE_* variable first.
 
     A value that is not JSON of the field's shape, or that gives a key twice in one
     object, is rejected with the variable's name. The json module keeps the last of two
     equal keys, so one value would be lost silently, while config files reject repeated
     keys. Only fields that take JSON are checked, so a text value that merely looks like
-    JSON, such as a host name, is not.
+    JSON, such as a host name, is not. Names and values that are not UTF-8 are rejected
+    too (see appliance.config.variables).
     """
 
     def __call__(self) -> dict[str, Any]:
-        problems = self._json_problems()
+        variables = config_variables(os.environ)
+        problems = encoding_problems(variables)
+        # The other checks would quote the lone surrogates of such names and values.
+        text_variables = {
+            name: value
+            for name, value in variables.items()
+            if is_utf8(name) and is_utf8(value)
+        }
+        problems += self._json_problems(text_variables)
         if problems:
             # pydantic-settings would raise its own error for the first bad value, naming
             # only the top-level field.
             raise ConfigSourceError(problems)
         return super().__call__()
 
-    def _json_problems(self) -> list[str]:
+    def _json_problems(self, variables: Mapping[str, str]) -> list[str]:
         """Describe each list or mapping variable whose JSON is invalid or repeats a key."""
-        spelled = {name.lower(): name for name in os.environ}
         problems = []
-        for name, value in sorted(self.env_vars.items()):
-            variable = spelled.get(name.lower(), name.upper())
-            upper = variable.upper()
-            if not value or not upper.startswith(ENV_PREFIX) or upper in CONTROL_VARIABLES:
-                continue
-            path = upper[len(ENV_PREFIX) :].lower().split(NESTING_DELIMITER)
+        for variable, value in sorted(variables.items(), key=lambda item: item[0].upper()):
+            path = field_path(variable)
             field = json_field(self.settings_cls, path)
             if field is None:
                 continue

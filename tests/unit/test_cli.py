@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -379,6 +380,43 @@ def test_non_utf8_secret_exits_two(
     err = capsys.readouterr().err
     assert code == EXIT_CONFIG_ERROR
     assert f"  - limits.max_connections: secret file {str(secret)!r} is not UTF-8" in err
+
+
+def set_non_utf8_variable_name(monkeypatch: pytest.MonkeyPatch, secrets_dir: Path) -> None:
+    monkeypatch.setenv("APPLIANCE_LOGGING__LEV\udce9L", "debug")
+
+
+# How to break one config source, and the start of the problem line it must give.
+BROKEN_SOURCES = {
+    "non-UTF-8 variable name": (
+        set_non_utf8_variable_name,
+        r"  - environment variable APPLIANCE_LOGGING__LEV\xe9L: the name is not UTF-8",
+    ),
+}
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+@pytest.mark.parametrize(
+    ("break_source", "expected"), BROKEN_SOURCES.values(), ids=BROKEN_SOURCES.keys()
+)
+def test_broken_source_exits_two(
+    break_source: Any,
+    expected: str,
+    command: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    config_file: Path,
+    secrets_dir: Path,
+) -> None:
+    break_source(monkeypatch, secrets_dir)
+
+    code = main([command, "--config", str(config_file), "--secrets-dir", str(secrets_dir)])
+
+    err = capsys.readouterr().err
+    assert code == EXIT_CONFIG_ERROR
+    assert err.startswith("config is invalid:\n")
+    assert expected.format(folder=secrets_dir) in err
+    assert "Traceback" not in err
 
 
 def test_missing_command_exits_two(capsys: pytest.CaptureFixture[str]) -> None:

@@ -368,6 +368,77 @@ def test_nested_json_variables_load(
     assert loaded.config.listeners["imap"].route_by_login is None
 
 
+# Environment variables that are not UTF-8
+
+
+def test_non_utf8_variable_name_named(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
+) -> None:
+    config = write_config(tmp_path, listener_yaml())
+    # os.environ stores each byte that is not UTF-8 as a lone surrogate.
+    monkeypatch.setenv("APPLIANCE_LISTENERS__IM\udcffAP__PORT", "2143")
+
+    problem = only_problem(config, secrets_dir)
+
+    assert problem.startswith(
+        r"environment variable APPLIANCE_LISTENERS__IM\xffAP__PORT: the name is not "
+        "UTF-8 (byte 0xff at offset 23)"
+    )
+    assert "value '2143'" in problem
+    assert "unset it" in problem
+    assert "\udcff" not in problem
+
+
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "APPLIANCE_LIMITS__MAX_\udcffCONNECTIONS",
+        "APPLIANCE_UPSTREAMS__M\udce4IL__PASSWORD",
+    ],
+)
+def test_non_utf8_name_of_secret_hides_value(
+    variable: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
+) -> None:
+    # A garbled last part could be the name of a secret field, so its value stays out.
+    config = write_config(tmp_path, listener_yaml())
+    monkeypatch.setenv(variable, "hunter2")
+
+    problem = only_problem(config, secrets_dir)
+
+    assert problem.startswith("environment variable APPLIANCE_")
+    assert "the name is not UTF-8" in problem
+    assert "hunter2" not in problem
+
+
+def test_non_utf8_variable_value_named(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
+) -> None:
+    config = write_config(tmp_path, listener_yaml())
+    monkeypatch.setenv("APPLIANCE_UPSTREAMS__MAIL__HOST", "m\udce4il.example.org")
+
+    problem = only_problem(config, secrets_dir)
+
+    assert problem.startswith(
+        r"upstreams.mail.host: value 'm\xe4il.example.org' (from env "
+        "APPLIANCE_UPSTREAMS__MAIL__HOST) is not UTF-8 text (byte 0xe4 at offset 1)"
+    )
+    assert "\udce4" not in problem
+
+
+def test_non_utf8_config_path_accepted(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
+) -> None:
+    # File names are bytes on Linux, so a path in a legacy encoding is valid.
+    folder = tmp_path / "caf\udce9"
+    folder.mkdir()
+    config = write_config(folder, listener_yaml())
+    monkeypatch.setenv("APPLIANCE_CONFIG", str(config))
+
+    loaded = load_config(secrets_dir=secrets_dir)
+
+    assert loaded.path == config
+
+
 def test_unknown_secret_key_names_folder(tmp_path: Path, secrets_dir: Path) -> None:
     path = write_config(tmp_path, UPSTREAM_YAML)
     (secrets_dir / "APPLIANCE_UPSTREAMS__MAIL__HOSTT").write_text("mail.example.org")
@@ -415,6 +486,19 @@ def test_unreadable_secret_named(
         f"limits.max_connections: secret file {str(secret)!r} could not be read "
         "(Permission denied)"
     )
+
+
+def test_non_utf8_secret_name_named(tmp_path: Path, secrets_dir: Path) -> None:
+    config = write_config(tmp_path, listener_yaml())
+    (secrets_dir / "APPLIANCE_LOGGING__LEV\udce9L").write_text("debug")
+
+    problem = only_problem(config, secrets_dir)
+
+    assert problem.startswith(
+        f"secret file '{secrets_dir}/APPLIANCE_LOGGING__LEV\\xe9L': the name is not "
+        "UTF-8 (byte 0xe9 at offset 22)"
+    )
+    assert "debug" not in problem
 
 
 @pytest.mark.parametrize(
