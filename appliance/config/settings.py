@@ -7,9 +7,11 @@ the config file (YAML, TOML or JSON), then the models' defaults.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import os
+import stat
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
@@ -323,22 +325,33 @@ class NestedSecretsSource(PydanticBaseSettingsSource):
         values: dict[str, Any] = {}
         if not self.folder.is_dir():
             return values
+        try:
+            # Sorted ignoring case, so a file for a whole section comes before the files
+            # for its keys, which then change single keys of it.
+            entries = sorted(self.folder.iterdir(), key=_name_ignoring_case)
+        except OSError as exc:
+            raise ConfigSourceError([_unlistable_folder(self.folder, exc)]) from None
         problems: list[str] = []
         seen: dict[str, Path] = {}
-        # Sorted ignoring case, so a file for a whole section comes before the files for
-        # its keys, which then change single keys of it.
-        for entry in sorted(self.folder.iterdir(), key=_name_ignoring_case):
+        for entry in entries:
             name = entry.name.upper()
-            if not name.startswith(ENV_PREFIX) or not entry.is_file():
+            if not name.startswith(ENV_PREFIX):
                 continue
             invalid_byte = first_invalid_byte(entry.name)
             if invalid_byte is not None:
                 problems.append(_non_utf8_file_name(entry, *invalid_byte))
                 continue
+            if not entry.exists() and not entry.is_symlink():
+                # Removed since the listing.
+                continue
             path = name[len(ENV_PREFIX) :].lower().split(NESTING_DELIMITER)
             other = seen.setdefault(name, entry)
             if other != entry:
                 problems.append(_case_clash(path, other, entry))
+                continue
+            problem = _entry_type_problem(entry, path)
+            if problem is not None:
+                problems.append(problem)
                 continue
             text, problem = _read_secret_file(entry, path)
             if problem is None and not text:
@@ -402,6 +415,63 @@ def _non_utf8_file_name(entry: Path, byte: int, offset: int) -> str:
         f"0x{byte:02x} at offset {offset}), so it matches no config field; rename it "
         "to a UTF-8 name, as docs/configuration.md lists the variables"
     )
+
+
+def _unlistable_folder(folder: Path, exc: OSError) -> str:
+    reason = exc.strerror or type(exc).__name__
+    return (
+        f"secrets folder {str(folder)!r} could not be listed ({reason}); make it "
+        "readable by this process, or name another folder with --secrets-dir or "
+        "APPLIANCE_SECRETS_DIR"
+    )
+
+
+def _entry_type_problem(entry: Path, path: list[str]) -> str | None:
+    """Describe why an entry of the secrets folder is no usable file, or return None.
+
+    Its name shows that it was meant to set a value, so it is not skipped. A FIFO would
+    also block the load, which reads each file to its end.
+
+    NOTE: while Kubernetes removes a key from a secret volume, the key's link points
+    nowhere for a moment, so a reload then is rejected. Removing the link is a change in
+    the folder, which starts the next reload.
+    """
+    where = f"{'.'.join(path)}: secret file {str(entry)!r}"
+    link_fix = "point the link at a file that contains the value, or remove it"
+    try:
+        mode = entry.stat().st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"{where} is a symbolic link loop; {link_fix}"
+        if exc.errno == errno.ENOENT and entry.is_symlink():
+            target = os.readlink(entry)
+            missing = f"is a symbolic link to {target!r}, which does not exist"
+            return f"{where} {missing}; {link_fix}"
+        # Reading the file reports other errors, such as a target that is not readable.
+        return None
+    if stat.S_ISDIR(mode):
+        return (
+            f"{where} is a directory, not a file; put the value into a file of that "
+            "name, or remove it"
+        )
+    if not stat.S_ISREG(mode):
+        return (
+            f"{where} is not a regular file but {_special_file_kind(mode)}; put the "
+            "value into a regular file of that name, or remove it"
+        )
+    return None
+
+
+def _special_file_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    return "a special file"
 
 
 def _read_secret_file(entry: Path, path: list[str]) -> tuple[str, str | None]:

@@ -386,11 +386,19 @@ def set_non_utf8_variable_name(monkeypatch: pytest.MonkeyPatch, secrets_dir: Pat
     monkeypatch.setenv("APPLIANCE_LOGGING__LEV\udce9L", "debug")
 
 
+def make_secret_directory(monkeypatch: pytest.MonkeyPatch, secrets_dir: Path) -> None:
+    (secrets_dir / "APPLIANCE_LOGGING__LEVEL").mkdir()
+
+
 # How to break one config source, and the start of the problem line it must give.
 BROKEN_SOURCES = {
     "non-UTF-8 variable name": (
         set_non_utf8_variable_name,
         r"  - environment variable APPLIANCE_LOGGING__LEV\xe9L: the name is not UTF-8",
+    ),
+    "secret directory": (
+        make_secret_directory,
+        "  - logging.level: secret file '{folder}/APPLIANCE_LOGGING__LEVEL' is a directory",
     ),
 }
 

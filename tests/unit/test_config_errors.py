@@ -488,6 +488,56 @@ def test_unreadable_secret_named(
     )
 
 
+def make_directory(path: Path) -> None:
+    path.mkdir()
+
+
+def make_symlink_loop(path: Path) -> None:
+    path.symlink_to(path.name)
+
+
+def make_dangling_symlink(path: Path) -> None:
+    path.symlink_to(path.with_name("missing"))
+
+
+def make_fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+# How to make an entry of the secrets folder that is no usable file, and the problem.
+UNUSABLE_SECRET_ENTRIES = {
+    "directory": (make_directory, "is a directory, not a file"),
+    "symlink loop": (make_symlink_loop, "is a symbolic link loop"),
+    "dangling symlink": (
+        make_dangling_symlink,
+        "is a symbolic link to {target!r}, which does not exist",
+    ),
+    "fifo": (make_fifo, "is not a regular file but a FIFO"),
+}
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    UNUSABLE_SECRET_ENTRIES.values(),
+    ids=UNUSABLE_SECRET_ENTRIES.keys(),
+)
+def test_unusable_secret_entry_named(
+    make: Any, expected: str, tmp_path: Path, secrets_dir: Path
+) -> None:
+    config = write_config(tmp_path, listener_yaml())
+    entry = secrets_dir / "APPLIANCE_LOGGING__LEVEL"
+    make(entry)
+
+    problem = only_problem(config, secrets_dir)
+
+    target = str(secrets_dir / "missing")
+    assert problem.startswith(
+        f"logging.level: secret file {str(entry)!r} "
+        + expected.format(target=target)
+    )
+    assert "remove it" in problem
+
+
 def test_non_utf8_secret_name_named(tmp_path: Path, secrets_dir: Path) -> None:
     config = write_config(tmp_path, listener_yaml())
     (secrets_dir / "APPLIANCE_LOGGING__LEV\udce9L").write_text("debug")
@@ -499,6 +549,27 @@ def test_non_utf8_secret_name_named(tmp_path: Path, secrets_dir: Path) -> None:
         "UTF-8 (byte 0xe9 at offset 22)"
     )
     assert "debug" not in problem
+
+
+def test_unlistable_secrets_folder_named(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
+) -> None:
+    # Tests may run as root, who can list a folder of mode 000, so the listing fails here.
+    config = write_config(tmp_path, listener_yaml())
+    real_iterdir = Path.iterdir
+
+    def iterdir(path: Path) -> Any:
+        if path == secrets_dir:
+            raise PermissionError(13, "Permission denied")
+        return real_iterdir(path)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+
+    problem = only_problem(config, secrets_dir)
+
+    assert problem.startswith(
+        f"secrets folder {str(secrets_dir)!r} could not be listed (Permission denied)"
+    )
 
 
 @pytest.mark.parametrize(

@@ -418,14 +418,6 @@ def test_secret_without_prefix_ignored(secrets_dir: Path) -> None:
     assert loaded.sources == {}
 
 
-def test_secret_folder_entry_ignored(secrets_dir: Path) -> None:
-    (secrets_dir / LEVEL_VARIABLE).mkdir()
-
-    loaded = load(None, secrets_dir)
-
-    assert loaded.config.logging.level == "INFO"
-
-
 def test_missing_secrets_folder_ignored(tmp_path: Path) -> None:
     loaded = load(None, tmp_path / "no-such-folder")
 

@@ -12,6 +12,7 @@ import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from loguru import logger
@@ -241,6 +242,45 @@ async def test_broken_secret_rejected(
         assert "version 1 stays active" in rejected
         assert not [m for m in messages if "internal error" in m]
         assert runtime.snapshot.version == 1
+    finally:
+        await reloader.stop()
+
+
+def make_directory(path: Path) -> None:
+    path.mkdir()
+
+
+def make_symlink_loop(path: Path) -> None:
+    path.symlink_to(path.name)
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [(make_directory, "is a directory"), (make_symlink_loop, "is a symbolic link loop")],
+    ids=["directory", "symlink loop"],
+)
+async def test_unusable_secret_entry_rejected(
+    make: Any, expected: str, tmp_path: Path, messages: list[str]
+) -> None:
+    path = tmp_path / "appliance.yaml"
+    write(path, 100)
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    reloader = start_reloader(path, secrets_dir=secrets_dir)
+    runtime = reloader.runtime
+    try:
+        await start_up_checked(messages)
+        # Made beside the folder and renamed in, so the reload reads the finished entry.
+        staged = tmp_path / "APPLIANCE_LIMITS__MAX_CONNECTIONS"
+        make(staged)
+        entry = secrets_dir / staged.name
+        staged.replace(entry)
+        await wait_for(lambda: runtime.status.outcome == "rejected", "the rejection")
+        [rejected] = [m for m in messages if "config reload (file change)" in m]
+        assert f"limits.max_connections: secret file {str(entry)!r} {expected}" in rejected
+        assert "version 1 stays active" in rejected
+        assert runtime.snapshot.version == 1
+        assert runtime.snapshot.config.limits.max_connections == 100
     finally:
         await reloader.stop()
 
