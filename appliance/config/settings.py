@@ -475,7 +475,11 @@ def _special_file_kind(mode: int) -> str:
 
 
 def _read_secret_file(entry: Path, path: list[str]) -> tuple[str, str | None]:
-    """Return a secret file's text without surrounding white space, or a problem."""
+    """Return a secret file's text without surrounding white space, or a problem.
+
+    A leading byte order mark is removed too, because Windows PowerShell 5.1 and older
+    Notepad versions start UTF-8 files with one, and it is no part of the value.
+    """
     where = ".".join(path)
     try:
         data = entry.read_bytes()
@@ -486,7 +490,7 @@ def _read_secret_file(entry: Path, path: list[str]) -> tuple[str, str | None]:
             "readable by this process or remove it"
         )
     try:
-        return data.decode("utf-8").strip(), None
+        return data.decode("utf-8").removeprefix("\ufeff").strip(), None
     except UnicodeDecodeError as exc:
         return "", (
             f"{where}: secret file {str(entry)!r} is not UTF-8 text (byte "

@@ -418,6 +418,25 @@ def test_secret_without_prefix_ignored(secrets_dir: Path) -> None:
     assert loaded.sources == {}
 
 
+def test_secret_byte_order_mark_stripped(secrets_dir: Path) -> None:
+    # Windows PowerShell 5.1 (`Set-Content -Encoding UTF8`) and older Notepad versions
+    # start UTF-8 files with a byte order mark.
+    (secrets_dir / LEVEL_VARIABLE).write_bytes(b"\xef\xbb\xbferror\r\n")
+
+    loaded = load(None, secrets_dir)
+
+    assert loaded.config.logging.level == "ERROR"
+
+
+def test_secret_json_byte_order_mark_stripped(secrets_dir: Path) -> None:
+    limits = b'{"max_connections": 5}'
+    (secrets_dir / "APPLIANCE_LIMITS").write_bytes(b"\xef\xbb\xbf" + limits)
+
+    loaded = load(None, secrets_dir)
+
+    assert loaded.config.limits.max_connections == 5
+
+
 def test_missing_secrets_folder_ignored(tmp_path: Path) -> None:
     loaded = load(None, tmp_path / "no-such-folder")
 
