@@ -591,6 +591,18 @@ class UniqueKeyEnvSource(EnvSettingsSource):
             raise ConfigSourceError(problems)
         return super().__call__()
 
+    def explode_env_vars(
+        self, field_name: str, field: FieldInfo, env_vars: Mapping[str, str | None]
+    ) -> dict[str, Any]:
+        """Build a field's nested values from its variables, in the order of their names.
+
+        pydantic-settings 2.16 reads them in environment order, so the JSON of
+        APPLIANCE_UPSTREAMS__MAIL would replace an APPLIANCE_UPSTREAMS__MAIL__PORT set
+        before it. A name sorts before every longer name that starts with it, so each
+        key's own variable changes the section or entry that a shorter name sets.
+        """
+        return super().explode_env_vars(field_name, field, dict(sorted(env_vars.items())))
+
     def _json_problems(self, variables: Mapping[str, str]) -> list[str]:
         """Describe each list or mapping variable whose JSON is invalid or repeats a key."""
         problems = []

@@ -262,6 +262,36 @@ def test_env_json_sets_nested_model(
     assert loaded.config.limits.connect_timeout == 10.0
 
 
+@pytest.mark.parametrize("key_first", [True, False], ids=["key-first", "entry-first"])
+def test_key_variable_beats_entry_json(
+    key_first: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    secrets_dir: Path,
+) -> None:
+    # pydantic-settings reads variables in environment order, so without sorting, the
+    # entry's JSON would replace a key variable that came before it.
+    path = write_file(tmp_path, "appliance.yaml", LISTENER_YAML)
+    variables = [
+        ("APPLIANCE_UPSTREAMS__MAIL__PORT", "995"),
+        ("APPLIANCE_UPSTREAMS__MAIL", '{"host": "json.example.org", "port": 993}'),
+    ]
+    if not key_first:
+        variables.reverse()
+    for name, value in variables:
+        monkeypatch.setenv(name, value)
+
+    loaded = load(path, secrets_dir)
+
+    mail = loaded.config.upstreams["mail"]
+    assert mail.port == 995
+    assert mail.host == "json.example.org"
+    assert loaded.sources[("upstreams", "mail", "port")] == (
+        "env APPLIANCE_UPSTREAMS__MAIL__PORT"
+    )
+    assert loaded.sources[("upstreams", "mail", "host")] == "env APPLIANCE_UPSTREAMS__MAIL"
+
+
 def test_env_json_label_names_set_variable(
     monkeypatch: pytest.MonkeyPatch, secrets_dir: Path
 ) -> None:
