@@ -75,6 +75,20 @@ def json_field(model: type[BaseModel], path: Sequence[str]) -> JsonField | None:
     return None
 
 
+def list_field_depth(model: type[BaseModel], path: Sequence[str]) -> int | None:
+    """Return the length of the part of `path` that names a list field, or None.
+
+    None means that no leading part of `path`, shorter than `path` itself, names a list
+    field. So `("known_servers", "0", "port")` returns 1, and `("known_servers",)`
+    returns None, because a variable or secret file may set the whole list.
+    """
+    for depth in range(1, len(path)):
+        field = json_field(model, path[:depth])
+        if field is not None and field.kind == "list":
+            return depth
+    return None
+
+
 def _model_field(model: type[BaseModel], key: str) -> tuple[Any, tuple[Any, ...]] | None:
     """Return the annotation and examples of the field named `key` or aliased so."""
     for name, info in model.model_fields.items():

@@ -28,6 +28,7 @@ A variable or secret file for a list, a section or a map of entries contains JSO
 `APPLIANCE_LIMITS='{"max_connections": 5}'`. The keys of a section and of a map entry also
 have variables of their own, such as `APPLIANCE_LIMITS__MAX_CONNECTIONS=5`, which take
 plain text and win over the same key in the JSON, whatever the order of the variables.
+List items have none, so a list is set as a whole.
 
 Fields of type integer or number take numbers, such as `30` or `1.5`, and environment
 variables give them as text. A boolean in such a field is rejected, and so are YAML's `yes`,

@@ -32,6 +32,7 @@ from appliance.config.json_values import (
     decode_json_value,
     is_secret_path,
     json_field,
+    list_field_depth,
 )
 from appliance.config.models import (
     AdminConfig,
@@ -51,6 +52,7 @@ from appliance.config.variables import (
     field_path,
     first_invalid_byte,
     is_utf8,
+    nesting_problems,
 )
 
 DEFAULT_CONFIG_PATH = Path("/etc/appliance/appliance.yaml")
@@ -331,6 +333,7 @@ class NestedSecretsSource(PydanticBaseSettingsSource):
             entries = sorted(self.folder.iterdir(), key=_name_ignoring_case)
         except OSError as exc:
             raise ConfigSourceError([_unlistable_folder(self.folder, exc)]) from None
+        names = {entry.name.upper() for entry in entries}
         problems: list[str] = []
         seen: dict[str, Path] = {}
         for entry in entries:
@@ -349,7 +352,9 @@ class NestedSecretsSource(PydanticBaseSettingsSource):
             if other != entry:
                 problems.append(_case_clash(path, other, entry))
                 continue
-            problem = _entry_type_problem(entry, path)
+            problem = _entry_type_problem(entry, path) or _list_item_file_problem(
+                self.settings_cls, entry, path, names
+            )
             if problem is not None:
                 problems.append(problem)
                 continue
@@ -474,6 +479,32 @@ def _special_file_kind(mode: int) -> str:
     return "a special file"
 
 
+def _list_item_file_problem(
+    model: type[BaseSettings], entry: Path, path: list[str], names: set[str]
+) -> str | None:
+    """Describe a secret file that sets a value inside a list field, if it does.
+
+    Lists are set as a whole JSON list, and `names` contains the folder's file names in
+    upper case, to tell whether a file does so for this list.
+    """
+    depth = list_field_depth(model, path)
+    if depth is None:
+        return None
+    list_path = path[:depth]
+    list_file = ENV_PREFIX + NESTING_DELIMITER.join(list_path).upper()
+    start = (
+        f"{'.'.join(path)}: secret file {str(entry)!r} sets a value inside the list "
+        f"{'.'.join(list_path)}, but list items have no secret files of their own"
+    )
+    if list_file in names:
+        return (
+            f"{start}, and the secret file {list_file} sets the whole list, so the value "
+            f"would be ignored; put it into the JSON list of {list_file} and remove "
+            f"{entry.name}"
+        )
+    return f"{start}; set the whole list as JSON in {list_file} instead"
+
+
 def _read_secret_file(entry: Path, path: list[str]) -> tuple[str, str | None]:
     """Return a secret file's text without surrounding white space, or a problem.
 
@@ -571,8 +602,9 @@ class UniqueKeyEnvSource(EnvSettingsSource):
     object, is rejected with the variable's name. The json module keeps the last of two
     equal keys, so one value would be lost silently, while config files reject repeated
     keys. Only fields that take JSON are checked, so a text value that merely looks like
-    JSON, such as a host name, is not. Names and values that are not UTF-8 are rejected
-    too (see appliance.config.variables).
+    JSON, such as a host name, is not. Names and values that are not UTF-8, and
+    variables that pydantic-settings would drop, are rejected too (see
+    appliance.config.variables).
     """
 
     def __call__(self) -> dict[str, Any]:
@@ -585,6 +617,7 @@ class UniqueKeyEnvSource(EnvSettingsSource):
             if is_utf8(name) and is_utf8(value)
         }
         problems += self._json_problems(text_variables)
+        problems += nesting_problems(self.settings_cls, text_variables)
         if problems:
             # pydantic-settings would raise its own error for the first bad value, naming
             # only the top-level field.

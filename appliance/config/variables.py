@@ -1,17 +1,25 @@
 """Names of the APPLIANCE_* environment variables, and checks that pydantic-settings lacks.
 
-pydantic-settings reads a name or value that is not UTF-8 as text with lone surrogates.
-The checks here describe each such variable, so that the loader rejects it instead.
+pydantic-settings reads a name or value that is not UTF-8 as text with lone surrogates,
+and it drops a variable that sets a list item or a key inside a section that another
+variable sets to null. The checks here describe each such variable, so that the loader
+rejects it instead.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 
 from pydantic import BaseModel
 
-from appliance.config.json_values import is_secret_path, shorten
+from appliance.config.json_values import (
+    is_secret_path,
+    json_field,
+    list_field_depth,
+    shorten,
+)
 
 ENV_PREFIX = "APPLIANCE_"
 NESTING_DELIMITER = "__"
@@ -103,7 +111,76 @@ def _quote(value: str) -> str:
     return f"'{shorten(escape_non_utf8(value))}'"
 
 
+def nesting_problems(model: type[BaseModel], variables: Mapping[str, str]) -> list[str]:
+    """Describe each variable that pydantic-settings would drop beside another one.
+
+    pydantic-settings 2.16 drops a variable that sets a list item, such as
+    APPLIANCE_KNOWN_SERVERS__0__PORT, when the list's own variable is set, and rejects
+    it as "not a valid list" under the list's name when not. It also drops a variable
+    for a key inside a section or entry that another variable sets to JSON null.
+    """
+    by_upper_name = {name.upper(): name for name in variables}
+    null_paths = {
+        tuple(field_path(name)): name
+        for name, value in variables.items()
+        if json_field(model, field_path(name)) is not None and _is_json_null(value)
+    }
+    problems = []
+    for name, value in sorted(variables.items()):
+        path = field_path(name)
+        depth = list_field_depth(model, path)
+        if depth is not None:
+            problem = _list_item_problem(model, name, value, path, depth, by_upper_name)
+            problems.append(problem)
+            continue
+        for parent_depth in range(1, len(path)):
+            null_variable = null_paths.get(tuple(path[:parent_depth]))
+            if null_variable is not None:
+                parent = ".".join(path[:parent_depth])
+                problems.append(
+                    f"{_where(name, value, path)} sets a key inside {parent}, but env "
+                    f"{null_variable} sets that to null, so the value would be ignored; "
+                    "unset one of the two"
+                )
+                break
+    return problems
+
+
+def _is_json_null(value: str) -> bool:
+    try:
+        return json.loads(value) is None
+    except ValueError:
+        return False
+
+
 def _where(name: str, value: str, path: Sequence[str]) -> str:
     """Start a problem line with the field path, the value unless secret, and the name."""
     value_text = " the value" if is_secret_path(path) else f" value {_quote(value)}"
     return f"{'.'.join(path)}:{value_text} (from env {name})"
+
+
+def _list_item_problem(
+    model: type[BaseModel],
+    name: str,
+    value: str,
+    path: list[str],
+    depth: int,
+    by_upper_name: Mapping[str, str],
+) -> str:
+    """Describe a variable that sets a value inside a list field."""
+    list_path = path[:depth]
+    list_variable = ENV_PREFIX + NESTING_DELIMITER.join(list_path).upper()
+    set_list_variable = by_upper_name.get(list_variable)
+    start = (
+        f"{_where(name, value, path)} sets a value inside the list {'.'.join(list_path)}, "
+        "but list items have no variables of their own"
+    )
+    if set_list_variable is not None:
+        return (
+            f"{start}, and {set_list_variable} sets the whole list, so the value would be "
+            f"ignored; put it into the JSON list of {set_list_variable} and unset {name}"
+        )
+    field = json_field(model, list_path)
+    examples = field.examples if field is not None else ()
+    such_as = f", such as {json.dumps(examples[0])!r}" if examples else ""
+    return f"{start}; set the whole list as JSON in {list_variable} instead{such_as}"

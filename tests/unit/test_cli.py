@@ -390,6 +390,16 @@ def make_secret_directory(monkeypatch: pytest.MonkeyPatch, secrets_dir: Path) ->
     (secrets_dir / "APPLIANCE_LOGGING__LEVEL").mkdir()
 
 
+def set_list_item_variable(monkeypatch: pytest.MonkeyPatch, secrets_dir: Path) -> None:
+    monkeypatch.setenv("APPLIANCE_KNOWN_SERVERS__0__PORT", "993")
+    monkeypatch.setenv("APPLIANCE_KNOWN_SERVERS", '[{"host": "a.example", "mode": "none"}]')
+
+
+def set_key_under_null(monkeypatch: pytest.MonkeyPatch, secrets_dir: Path) -> None:
+    monkeypatch.setenv("APPLIANCE_LIMITS__MAX_CONNECTIONS", "5")
+    monkeypatch.setenv("APPLIANCE_LIMITS", "null")
+
+
 # How to break one config source, and the start of the problem line it must give.
 BROKEN_SOURCES = {
     "non-UTF-8 variable name": (
@@ -399,6 +409,14 @@ BROKEN_SOURCES = {
     "secret directory": (
         make_secret_directory,
         "  - logging.level: secret file '{folder}/APPLIANCE_LOGGING__LEVEL' is a directory",
+    ),
+    "list item variable": (
+        set_list_item_variable,
+        "  - known_servers.0.port: value '993' (from env APPLIANCE_KNOWN_SERVERS__0__PORT)",
+    ),
+    "key under null": (
+        set_key_under_null,
+        "  - limits.max_connections: value '5' (from env APPLIANCE_LIMITS__MAX_CONNECTIONS)",
     ),
 }
 

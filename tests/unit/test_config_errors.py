@@ -439,6 +439,147 @@ def test_non_utf8_config_path_accepted(
     assert loaded.path == config
 
 
+# Variables that pydantic-settings would ignore beside another variable
+
+# Variable of a list item, its value, the config path, and the variable of the list.
+LIST_ITEM_VARIABLES = {
+    "known server": (
+        "APPLIANCE_KNOWN_SERVERS__0__PORT",
+        "993",
+        "known_servers.0.port",
+        "APPLIANCE_KNOWN_SERVERS",
+    ),
+    "network": (
+        "APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL__TRUSTED_NETWORKS__1",
+        "192.0.2.0/24",
+        "listeners.imap.proxy_protocol.trusted_networks.1",
+        "APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL__TRUSTED_NETWORKS",
+    ),
+    "route": (
+        "APPLIANCE_LISTENERS__IMAP__ROUTE_BY_LOGIN__ALLOW__0__UPSTREAM",
+        "mail",
+        "listeners.imap.route_by_login.allow.0.upstream",
+        "APPLIANCE_LISTENERS__IMAP__ROUTE_BY_LOGIN__ALLOW",
+    ),
+}
+
+LIST_VALUES = {
+    "APPLIANCE_KNOWN_SERVERS": '[{"host": "mail.example.org", "mode": "implicit"}]',
+    "APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL__TRUSTED_NETWORKS": '["10.0.0.0/8"]',
+    "APPLIANCE_LISTENERS__IMAP__ROUTE_BY_LOGIN__ALLOW": '[{"upstream": "mail"}]',
+}
+
+
+@pytest.mark.parametrize("item_first", [True, False], ids=["item-first", "list-first"])
+@pytest.mark.parametrize(
+    ("variable", "value", "path", "list_variable"),
+    LIST_ITEM_VARIABLES.values(),
+    ids=LIST_ITEM_VARIABLES.keys(),
+)
+def test_list_item_variable_beside_list_rejected(
+    variable: str,
+    value: str,
+    path: str,
+    list_variable: str,
+    item_first: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    secrets_dir: Path,
+) -> None:
+    config = write_config(tmp_path, listener_yaml())
+    variables = [(variable, value), (list_variable, LIST_VALUES[list_variable])]
+    if not item_first:
+        variables.reverse()
+    for name, text in variables:
+        monkeypatch.setenv(name, text)
+
+    problem = only_problem(config, secrets_dir)
+
+    assert problem.startswith(f"{path}: value {value!r} (from env {variable})")
+    assert "list items have no variables of their own" in problem
+    assert f"{list_variable} sets the whole list" in problem
+    assert f"unset {variable}" in problem
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "path", "list_variable"),
+    LIST_ITEM_VARIABLES.values(),
+    ids=LIST_ITEM_VARIABLES.keys(),
+)
+def test_list_item_variable_alone_rejected(
+    variable: str,
+    value: str,
+    path: str,
+    list_variable: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    secrets_dir: Path,
+) -> None:
+    config = write_config(tmp_path, listener_yaml())
+    monkeypatch.setenv(variable, value)
+
+    problem = only_problem(config, secrets_dir)
+
+    assert problem.startswith(f"{path}: value {value!r} (from env {variable})")
+    assert "list items have no variables of their own" in problem
+    assert f"set the whole list as JSON in {list_variable}" in problem
+
+
+# Variable set to JSON null, a variable for a key inside it, and that key's path.
+KEYS_UNDER_NULL = {
+    "optional section": (
+        "APPLIANCE_LISTENERS__IMAP__ROUTE_BY_LOGIN",
+        "APPLIANCE_LISTENERS__IMAP__ROUTE_BY_LOGIN__SEPARATOR",
+        "listeners.imap.route_by_login.separator",
+    ),
+    "top-level section": (
+        "APPLIANCE_LIMITS",
+        "APPLIANCE_LIMITS__MAX_CONNECTIONS",
+        "limits.max_connections",
+    ),
+    "map entry": (
+        "APPLIANCE_UPSTREAMS__MAIL",
+        "APPLIANCE_UPSTREAMS__MAIL__PORT",
+        "upstreams.mail.port",
+    ),
+    "map": (
+        "APPLIANCE_LISTENERS",
+        "APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL__ACCEPT",
+        "listeners.imap.proxy_protocol.accept",
+    ),
+}
+
+
+@pytest.mark.parametrize("key_first", [True, False], ids=["key-first", "null-first"])
+@pytest.mark.parametrize(
+    ("null_variable", "variable", "path"),
+    KEYS_UNDER_NULL.values(),
+    ids=KEYS_UNDER_NULL.keys(),
+)
+def test_key_under_null_variable_rejected(
+    null_variable: str,
+    variable: str,
+    path: str,
+    key_first: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    secrets_dir: Path,
+) -> None:
+    config = write_config(tmp_path, listener_yaml())
+    variables = [(variable, "7"), (null_variable, "null")]
+    if not key_first:
+        variables.reverse()
+    for name, text in variables:
+        monkeypatch.setenv(name, text)
+
+    problem = only_problem(config, secrets_dir)
+
+    parent = null_variable.removeprefix("APPLIANCE_").lower().replace("__", ".")
+    assert problem.startswith(f"{path}: value '7' (from env {variable}) sets a key")
+    assert f"inside {parent}, but env {null_variable} sets that to null" in problem
+    assert "unset one of the two" in problem
+
+
 def test_unknown_secret_key_names_folder(tmp_path: Path, secrets_dir: Path) -> None:
     path = write_config(tmp_path, UPSTREAM_YAML)
     (secrets_dir / "APPLIANCE_UPSTREAMS__MAIL__HOSTT").write_text("mail.example.org")
@@ -570,6 +711,45 @@ def test_unlistable_secrets_folder_named(
     assert problem.startswith(
         f"secrets folder {str(secrets_dir)!r} could not be listed (Permission denied)"
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "path", "list_name"),
+    [
+        (
+            "APPLIANCE_KNOWN_SERVERS__0__PORT",
+            "993",
+            "known_servers.0.port",
+            "APPLIANCE_KNOWN_SERVERS",
+        ),
+        (
+            "APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL__TRUSTED_NETWORKS__0",
+            "10.0.0.0/8",
+            "listeners.imap.proxy_protocol.trusted_networks.0",
+            "APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL__TRUSTED_NETWORKS",
+        ),
+    ],
+)
+def test_list_item_secret_rejected(
+    name: str,
+    value: str,
+    path: str,
+    list_name: str,
+    tmp_path: Path,
+    secrets_dir: Path,
+) -> None:
+    config = write_config(tmp_path, listener_yaml())
+    secret = secrets_dir / name
+    secret.write_text(value)
+
+    problem = only_problem(config, secrets_dir)
+
+    assert problem.startswith(
+        f"{path}: secret file {str(secret)!r} sets a value inside the list"
+    )
+    assert "list items have no secret files of their own" in problem
+    assert f"set the whole list as JSON in {list_name}" in problem
+    assert value not in problem
 
 
 @pytest.mark.parametrize(
