@@ -16,6 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import yaml
+
 from tests.support.dovecot import DovecotServer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -31,8 +33,10 @@ def demo_environment(dovecot: DovecotServer, state_dir: str) -> dict[str, str]:
 
     The quick start has one upstream for both protocols on their standard ports; the demo
     Dovecot uses free ports instead, so POP3 gets a second upstream defined only in env.
+    The caller's own APPLIANCE_* variables are kept, such as
+    APPLIANCE_LISTENERS__IMAP__PORT for a busy port, except those that the demo sets.
     """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    env = dict(os.environ)
     env.update(
         {
             "APPLIANCE_UPSTREAMS__MAIL__HOST": "localhost",
@@ -49,8 +53,22 @@ def demo_environment(dovecot: DovecotServer, state_dir: str) -> dict[str, str]:
     return env
 
 
-def print_instructions(dovecot: DovecotServer, state_dir: str) -> None:
+def listener_port(name: str, env: dict[str, str]) -> str:
+    """Return the port of a quick-start listener, after an APPLIANCE_* override."""
+    variable = f"APPLIANCE_LISTENERS__{name.upper()}__PORT"
+    overrides = [value for key, value in env.items() if key.upper() == variable]
+    if overrides:
+        return overrides[0]
+    config = yaml.safe_load(QUICKSTART.read_text())
+    return str(config["listeners"][name]["port"])
+
+
+def print_instructions(
+    dovecot: DovecotServer, state_dir: str, env: dict[str, str]
+) -> None:
     ports = ", ".join(f"{name} {port}" for name, port in dovecot.enabled_ports.items())
+    imap_port = listener_port("imap", env)
+    pop3_port = listener_port("pop3", env)
     print(
         f"""
 Demo Dovecot is running on localhost ({ports}); its CA file is {dovecot.ca_file}.
@@ -59,9 +77,9 @@ It reloads when {QUICKSTART} changes; the upstream host, port and CA file come f
 APPLIANCE_UPSTREAMS__* variables, which override that file.
 Ctrl-C stops both. User {DEMO_USER!r}, password {DEMO_PASSWORD!r}. Try:
 
-  curl -u {DEMO_USER}:{DEMO_PASSWORD} 'imap://127.0.0.1:1143/INBOX;UID=1'
-  curl -u {DEMO_USER}:{DEMO_PASSWORD} pop3://127.0.0.1:1110/1
-  python3 -c "import imaplib; c = imaplib.IMAP4('127.0.0.1', 1143); \\
+  curl -u {DEMO_USER}:{DEMO_PASSWORD} 'imap://127.0.0.1:{imap_port}/INBOX;UID=1'
+  curl -u {DEMO_USER}:{DEMO_PASSWORD} pop3://127.0.0.1:{pop3_port}/1
+  python3 -c "import imaplib; c = imaplib.IMAP4('127.0.0.1', {imap_port}); \\
 print(c.login('{DEMO_USER}', '{DEMO_PASSWORD}')); print(c.select('INBOX'))"
   {APPLIANCE_COMMAND} known-servers list --state-dir {state_dir}
   {APPLIANCE_COMMAND} probe localhost --port {dovecot.ports["imaps"]} --ca-file {dovecot.ca_file}
@@ -80,7 +98,7 @@ def main() -> int:
         with DovecotServer(tls="both", extra_users={DEMO_USER: DEMO_PASSWORD}) as dovecot:
             env = demo_environment(dovecot, state_dir)
             command = [sys.executable, "-m", "appliance.cli", "run", "--config", str(QUICKSTART)]
-            print_instructions(dovecot, state_dir)
+            print_instructions(dovecot, state_dir, env)
             appliance = subprocess.Popen(command, cwd=REPO_ROOT, env=env)
             try:
                 return appliance.wait()
