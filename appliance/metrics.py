@@ -64,6 +64,14 @@ OUTCOME_LABELS = {
     "client protocol error": "client_protocol_error",
     "client disconnected before login": "client_disconnected",
     "rejected: listener at max_connections": "rejected_max_connections",
+    "rejected: client address at max_connections_per_address": (
+        "rejected_max_connections_per_address"
+    ),
+    "rejected: not from a trusted PROXY network": "rejected_proxy_untrusted",
+    "rejected: PROXY header from an untrusted address": "rejected_proxy_untrusted",
+    "rejected: no PROXY header": "rejected_proxy_missing",
+    "rejected: invalid PROXY header": "rejected_proxy_invalid",
+    "rejected: TLS handshake on a plaintext port": "rejected_tls_on_plaintext_port",
     "shut down before login": "shutdown",
     "shut down in relay": "shutdown",
     "internal error": "internal_error",

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.integration.test_hostile_input import client_hello
 from tests.support.appliance import (
     REPO_ROOT,
     ApplianceProcess,
@@ -317,6 +318,21 @@ def test_refused_login_counted(appliance: ApplianceProcess, result: str) -> None
     assert reply.startswith((b"a1 NO", b"a1 BAD")), reply
     assert counted == before + 1
     assert f'login {result}: client 127.0.0.1 ' in appliance.log_text()
+
+
+def test_tls_on_plaintext_port_counted(appliance: ApplianceProcess) -> None:
+    labels = {
+        "listener": "imap",
+        "upstream": "mail-imap",
+        "outcome": "rejected_tls_on_plaintext_port",
+    }
+    before = metric(appliance, "appliance_sessions_total", **labels)
+    with socket.create_connection((HOST, appliance.port("imap")), timeout=TIMEOUT) as sock:
+        greeting = sock.makefile("rb").readline()
+        sock.sendall(client_hello())
+    counted = wait_for_metric(appliance, "appliance_sessions_total", before + 1, **labels)
+    assert greeting.startswith(b"* OK"), greeting
+    assert counted == before + 1
 
 
 def test_upstream_connect_error_counted(appliance: ApplianceProcess) -> None:

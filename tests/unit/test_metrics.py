@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import datetime
 import os
@@ -15,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 
+import appliance.proxy as proxy_package
 from appliance import metrics
 from appliance.config import AppConfig
 from appliance.metrics import (
@@ -107,6 +109,21 @@ def sample(registry: CollectorRegistry, metric: str, **labels: str) -> float | N
         ("pre-auth timeout", "pre_auth_timeout"),
         ("shut down in relay", "shutdown"),
         ("rejected: listener at max_connections", "rejected_max_connections"),
+        (
+            "rejected: client address at max_connections_per_address",
+            "rejected_max_connections_per_address",
+        ),
+        ("rejected: not from a trusted PROXY network", "rejected_proxy_untrusted"),
+        (
+            "rejected: PROXY header from an untrusted address",
+            "rejected_proxy_untrusted",
+        ),
+        ("rejected: no PROXY header", "rejected_proxy_missing"),
+        ("rejected: invalid PROXY header", "rejected_proxy_invalid"),
+        (
+            "rejected: TLS handshake on a plaintext port",
+            "rejected_tls_on_plaintext_port",
+        ),
         ("upstream connect", "upstream_error"),
         ("upstream protocol error", "upstream_error"),
         ("client TLS handshake failed: wrong version number", "client_tls_error"),
@@ -115,6 +132,27 @@ def sample(registry: CollectorRegistry, metric: str, **labels: str) -> float | N
 )
 def test_outcome_label_maps_outcomes(outcome: str, label: str) -> None:
     assert outcome_label(outcome) == label
+
+
+def session_rejection_outcomes() -> set[str]:
+    """Return every `rejected: ...` string constant in the modules of appliance.proxy."""
+    outcomes = set()
+    for path in Path(proxy_package.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and node.value.startswith("rejected: ")
+            ):
+                outcomes.add(node.value)
+    return outcomes
+
+
+def test_every_session_rejection_has_label() -> None:
+    outcomes = session_rejection_outcomes()
+    assert "rejected: listener at max_connections" in outcomes
+    for outcome in sorted(outcomes):
+        assert outcome_label(outcome) != "other", outcome
 
 
 @pytest.mark.parametrize(
