@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
+from appliance.logs import RepeatLimiter
 from appliance.protocols import capabilities, sasl
 from appliance.protocols.errors import (
     ClientProtocolError,
@@ -48,6 +49,13 @@ from appliance.proxy.session import (
     decode_login,
 )
 from appliance.proxy.upstream import UpstreamTarget, open_upstream, upgrade_upstream
+
+# Every session to an upstream with `send_client_address: imap_id` that does not offer
+# ID would repeat the warning. So it goes out once per upstream name and interval, and
+# the repeats are logged at DEBUG. The servers of one host rule share the name of its
+# template upstream, and so one limit.
+UPSTREAM_ID_WARNING_INTERVAL = 300.0
+UPSTREAM_ID_WARNINGS = RepeatLimiter(UPSTREAM_ID_WARNING_INTERVAL)
 
 # LOGIN and SASL arguments are strings, while a literal8 carries binary data (RFC 3516).
 LITERAL8_LOGIN_ERROR = "Login arguments are strings; literal8 (~{n}) is for binary data"
@@ -118,9 +126,13 @@ class ImapSession(Session):
         """Send the client's address in the ID fields that Dovecot reads from
         `login_trusted_networks`: `x-originating-ip` and `x-originating-port`."""
         if not capabilities.has_capability(self.upstream_caps, "ID"):
-            self.log.warning(
-                "upstream {} does not offer ID, so the client address is not sent",
+            self.warn_limited(
+                UPSTREAM_ID_WARNINGS,
                 target.name,
+                "upstream {} ({}) does not offer ID, so the client address is not sent. "
+                "Set its send_client_address to proxy_v2, or to none",
+                target.name,
+                target.address,
             )
             return
         tag = next(self.tags)

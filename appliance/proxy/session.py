@@ -13,7 +13,7 @@ import dataclasses
 import secrets
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -706,7 +706,17 @@ class Session:
         CLIENT_SETUP_WARNING_INTERVAL seconds, with the count of repeats since the last
         one. The repeats are logged at DEBUG.
         """
-        held_back = CLIENT_SETUP_WARNINGS.allow((self.env.listener_name, kind))
+        key = (self.env.listener_name, kind)
+        self.warn_limited(CLIENT_SETUP_WARNINGS, key, message, *args)
+
+    def warn_limited(
+        self, limiter: RepeatLimiter, key: Hashable, message: str, *args: Any
+    ) -> None:
+        """Log a warning that `limiter` allows for `key`, or else log it at DEBUG.
+
+        An allowed warning ends with the count of repeats held back since the last one.
+        """
+        held_back = limiter.allow(key)
         if held_back is None:
             self.log.debug(message, *args)
             return

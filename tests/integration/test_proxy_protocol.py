@@ -27,7 +27,13 @@ from tests.support.appliance import (
 )
 from tests.support.certs import TestPKI
 from tests.support.dovecot import DovecotServer, find_free_ports
-from tests.support.scripted_server import LineClient, Step, converse
+from tests.support.scripted_server import (
+    LineClient,
+    Script,
+    ScriptedServer,
+    Step,
+    converse,
+)
 
 HOST = "127.0.0.1"
 TRUSTED_SOURCE = "127.0.0.2"
@@ -416,3 +422,59 @@ def test_client_id_fields_not_forwarded(
     # Dovecot trusts the appliance's address, so a forwarded field would have won.
     wait_for_log(dovecot_log(mail_server), r"Login: user=<alice>.*rip=127\.0\.0\.1,")
     assert "192.0.2.67" not in dovecot_log(mail_server)()
+
+
+# IMAP ID toward a server that does not offer it
+
+
+@pytest.fixture(scope="module")
+def server_without_id() -> Iterator[ScriptedServer]:
+    with ScriptedServer(Script(protocol="imap", offer_starttls=False)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def proxy_without_id(
+    server_without_id: ScriptedServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ApplianceProcess]:
+    upstream = {
+        "host": HOST,
+        "port": server_without_id.port,
+        "tls": "none",
+        "send_client_address": "imap_id",
+    }
+    config = {
+        "listeners": {"imap": listener_config("imap", "no_id")},
+        "upstreams": {"no_id": upstream},
+        "logging": {"level": "DEBUG"},
+    }
+    with ApplianceProcess(config, tmp_path_factory.mktemp("no-id")) as process:
+        yield process
+
+
+def wait_for_lines(text_of: Any, text: str, count: int) -> list[str]:
+    """Poll a log until `count` lines contain `text`, and return those lines."""
+    deadline = time.monotonic() + LOG_TIMEOUT
+    while True:
+        lines = [line for line in text_of().splitlines() if text in line]
+        if len(lines) >= count or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
+
+
+def test_missing_id_warning_rate_limited(
+    proxy_without_id: ApplianceProcess, server_without_id: ScriptedServer
+) -> None:
+    for _ in range(3):
+        with LineClient(HOST, proxy_without_id.port("imap"), timeout=TIMEOUT) as client:
+            assert client.read_line().startswith(b"* OK")
+            imap_login(client)
+
+    lines = wait_for_lines(proxy_without_id.log_text, "does not offer ID", 3)
+    warnings = [line for line in lines if " WARNING " in line]
+    repeats = [line for line in lines if " DEBUG " in line]
+    assert len(warnings) == 1, lines
+    # The fixture's check that the port accepts may have opened one more session.
+    assert len(repeats) >= 2, lines
+    assert f"upstream no_id ({HOST}:{server_without_id.port})" in warnings[0]
+    assert "ID" not in server_without_id.records[0].commands
