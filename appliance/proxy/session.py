@@ -127,6 +127,16 @@ CLIENT_SETUP_WARNING_INTERVAL = 60.0
 CLIENT_SETUP_WARNINGS = RepeatLimiter(CLIENT_SETUP_WARNING_INTERVAL)
 
 
+def _describe_addressless_header(header: ProxyHeader) -> str:
+    """Return how the log names a PROXY header that carries no client address."""
+    if header.version == 1:
+        # The only version 1 line without addresses.
+        return "PROXY v1 UNKNOWN header"
+    if header.command == "LOCAL":
+        return "PROXY v2 LOCAL header"
+    return "PROXY v2 header of family UNSPEC or UNIX"
+
+
 def decode_login(login: bytes) -> str:
     """Decode a login for Session.user, keeping invalid UTF-8 bytes as the log shows them.
 
@@ -494,9 +504,8 @@ class Session:
         self.client.bytes_received -= header.size
         if header.source is None:
             self.log.info(
-                "PROXY v{} {} header from {} names no client address; using {}",
-                header.version,
-                header.command,
+                "{} from {} names no client address, so logs and limits use {}",
+                _describe_addressless_header(header),
                 self.peer_address,
                 self.peer_address,
             )

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from appliance.protocols.proxy_header import build_v2_header
+from appliance.protocols.proxy_header import V2_SIGNATURE, build_v2_header
 from tests.support.appliance import (
     ApplianceProcess,
     listener_config,
@@ -230,6 +230,32 @@ def test_trusted_header_names_client(proxy: ApplianceProcess, build: Any) -> Non
     )
     assert line.endswith(f"client {source}:40001")
     wait_for_log(proxy.log_text, rf"login succeeded: client {source} port 40001 ")
+
+
+# Each case: a header that carries no client address, and how the log names it.
+ADDRESSLESS_HEADERS = {
+    "v1-unknown": (b"PROXY UNKNOWN\r\n", "PROXY v1 UNKNOWN header"),
+    "v2-local": (V2_SIGNATURE + b"\x20\x00\x00\x00", "PROXY v2 LOCAL header"),
+    "v2-unspec": (
+        V2_SIGNATURE + b"\x21\x00\x00\x00",
+        "PROXY v2 header of family UNSPEC or UNIX",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", ADDRESSLESS_HEADERS)
+def test_addressless_header_named_in_log(proxy: ApplianceProcess, case: str) -> None:
+    header, description = ADDRESSLESS_HEADERS[case]
+    with client_after_header(proxy, "required", header) as client:
+        port = client.sock.getsockname()[1]
+        imap_login(client)
+
+    peer = f"{TRUSTED_SOURCE}:{port}"
+    line = wait_for_log(proxy.log_text, re.escape(f"] {description} from {peer} "))
+    assert line.endswith(f"names no client address, so logs and limits use {peer}")
+    wait_for_log(
+        proxy.log_text, rf"login succeeded: client {re.escape(TRUSTED_SOURCE)} port {port} "
+    )
 
 
 def test_pop3_listener_reads_header(proxy: ApplianceProcess) -> None:
