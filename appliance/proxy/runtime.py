@@ -179,7 +179,8 @@ async def run_appliance(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, runtime.stopping.set)
     reloader.start()
-    logger.info("appliance ready with {} listeners", len(runtime.listeners))
+    count = len(runtime.listeners)
+    logger.info("appliance ready with {} listener{}", count, "" if count == 1 else "s")
     await runtime.stopping.wait()
     await reloader.stop()
     await runtime.shutdown()

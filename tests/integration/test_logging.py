@@ -332,6 +332,27 @@ def test_end_line_reports_byte_counts(log_run):
         assert end_message(log_run, flow).endswith(counts), flow.name
 
 
+def test_ready_line_counts_listeners(log_run):
+    ready = [
+        line.message
+        for line in log_run.lines
+        if line.message.startswith("appliance ready")
+    ]
+    assert ready == ["appliance ready with 4 listeners"]
+
+
+def test_ready_line_counts_one_listener(tmp_path):
+    config = {
+        "listeners": {
+            "imap": {"protocol": "imap", "port": free_port(), "upstream": "mail"}
+        },
+        "upstreams": {"mail": {"host": "127.0.0.1", "tls": "none"}},
+    }
+    with ApplianceProcess(config, tmp_path) as process:
+        line = process.wait_for_log("appliance ready")
+    assert line.endswith("appliance ready with 1 listener"), line
+
+
 def test_failed_login_logged_in_session(log_run):
     failed = [
         line
