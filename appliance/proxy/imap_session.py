@@ -392,8 +392,8 @@ class ImapSession(Session):
                     response = b"" if initial == b"=" else initial
                 authzid, user, password = sasl.decode_plain(response)
                 if authzid and authzid != user:
-                    # A request to act as another user is rejected, never dropped.
-                    await self._reject_login(tag, user)
+                    self.reject_authorization_identity(authzid, user)
+                    self._send_authentication_failed(tag)
                     return None
             elif mechanism == "LOGIN":
                 user, password = await self.read_sasl_login(initial)
@@ -446,13 +446,12 @@ class ImapSession(Session):
             self.drop_route()
         return result
 
-    async def _reject_login(self, client_tag: str, login: bytes) -> None:
-        await self.delay_login(login)
-        self._reply_login_failed(client_tag, login)
-
     def _reply_login_failed(self, client_tag: str, login: bytes) -> None:
         """Fail a login that the appliance does not forward, like a wrong password."""
         self.record_login("failed", login)
+        self._send_authentication_failed(client_tag)
+
+    def _send_authentication_failed(self, client_tag: str) -> None:
         self.client.send(
             format_tagged(
                 client_tag, "NO", "Authentication failed.", "AUTHENTICATIONFAILED"

@@ -210,9 +210,8 @@ class Pop3Session(Session):
                     response = b"" if initial == b"=" else initial
                 authzid, user, password = sasl.decode_plain(response)
                 if authzid and authzid != user:
-                    # A request to act as another user is rejected, never dropped.
-                    await self.delay_login(user)
-                    self._reply_login_failed(user)
+                    self.reject_authorization_identity(authzid, user)
+                    self._send_authentication_failed()
                     return None
             elif mechanism == b"LOGIN":
                 user, password = await self.read_sasl_login(initial)
@@ -281,6 +280,9 @@ class Pop3Session(Session):
     def _reply_login_failed(self, login: bytes) -> None:
         """Fail a login that the appliance does not forward, like a wrong password."""
         self.record_login("failed", login)
+        self._send_authentication_failed()
+
+    def _send_authentication_failed(self) -> None:
         self.client.send(format_err("Authentication failed.", "AUTH"))
 
     async def _login(self, user: bytes, password: bytes) -> bool | None:

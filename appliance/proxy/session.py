@@ -21,7 +21,7 @@ from loguru import logger
 
 from appliance import metrics
 from appliance.config import AppConfig, ListenerConfig, UpstreamConfig
-from appliance.logs import RepeatLimiter
+from appliance.logs import RepeatLimiter, escape
 from appliance.protocols import sasl
 from appliance.protocols.capabilities import ClientSideState
 from appliance.protocols.errors import (
@@ -645,6 +645,21 @@ class Session:
         )
         self.record_login("rejected", user if len(user) <= MAX_LOGIN_USER_SIZE else None)
         return True
+
+    def reject_authorization_identity(self, authzid: bytes, user: bytes) -> None:
+        """Record as rejected a SASL PLAIN login that requests to act as user `authzid`.
+
+        The appliance logs in upstream as the user only, without an authorization
+        identity. It rejects such a login rather than drop `authzid`, which would log the
+        client in as the user instead. No password was checked, so the failed-login delay
+        stays as it is. The caller sends the reply.
+        """
+        self.log.debug(
+            'rejecting the login: its SASL PLAIN authorization identity "{}" is not '
+            "the user name, and the appliance does not log in as another user",
+            escape(authzid).replace('"', "\\x22"),
+        )
+        self.record_login("rejected", user if len(user) <= MAX_LOGIN_USER_SIZE else None)
 
     def start_forwarding_login(self) -> None:
         """Mark the current login as forwarded until record_login logs its outcome.

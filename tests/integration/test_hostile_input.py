@@ -725,6 +725,61 @@ def test_delayed_login_dropped_when_client_leaves(delayed, upstreams, case):
     assert b"gone-user" not in received, received
 
 
+AUTHZID_PASSWORD = b"Authz-Secret-5150"
+# SASL PLAIN logins of `user` that request to act as `admin`, by protocol.
+FOREIGN_AUTHZID_LOGINS = {
+    "imap": b"a1 AUTHENTICATE PLAIN "
+    + base64.b64encode(b"admin\0user\0" + AUTHZID_PASSWORD)
+    + b"\r\n",
+    "pop3": b"AUTH PLAIN "
+    + base64.b64encode(b"admin\0user\0" + AUTHZID_PASSWORD)
+    + b"\r\n",
+}
+AUTHENTICATION_FAILED = {
+    "imap": b"a1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n",
+    "pop3": b"-ERR [AUTH] Authentication failed.\r\n",
+}
+
+
+@pytest.mark.parametrize("protocol", ["imap", "pop3"])
+def test_foreign_authzid_rejected_with_reason(strict, upstreams, protocol):
+    source = next_source()
+    before = len(upstreams[protocol].received)
+    with connect(strict, protocol, source) as client:
+        port = client.sock.getsockname()[1]
+        client.send(FOREIGN_AUTHZID_LOGINS[protocol])
+        reply = client.read_line()
+    rejected = wait_for_log(strict, f"login rejected: client {source} port {port} ")
+    session = re.search(r"\[session=([0-9a-f]+) ", rejected)[1]
+    reasons = [
+        line
+        for line in strict.log_text().splitlines()
+        if f"[session={session} " in line and "authorization identity" in line
+    ]
+    received = bytes(upstreams[protocol].received[before:])
+
+    assert reply == AUTHENTICATION_FAILED[protocol], reply
+    assert rejected.endswith(' user "user"'), rejected
+    assert len(reasons) == 1, reasons
+    assert " DEBUG " in reasons[0], reasons
+    assert 'authorization identity "admin" is not the user name' in reasons[0]
+    assert AUTHZID_PASSWORD.decode() not in strict.log_text()
+    assert b"admin" not in received, received
+
+
+@pytest.mark.parametrize("protocol", ["imap", "pop3"])
+def test_foreign_authzid_earns_no_delay(delayed, protocol):
+    source = next_source()
+    with connect(delayed, protocol, source) as client:
+        client.send(FOREIGN_AUTHZID_LOGINS[protocol])
+        rejected = client.read_line()
+    reply, seconds = timed_login(delayed, protocol, source, RIGHT_PASSWORD)
+
+    assert rejected == AUTHENTICATION_FAILED[protocol], rejected
+    assert succeeded(protocol, reply), reply
+    assert seconds < 0.9
+
+
 def test_failed_login_delay_per_address(delayed):
     noisy = next_source()
     for _ in range(3):

@@ -602,16 +602,19 @@ def wait_for_log(proxy: ApplianceProcess, text: str) -> str:
 @pytest.mark.parametrize(
     "listener, authcid", [("at", b"alice@mail"), ("static", b"alice")]
 )
-def test_imap_foreign_authzid_fails(
+def test_imap_foreign_authzid_rejected(
     proxy: ApplianceProcess, mail_server: DovecotServer, listener: str, authcid: bytes
 ) -> None:
     before = dovecot_logins(mail_server, "bob")
     plain = b64(b"bob\0" + authcid + b"\0" + PASSWORD.encode())
     with connect(proxy, listener) as client:
+        port = client_port(client)
         converse(
             client, [Step(b"a1 AUTHENTICATE PLAIN " + plain + b"\r\n", AUTH_FAILED)]
         )
 
+    line = wait_for_log(proxy, f"login rejected: client {HOST} port {port} ")
+    assert line.endswith(f'user "{authcid.decode()}"'), line
     assert dovecot_logins(mail_server, "bob") == before
 
 
@@ -629,11 +632,14 @@ def test_imap_matching_authzid_logs_in(
 @pytest.mark.parametrize(
     "listener, authcid", [("pop3", b"alice@mail_pop3"), ("static_pop3", b"alice")]
 )
-def test_pop3_foreign_authzid_fails(
+def test_pop3_foreign_authzid_rejected(
     proxy: ApplianceProcess, listener: str, authcid: bytes
 ) -> None:
     plain = b64(b"bob\0" + authcid + b"\0" + PASSWORD.encode())
     with connect(proxy, listener) as client:
+        port = client_port(client)
         reply = pop3_exchange(client, [(b"AUTH PLAIN " + plain, b"-ERR")])
 
+    line = wait_for_log(proxy, f"login rejected: client {HOST} port {port} ")
     assert reply == POP3_AUTH_FAILED + b"\r\n"
+    assert line.endswith(f'user "{authcid.decode()}"'), line
