@@ -23,6 +23,7 @@ from tests.support.dovecot import (
     SMALL_MESSAGE_COUNT,
     DovecotError,
     DovecotServer,
+    build_parser,
     check_message,
     numbered_users,
 )
@@ -285,6 +286,12 @@ def test_invalid_config_raises_log_tail(dovecot_backend):
 def test_check_message_rejects_non_crlf(message):
     with pytest.raises(ValueError):
         check_message(message)
+
+
+def test_cli_help_covers_every_option():
+    parser = build_parser()
+    for action in parser._actions:
+        assert action.help, action.option_strings
 
 
 def test_cli_print_env_then_sigterm(dovecot_backend):

@@ -733,15 +733,39 @@ def _wait_for_exit(pids: Sequence[int], timeout: float) -> None:
         time.sleep(0.05)
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """Build the command-line parser of `python3 -m tests.support.dovecot`."""
     parser = argparse.ArgumentParser(
         prog="python3 -m tests.support.dovecot",
         description="Start a throwaway Dovecot with seeded mailboxes and wait "
         "for SIGINT or SIGTERM.",
     )
-    parser.add_argument("--tls", choices=TLS_MODES, default="both")
-    parser.add_argument("--cert", choices=SERVER_CERT_KINDS, default="valid")
-    parser.add_argument("--backend", choices=BACKENDS, default="local")
+    parser.add_argument(
+        "--tls",
+        choices=TLS_MODES,
+        default="both",
+        help="ports to open: both (IMAP and POP3 ports with STARTTLS/STLS, and "
+        "implicit TLS ports), starttls (only the ports with STARTTLS/STLS), implicit "
+        "(only the implicit TLS ports) or none (IMAP and POP3 ports without TLS); "
+        "default both",
+    )
+    parser.add_argument(
+        "--cert",
+        choices=SERVER_CERT_KINDS,
+        default="valid",
+        help="server certificate: valid (for localhost, 127.0.0.1 and ::1), "
+        "wrong_host (for wrong.invalid only), expired, or untrusted (not issued by "
+        "the CA in DOVECOT_CA_FILE); default valid",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="local",
+        help="local runs the dovecot binary of the host as root; docker runs it in "
+        "a container of the image in APPLIANCE_TEST_DOVECOT_IMAGE (default "
+        f"{DEFAULT_DOCKER_IMAGE}), which has never run against a Docker engine; "
+        "default local",
+    )
     parser.add_argument(
         "--extra-users",
         type=int,
@@ -761,7 +785,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="SECONDS",
         help="stop after SECONDS (default 3600); 0 runs until a signal",
     )
-    return parser.parse_args(argv)
+    return parser
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
