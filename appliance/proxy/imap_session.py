@@ -51,7 +51,8 @@ from appliance.proxy.session import (
 from appliance.proxy.upstream import UpstreamTarget, open_upstream, upgrade_upstream
 
 # Every session to an upstream with `send_client_address: imap_id` that does not offer
-# ID would repeat the warning. So it goes out once per upstream name and interval, and
+# ID, or rejects it, would repeat the warning. So each goes out once per upstream name
+# and interval, and
 # the repeats are logged at DEBUG. The servers of one host rule share the name of its
 # template upstream, and so one limit.
 UPSTREAM_ID_WARNING_INTERVAL = 300.0
@@ -128,7 +129,7 @@ class ImapSession(Session):
         if not capabilities.has_capability(self.upstream_caps, "ID"):
             self.warn_limited(
                 UPSTREAM_ID_WARNINGS,
-                target.name,
+                (target.name, "missing"),
                 "upstream {} ({}) does not offer ID, so the client address is not sent. "
                 "Set its send_client_address to proxy_v2, or to none",
                 target.name,
@@ -148,9 +149,12 @@ class ImapSession(Session):
         )
         tagged, _ = await self._tagged_reply(tag)
         if tagged.status != "OK":
-            self.log.warning(
-                "upstream {} responded {} to the ID command with the client address",
+            self.warn_limited(
+                UPSTREAM_ID_WARNINGS,
+                (target.name, "rejected"),
+                "upstream {} ({}) responded {} to the ID command with the client address",
                 target.name,
+                target.address,
                 tagged.status,
             )
 

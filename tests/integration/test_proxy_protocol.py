@@ -504,3 +504,39 @@ def test_missing_id_warning_rate_limited(
     assert len(repeats) >= 2, lines
     assert f"upstream no_id ({HOST}:{server_without_id.port})" in warnings[0]
     assert "ID" not in server_without_id.records[0].commands
+
+
+@pytest.fixture(scope="module")
+def server_rejecting_id() -> Iterator[ScriptedServer]:
+    script = Script(protocol="imap", offer_starttls=False, offer_id=True, id_status=b"NO")
+    with ScriptedServer(script) as server:
+        yield server
+
+
+def test_rejected_id_warning_rate_limited(
+    server_rejecting_id: ScriptedServer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    upstream = {
+        "host": HOST,
+        "port": server_rejecting_id.port,
+        "tls": "none",
+        "send_client_address": "imap_id",
+    }
+    config = {
+        "listeners": {"imap": listener_config("imap", "rejects_id")},
+        "upstreams": {"rejects_id": upstream},
+        "logging": {"level": "DEBUG"},
+    }
+    with ApplianceProcess(config, tmp_path_factory.mktemp("rejects-id")) as process:
+        for _ in range(3):
+            with LineClient(HOST, process.port("imap"), timeout=TIMEOUT) as client:
+                assert client.read_line().startswith(b"* OK")
+                imap_login(client)
+        lines = wait_for_lines(process.log_text, "responded NO to the ID command", 3)
+
+    warnings = [line for line in lines if " WARNING " in line]
+    repeats = [line for line in lines if " DEBUG " in line]
+    assert len(warnings) == 1, lines
+    assert len(repeats) >= 2, lines
+    assert f"upstream rejects_id ({HOST}:{server_rejecting_id.port})" in warnings[0]
+    assert "ID" in server_rejecting_id.records[-1].commands

@@ -60,6 +60,10 @@ class Script:
     """IMAP tag of the STARTTLS reply. None uses the command's tag."""
     login_reply_tag: bytes | None = None
     """IMAP tag of the LOGIN and AUTHENTICATE replies. None uses the command's tag."""
+    offer_id: bool = False
+    """List ID (RFC 2971) among the IMAP capabilities."""
+    id_status: bytes = b"OK"
+    """Status of the tagged reply to ID, such as b"NO"."""
     login_reply: str = "ok"
     """Reply to the command that completes a login (LOGIN, AUTHENTICATE, PASS, AUTH or
     APOP). `ok` sends the usual reply, `close` closes the connection without one, and
@@ -306,6 +310,8 @@ class ScriptedServer:
         elif name == "LOGIN":
             reply = (self.script.login_reply_tag or tag) + self._imap_login_ok()
             return self._reply_to_login(peer, reply)
+        elif name == "ID":
+            peer.send(tag + b" " + self.script.id_status + b" ID done\r\n")
         elif name == "LOGOUT":
             peer.send(b"* BYE Logging out\r\n" + tag + b" OK done\r\n")
             return False
@@ -323,6 +329,8 @@ class ScriptedServer:
 
     def _imap_capabilities(self, tls_active: bool) -> list[str]:
         caps = ["IMAP4rev1", "SASL-IR", "AUTH=PLAIN", "LITERAL+"]
+        if self.script.offer_id:
+            caps.append("ID")
         if self.script.offer_starttls and not tls_active:
             caps.append("STARTTLS")
         return caps
