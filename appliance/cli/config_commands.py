@@ -27,16 +27,18 @@ def command_check_config(args: argparse.Namespace) -> int:
         return EXIT_CONFIG_ERROR
     from appliance.tls.contexts import TlsContextError, build_all_contexts
 
+    problems: list[str] = []
     try:
         build_all_contexts(loaded.config)
     except TlsContextError as exc:
+        problems.extend(exc.problems)
+    state_dir = state_dir_problem(loaded.config)
+    if state_dir is not None:
+        problems.append(state_dir)
+    if problems:
         print("config is invalid:", file=sys.stderr)
-        print(f"  - {exc}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    problem = state_dir_problem(loaded.config)
-    if problem is not None:
-        print("config is invalid:", file=sys.stderr)
-        print(f"  - {problem}", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     sys.stdout.write(render_effective_config(loaded))
     return EXIT_OK

@@ -146,7 +146,8 @@ async def run_appliance(
     try:
         snapshot = build_snapshot(loaded)
     except TlsContextError as exc:
-        logger.error("config is invalid: {}", exc)
+        for problem in exc.problems:
+            logger.error("config is invalid: {}", problem)
         return 2
     tls_auto = snapshot.config.tls_auto
     try:

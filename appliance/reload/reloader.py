@@ -255,7 +255,7 @@ class Reloader:
         try:
             contexts = build_all_contexts(loaded.config)
         except TlsContextError as exc:
-            raise ReloadRejected(str(exc), loaded) from None
+            raise ReloadRejected("; ".join(exc.problems), loaded) from None
         current = self.runtime.snapshot
         diff = diff_configs(current.config, loaded.config, self.digests, digests)
         snapshot = Snapshot(loaded.config, contexts, current.version + 1)

@@ -23,7 +23,11 @@ TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
 class TlsContextError(Exception):
-    """A TLS context could not be built from the named config field."""
+    """Failure to build TLS contexts, with one line in `problems` per failing config field."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
 
 
 @dataclass
@@ -123,8 +127,10 @@ def client_context(upstream: UpstreamConfig, where: str) -> UpstreamContext:
                 context.load_default_certs(ssl.Purpose.SERVER_AUTH)
         except (ssl.SSLError, OSError) as exc:
             raise TlsContextError(
-                f"{where}.ca_file: {str(upstream.ca_file)!r} contains no usable CA "
-                f"certificate ({_reason(exc)}); expected PEM certificates"
+                [
+                    f"{where}.ca_file: {str(upstream.ca_file)!r} contains no usable CA "
+                    f"certificate ({_reason(exc)}); expected PEM certificates"
+                ]
             ) from None
     else:
         context.check_hostname = False
@@ -141,22 +147,37 @@ def client_context(upstream: UpstreamConfig, where: str) -> UpstreamContext:
 
 
 def build_all_contexts(config: AppConfig) -> TlsContexts:
-    """Build every context the config needs, or raise TlsContextError for the first failure.
+    """Build every context the config needs.
 
-    Upstreams with the same TLS settings share one context, because loading the system
-    CA store takes about 35 ms per context, which a config with many upstreams pays on
-    every start and reload.
+    Raises TlsContextError with a problem for every listener and upstream whose context
+    fails, so that one check-config run reports all of them. Upstreams with the same TLS
+    settings share one context, because loading the system CA store takes about 35 ms
+    per context, which a config with many upstreams pays on every start and reload.
     """
     contexts = TlsContexts()
+    problems: list[str] = []
     for name, listener in config.listeners.items():
-        if listener.tls != "none":
+        if listener.tls == "none":
+            continue
+        try:
             contexts.listeners[name] = server_context(listener, f"listeners.{name}")
+        except TlsContextError as exc:
+            problems.extend(exc.problems)
     shared: dict[tuple[object, ...], UpstreamContext] = {}
     for name, upstream in config.upstreams.items():
         key = client_context_key(upstream)
-        if key not in shared:
-            shared[key] = client_context(upstream, f"upstreams.{name}")
-        contexts.upstreams[name] = shared[key]
+        context = shared.get(key)
+        if context is None:
+            # A failed key is not stored, so each upstream that shares it is named.
+            try:
+                context = client_context(upstream, f"upstreams.{name}")
+            except TlsContextError as exc:
+                problems.extend(exc.problems)
+                continue
+            shared[key] = context
+        contexts.upstreams[name] = context
+    if problems:
+        raise TlsContextError(problems)
     return contexts
 
 
@@ -184,9 +205,11 @@ def _load_chain(
         context.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
     except (ssl.SSLError, OSError) as exc:
         raise TlsContextError(
-            f"{where}.{cert_field}: certificate {str(cert_file)!r} with key "
-            f"{str(key_file)!r} could not be loaded ({_reason(exc)}); expected a PEM "
-            "certificate chain and its matching unencrypted private key"
+            [
+                f"{where}.{cert_field}: certificate {str(cert_file)!r} with key "
+                f"{str(key_file)!r} could not be loaded ({_reason(exc)}); expected a PEM "
+                "certificate chain and its matching unencrypted private key"
+            ]
         ) from None
 
 

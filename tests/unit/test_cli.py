@@ -236,6 +236,41 @@ def test_check_config_lists_every_problem(
     assert len(problem_lines) == 2
 
 
+def test_check_config_lists_every_tls_problem(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, secrets_dir: Path
+) -> None:
+    pki = TestPKI(tmp_path / "pki")
+    cert = pki.issue_server_cert("listener")
+    # Both listeners name the CA certificate as key_file, and the upstream names a
+    # private key as ca_file.
+    listener = {
+        "protocol": "imap",
+        "tls": "implicit",
+        "cert_file": str(cert.cert_file),
+        "key_file": str(pki.ca_file),
+        "upstream": "mail",
+    }
+    document = {
+        "listeners": {
+            "imaps": {**listener, "port": 1993},
+            "imaps-backup": {**listener, "port": 1994},
+        },
+        "upstreams": {"mail": {"host": "localhost", "ca_file": str(cert.key_file)}},
+    }
+    path = tmp_path / "appliance.yaml"
+    path.write_text(yaml.safe_dump(document))
+
+    code = check_config(path, secrets_dir)
+
+    err = capsys.readouterr().err
+    assert code == EXIT_CONFIG_ERROR
+    assert err.startswith("config is invalid:\n")
+    assert "\n  - listeners.imaps." in err
+    assert "\n  - listeners.imaps-backup." in err
+    assert "\n  - upstreams.mail.ca_file:" in err
+    assert "Traceback" not in err
+
+
 def test_check_config_missing_file_exits_two(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, secrets_dir: Path
 ) -> None:

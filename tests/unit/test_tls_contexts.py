@@ -363,6 +363,51 @@ def test_build_all_contexts_names_failing_listener(
     assert str(caught.value).startswith("listeners.secure.cert_file:")
 
 
+def test_build_all_contexts_lists_every_failure(
+    pki: TestPKI, listener_cert: CertFiles
+) -> None:
+    # key_file names the CA certificate and ca_file a private key, as when an operator
+    # swaps the two files.
+    swapped_key = {"key_file": pki.ca_file}
+    config = AppConfig(
+        listeners={
+            "imaps": tls_listener(listener_cert, **swapped_key).model_dump(),
+            "pop3s": tls_listener(
+                listener_cert, protocol="pop3", port=1995, **swapped_key
+            ).model_dump(),
+        },
+        upstreams={"mail": {"host": "localhost", "ca_file": listener_cert.key_file}},
+    )
+
+    with pytest.raises(TlsContextError) as caught:
+        build_all_contexts(config)
+
+    problems = caught.value.problems
+    assert len(problems) == 3, problems
+    assert problems[0].startswith("listeners.imaps.")
+    assert problems[1].startswith("listeners.pop3s.")
+    assert problems[2].startswith("upstreams.mail.ca_file:")
+
+
+def test_shared_failing_context_names_each_upstream(tmp_path: Path) -> None:
+    garbage = tmp_path / "ca.pem"
+    garbage.write_text("not a certificate\n")
+    config = AppConfig(
+        upstreams={
+            "one": {"host": "one.example.org", "ca_file": garbage},
+            "two": {"host": "two.example.org", "ca_file": garbage},
+        },
+    )
+
+    with pytest.raises(TlsContextError) as caught:
+        build_all_contexts(config)
+
+    problems = caught.value.problems
+    assert len(problems) == 2, problems
+    assert problems[0].startswith("upstreams.one.ca_file:")
+    assert problems[1].startswith("upstreams.two.ca_file:")
+
+
 def fake_tls_object(server_name: str) -> SimpleNamespace:
     session = SimpleNamespace(has_ticket=True, id=b"id")
     return SimpleNamespace(server_hostname=server_name, session=session)
