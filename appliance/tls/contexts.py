@@ -7,6 +7,7 @@ key or CA file is reported with the field that named it and nothing running is t
 from __future__ import annotations
 
 import collections
+import re
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,12 @@ SESSIONS_PER_SERVER_NAME = 64
 MAX_SERVER_NAMES = 1024
 
 TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+# Bytes of a PEM file read to tell which file of a certificate and key pair failed to
+# load. A certificate chain takes a few kB, so the limit only guards against huge files.
+MAX_PEM_PREVIEW = 1 << 20
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN (?:TRUSTED )?CERTIFICATE-----")
+_PEM_PRIVATE_KEY = re.compile(rb"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----")
 
 
 class TlsContextError(Exception):
@@ -126,12 +133,12 @@ def client_context(upstream: UpstreamConfig, where: str) -> UpstreamContext:
                 # start and reload, and a `tls: none` upstream never verifies anything.
                 context.load_default_certs(ssl.Purpose.SERVER_AUTH)
         except (ssl.SSLError, OSError) as exc:
-            raise TlsContextError(
-                [
-                    f"{where}.ca_file: {str(upstream.ca_file)!r} contains no usable CA "
-                    f"certificate ({_reason(exc)}); expected PEM certificates"
-                ]
-            ) from None
+            found = _pem_kind_found(upstream.ca_file, expected="certificate")
+            problem = (
+                f"{where}.ca_file: {str(upstream.ca_file)!r} contains no usable CA "
+                f"certificate{found} ({_reason(exc)}); expected PEM certificates"
+            )
+            raise TlsContextError([problem]) from None
     else:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -194,6 +201,16 @@ def client_context_key(upstream: UpstreamConfig) -> tuple[object, ...]:
     )
 
 
+class _EncryptedKeyError(Exception):
+    """Raised by the password callback, because the config has no key password."""
+
+
+def _reject_password_request() -> bytes:
+    # Without a callback, OpenSSL prompts for the password on the terminal, which blocks
+    # check-config, a start or a reload until someone types it.
+    raise _EncryptedKeyError
+
+
 def _load_chain(
     context: ssl.SSLContext,
     cert_file: Path | None,
@@ -201,16 +218,84 @@ def _load_chain(
     where: str,
     cert_field: str,
 ) -> None:
+    # Without a key file, OpenSSL reads the key from the certificate file.
+    key_field = cert_field.replace("cert_file", "key_file") if key_file else cert_field
     try:
-        context.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
+        context.load_cert_chain(
+            str(cert_file),
+            str(key_file) if key_file else None,
+            password=_reject_password_request,
+        )
+    except _EncryptedKeyError:
+        problem = (
+            f"{where}.{key_field}: {str(key_file or cert_file)!r} contains an encrypted "
+            "private key, and the appliance takes no key password; decrypt it, such as "
+            "with 'openssl pkey -in KEY -out KEY.plain', and make the result readable "
+            "only by this process"
+        )
     except (ssl.SSLError, OSError) as exc:
-        raise TlsContextError(
-            [
-                f"{where}.{cert_field}: certificate {str(cert_file)!r} with key "
-                f"{str(key_file)!r} could not be loaded ({_reason(exc)}); expected a PEM "
-                "certificate chain and its matching unencrypted private key"
-            ]
-        ) from None
+        problem = _chain_problem(exc, cert_file, key_file, where, cert_field)
+    else:
+        return
+    raise TlsContextError([problem])
+
+
+def _chain_problem(
+    exc: ssl.SSLError | OSError,
+    cert_file: Path | None,
+    key_file: Path | None,
+    where: str,
+    cert_field: str,
+) -> str:
+    """Describe a failed certificate and key pair, naming the field of the file at fault.
+
+    OpenSSL's reason for either file that lacks its PEM block is only "PEM lib", so the
+    files are searched for the expected PEM headers.
+    """
+    key_field = cert_field.replace("cert_file", "key_file")
+    cert_text = _pem_preview(cert_file)
+    if cert_text is not None and not _PEM_CERTIFICATE.search(cert_text):
+        found = _pem_kind_found(cert_file, expected="certificate")
+        return (
+            f"{where}.{cert_field}: {str(cert_file)!r} contains no PEM certificate"
+            f"{found}; expected the certificate chain, leaf first"
+        )
+    key_text = _pem_preview(key_file)
+    if key_text is not None and not _PEM_PRIVATE_KEY.search(key_text):
+        found = _pem_kind_found(key_file, expected="private key")
+        return (
+            f"{where}.{key_field}: {str(key_file)!r} contains no PEM private key{found}; "
+            f"expected the unencrypted private key of {cert_field}"
+        )
+    return (
+        f"{where}.{cert_field}: certificate {str(cert_file)!r} with key "
+        f"{str(key_file)!r} could not be loaded ({_reason(exc)}); expected a PEM "
+        "certificate chain and its matching unencrypted private key"
+    )
+
+
+def _pem_preview(path: Path | None) -> bytes | None:
+    """Return the start of a PEM file, or None when there is none or it cannot be read."""
+    if path is None:
+        return None
+    try:
+        with path.open("rb") as stream:
+            return stream.read(MAX_PEM_PREVIEW)
+    except OSError:
+        return None
+
+
+def _pem_kind_found(path: Path | None, expected: str) -> str:
+    """Return " but a certificate" or " but a private key" for a file that contains that
+    PEM block instead of `expected`, else an empty string."""
+    text = _pem_preview(path)
+    if text is None:
+        return ""
+    if expected != "certificate" and _PEM_CERTIFICATE.search(text):
+        return " but a certificate"
+    if expected != "private key" and _PEM_PRIVATE_KEY.search(text):
+        return " but a private key"
+    return ""
 
 
 def _reason(exc: BaseException) -> str:

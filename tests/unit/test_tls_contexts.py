@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from appliance.config import AppConfig, ListenerConfig, UpstreamConfig
 from appliance.tls import contexts
@@ -170,6 +171,60 @@ def test_non_pem_cert_names_field(tmp_path: Path, listener_cert: CertFiles) -> N
     assert str(garbage) in str(caught.value)
 
 
+def test_certificate_as_key_names_key_field(
+    pki: TestPKI, listener_cert: CertFiles
+) -> None:
+    listener = tls_listener(listener_cert, key_file=pki.ca_file)
+
+    with pytest.raises(TlsContextError) as caught:
+        server_context(listener, "listeners.imaps")
+
+    message = str(caught.value)
+    assert message.startswith(f"listeners.imaps.key_file: {str(pki.ca_file)!r}")
+    assert "contains no PEM private key but a certificate" in message
+    assert "expected the unencrypted private key of cert_file" in message
+
+
+def test_key_as_certificate_names_cert_field(listener_cert: CertFiles) -> None:
+    listener = tls_listener(listener_cert, cert_file=listener_cert.key_file)
+
+    with pytest.raises(TlsContextError) as caught:
+        server_context(listener, "listeners.imaps")
+
+    message = str(caught.value)
+    assert message.startswith(
+        f"listeners.imaps.cert_file: {str(listener_cert.key_file)!r}"
+    )
+    assert "contains no PEM certificate but a private key" in message
+
+
+def test_encrypted_key_rejected_without_prompt(
+    tmp_path: Path, listener_cert: CertFiles, capfd: pytest.CaptureFixture[str]
+) -> None:
+    key = serialization.load_pem_private_key(
+        listener_cert.key_file.read_bytes(), password=None
+    )
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"password"),
+        )
+    )
+    listener = tls_listener(listener_cert, key_file=encrypted)
+
+    with pytest.raises(TlsContextError) as caught:
+        server_context(listener, "listeners.imaps")
+
+    message = str(caught.value)
+    captured = capfd.readouterr()
+    assert message.startswith(f"listeners.imaps.key_file: {str(encrypted)!r}")
+    assert "contains an encrypted private key" in message
+    assert "pass phrase" not in captured.err
+    assert "pass phrase" not in captured.out
+
+
 # Upstream (client-side) contexts
 
 
@@ -259,6 +314,19 @@ def test_non_pem_ca_file_names_field(tmp_path: Path) -> None:
 
     assert str(caught.value).startswith("upstreams.mail.ca_file:")
     assert str(garbage) in str(caught.value)
+
+
+def test_private_key_as_ca_file_named(listener_cert: CertFiles) -> None:
+    upstream = UpstreamConfig(host="mail.example.org", ca_file=listener_cert.key_file)
+
+    with pytest.raises(TlsContextError) as caught:
+        client_context(upstream, "upstreams.mail")
+
+    message = str(caught.value)
+    assert message.startswith(
+        f"upstreams.mail.ca_file: {str(listener_cert.key_file)!r}"
+    )
+    assert "contains no usable CA certificate but a private key" in message
 
 
 def test_client_cert_pair_loads(pki: TestPKI) -> None:

@@ -126,7 +126,7 @@ class ListenerConfig(StrictModel):
     """PEM certificate chain presented to clients; required unless `tls` is `none`."""
 
     key_file: Path | None = None
-    """PEM private key of `cert_file`; required unless `tls` is `none`."""
+    """Unencrypted PEM private key of `cert_file`; required unless `tls` is `none`."""
 
     min_version: TlsVersion = "1.2"
     """Lowest TLS version accepted from clients."""

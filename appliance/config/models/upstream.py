@@ -61,7 +61,7 @@ class UpstreamConfig(StrictModel):
     """PEM client certificate presented to the server (TLS client authentication)."""
 
     client_key_file: Path | None = None
-    """PEM private key of `client_cert_file`."""
+    """Unencrypted PEM private key of `client_cert_file`."""
 
     send_client_address: ClientAddressMode = "none"
     """How the server learns the real client address, so that its per-address limits
