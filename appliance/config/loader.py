@@ -30,8 +30,15 @@ from appliance.config.settings import (
     _config_document,
     _secrets_dir,
     make_env_source,
+    top_level_keys,
 )
-from appliance.config.variables import CONTROL_VARIABLES, ENV_PREFIX, NESTING_DELIMITER
+from appliance.config.variables import (
+    CONTROL_VARIABLES,
+    ENV_PREFIX,
+    NESTING_DELIMITER,
+    field_path,
+    first_invalid_byte,
+)
 
 
 class ConfigError(Exception):
@@ -109,7 +116,11 @@ def load_config(
     if require_listeners and not config.listeners:
         raise ConfigError([_no_listeners(path, document)])
     sources = _collect_sources(config.model_dump(by_alias=True), layers)
-    warnings = unknown_variable_warnings() + exposure_warnings(config)
+    warnings = (
+        unknown_variable_warnings()
+        + unknown_secret_warnings(secrets)
+        + exposure_warnings(config)
+    )
     named_secrets = secrets_dir or os.environ.get("APPLIANCE_SECRETS_DIR")
     if named_secrets and not secrets.is_dir():
         warnings.append(f"secrets folder {str(secrets)!r} does not exist and is ignored")
@@ -504,6 +515,33 @@ def unknown_variable_warnings(environ: Mapping[str, str] | None = None) -> list[
         if top not in fields:
             warnings.append(
                 f"environment variable {variable} matches no config field and is ignored; "
+                f"top-level keys are: {', '.join(sorted(fields))}"
+            )
+    return warnings
+
+
+def unknown_secret_warnings(folder: Path) -> list[str]:
+    """Name the APPLIANCE_ files of the secrets folder whose top-level key matches no field.
+
+    They are ignored, as such variables are, because an orchestrator may mount secrets
+    for other programs into the same folder.
+    """
+    try:
+        entries = sorted(folder.iterdir()) if folder.is_dir() else []
+    except OSError:
+        # Only a race gets here, because the load rejects a folder that cannot be listed.
+        return []
+    fields = top_level_keys(AppConfig)
+    warnings = []
+    for entry in entries:
+        if not entry.name.upper().startswith(ENV_PREFIX):
+            continue
+        if first_invalid_byte(entry.name) is not None:
+            # NestedSecretsSource rejects such a name, so the load never gets here.
+            continue
+        if field_path(entry.name)[0] not in fields:
+            warnings.append(
+                f"secret file {str(entry)!r} matches no config field and is ignored; "
                 f"top-level keys are: {', '.join(sorted(fields))}"
             )
     return warnings

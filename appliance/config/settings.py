@@ -309,7 +309,9 @@ class NestedSecretsSource(PydanticBaseSettingsSource):
 
     A file is named like the environment variable that it stands for
     (`APPLIANCE_UPSTREAMS__MAIL__HOST`, any case), as Docker and Kubernetes mount secrets.
-    Files without the prefix are ignored, because the folder is shared with other programs.
+    Files without the prefix are ignored, because the folder is shared with other programs,
+    and so are files whose first part matches no top-level key, as variables are.
+    The loader warns about those (see `unknown_secret_warnings`).
     """
 
     def __init__(self, settings_cls: type[BaseSettings], folder: Path) -> None:
@@ -347,7 +349,9 @@ class NestedSecretsSource(PydanticBaseSettingsSource):
             if not entry.exists() and not entry.is_symlink():
                 # Removed since the listing.
                 continue
-            path = name[len(ENV_PREFIX) :].lower().split(NESTING_DELIMITER)
+            path = field_path(entry.name)
+            if path[0] not in top_level_keys(self.settings_cls):
+                continue
             other = seen.setdefault(name, entry)
             if other != entry:
                 problems.append(_case_clash(path, other, entry))
@@ -388,6 +392,11 @@ class NestedSecretsSource(PydanticBaseSettingsSource):
         if problem is not None:
             return text, problem
         return decoded, None
+
+
+def top_level_keys(model: type[BaseSettings]) -> set[str]:
+    """Return the config's top-level keys in lower case, because names match them so."""
+    return {name.lower() for name in model.model_fields}
 
 
 def _name_ignoring_case(entry: Path) -> tuple[str, str]:

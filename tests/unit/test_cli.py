@@ -202,6 +202,19 @@ def test_check_config_warns_unknown_variable(
     )
 
 
+def test_check_config_warns_unknown_secret(
+    capsys: pytest.CaptureFixture[str], config_file: Path, secrets_dir: Path
+) -> None:
+    secret = secrets_dir / "APPLIANCE_BOGUS"
+    secret.write_text("x")
+
+    code = check_config(config_file, secrets_dir)
+
+    err = capsys.readouterr().err
+    assert code == EXIT_OK
+    assert err.startswith(f"warning: secret file {str(secret)!r} matches no config field")
+
+
 # check-config: invalid config
 
 

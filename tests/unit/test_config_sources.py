@@ -647,6 +647,31 @@ def test_known_and_control_variables_not_warned(
     assert [w for w in loaded.warnings if "environment variable" in w] == []
 
 
+@pytest.mark.parametrize("kind", ["file", "directory"])
+def test_unknown_secret_file_warned(kind: str, secrets_dir: Path) -> None:
+    secret = secrets_dir / "APPLIANCE_BOGUS"
+    if kind == "file":
+        secret.write_text("x")
+    else:
+        secret.mkdir()
+
+    loaded = load(None, secrets_dir)
+
+    [warning] = [w for w in loaded.warnings if "secret file" in w]
+    assert warning.startswith(f"secret file {str(secret)!r} matches no config field")
+    assert "is ignored" in warning
+    assert "listeners" in warning
+
+
+def test_known_secret_file_not_warned(secrets_dir: Path) -> None:
+    (secrets_dir / "appliance_logging__level").write_text("debug")
+
+    loaded = load(None, secrets_dir)
+
+    assert loaded.config.logging.level == "DEBUG"
+    assert [w for w in loaded.warnings if "secret file" in w] == []
+
+
 @pytest.mark.parametrize(
     ("text", "reason"),
     [
