@@ -50,6 +50,16 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
+class _Layer:
+    """Raw values of one config source, searched to label where each value came from."""
+
+    label: str
+    values: dict[str, Any]
+    files: dict[tuple[str, ...], Path] = field(default_factory=dict)
+    """Secret file that set each path, by lower-case path; empty for other sources."""
+
+
+@dataclass(frozen=True)
 class LoadedConfig:
     config: AppConfig
     path: Path | None
@@ -148,14 +158,14 @@ def _no_listeners(path: Path | None, document: dict[str, Any] | None) -> str:
 
 def _read_layers(
     path: Path | None, secrets: Path, overrides: dict[str, Any]
-) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, Any] | None]:
+) -> tuple[list[_Layer], dict[str, Any] | None]:
     """Return each source's raw values, highest precedence first, with a label.
 
     The second value is the parsed config file, or None without one.
     """
-    layers: list[tuple[str, dict[str, Any]]] = [("init", overrides)]
+    layers = [_Layer("init", overrides)]
     try:
-        layers.append(("env", make_env_source()()))
+        layers.append(_Layer("env", make_env_source()()))
     except ConfigSourceError as exc:
         raise ConfigError(exc.problems) from None
     except ValueError as exc:
@@ -167,14 +177,16 @@ def _read_layers(
                 "APPLIANCE_* variables against docs/configuration.md"
             ]
         ) from None
+    secrets_source = NestedSecretsSource(AppConfig, secrets)
     try:
-        layers.append((f"secret {secrets}", NestedSecretsSource(AppConfig, secrets)()))
+        secret_values = secrets_source()
     except ConfigSourceError as exc:
         raise ConfigError(exc.problems) from None
+    layers.append(_Layer(f"secret {secrets}", secret_values, secrets_source.files))
     if path is None:
         return layers, None
     document = _read_config_file(path)
-    layers.append((f"file {path}", document))
+    layers.append(_Layer(f"file {path}", document))
     return layers, document
 
 
@@ -336,7 +348,14 @@ def _lookup(values: Any, path: tuple[str, ...]) -> int | None:
     return len(path)
 
 
-def _label(source: str, path: tuple[str, ...]) -> str:
+def _label(layer: _Layer, path: tuple[str, ...]) -> str:
+    source = layer.label
+    if layer.files:
+        # The file may set the field itself or a section that contains it as JSON.
+        for depth in range(len(path), 0, -1):
+            secret_file = layer.files.get(tuple(part.lower() for part in path[:depth]))
+            if secret_file is not None:
+                return f"secret file {str(secret_file)!r}"
     if source != "env":
         return source
     # The variable may name the field itself or a section that contains it as JSON.
@@ -347,16 +366,16 @@ def _label(source: str, path: tuple[str, ...]) -> str:
     return "env " + ENV_PREFIX + NESTING_DELIMITER.join(path).upper()
 
 
-def _source_of(path: tuple[str, ...], layers: list[tuple[str, dict[str, Any]]]) -> str | None:
-    for source, values in layers:
-        depth = _lookup(values, path)
+def _source_of(path: tuple[str, ...], layers: list[_Layer]) -> str | None:
+    for layer in layers:
+        depth = _lookup(layer.values, path)
         if depth is not None:
-            return _label(source, path[:depth])
+            return _label(layer, path[:depth])
     return None
 
 
 def _collect_sources(
-    dumped: dict[str, Any], layers: list[tuple[str, dict[str, Any]]]
+    dumped: dict[str, Any], layers: list[_Layer]
 ) -> dict[tuple[str, ...], str]:
     sources: dict[tuple[str, ...], str] = {}
 
@@ -377,9 +396,7 @@ def _collect_sources(
     return sources
 
 
-def _describe_errors(
-    exc: ValidationError, layers: list[tuple[str, dict[str, Any]]]
-) -> list[str]:
+def _describe_errors(exc: ValidationError, layers: list[_Layer]) -> list[str]:
     problems = []
     for error in exc.errors(include_url=False):
         path = tuple(str(part) for part in error["loc"])
@@ -388,7 +405,7 @@ def _describe_errors(
 
 
 def _describe_error(
-    error: Any, path: tuple[str, ...], layers: list[tuple[str, dict[str, Any]]]
+    error: Any, path: tuple[str, ...], layers: list[_Layer]
 ) -> str:
     message = str(error["msg"]).removeprefix("Value error, ")
     where = ".".join(path) if path else "config"

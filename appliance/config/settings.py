@@ -317,6 +317,8 @@ class NestedSecretsSource(PydanticBaseSettingsSource):
     def __init__(self, settings_cls: type[BaseSettings], folder: Path) -> None:
         super().__init__(settings_cls)
         self.folder = folder
+        self.files: dict[tuple[str, ...], Path] = {}
+        """File that set each path in the last call, by lower-case path."""
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         return None, field_name, False
@@ -327,6 +329,7 @@ class NestedSecretsSource(PydanticBaseSettingsSource):
         A file for a list or mapping field contains JSON, as the variable would.
         """
         values: dict[str, Any] = {}
+        self.files = {}
         if not self.folder.is_dir():
             return values
         try:
@@ -374,6 +377,8 @@ class NestedSecretsSource(PydanticBaseSettingsSource):
             depth = _set_nested(values, path, value)
             if depth is not None:
                 problems.append(_inside_non_object(path, depth, entry))
+                continue
+            self.files[tuple(path)] = entry
         if problems:
             raise ConfigSourceError(problems)
         return values
@@ -395,7 +400,8 @@ class NestedSecretsSource(PydanticBaseSettingsSource):
 
 
 def top_level_keys(model: type[BaseSettings]) -> set[str]:
-    """Return the config's top-level keys in lower case, because names match them so."""
+    """Return the config's top-level keys in lower case, as variable and file names
+    match them ignoring case."""
     return {name.lower() for name in model.model_fields}
 
 

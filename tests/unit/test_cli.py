@@ -100,7 +100,8 @@ def test_check_config_labels_each_source(
     assert f'    protocol: "imap"  # file {config_file}' in lines
     assert "    port: 1143  # env APPLIANCE_LISTENERS__IMAP__PORT" in lines
     assert '    tls: "none"  # default' in lines
-    assert f'    server_name: "********"  # secret {secrets_dir}' in lines
+    secret = secrets_dir / "APPLIANCE_UPSTREAMS__MAIL__SERVER_NAME"
+    assert f'    server_name: "********"  # secret file {str(secret)!r}' in lines
     assert f'  level: "WARNING"  # file {config_file}' in lines
 
 
@@ -212,7 +213,9 @@ def test_check_config_warns_unknown_secret(
 
     err = capsys.readouterr().err
     assert code == EXIT_OK
-    assert err.startswith(f"warning: secret file {str(secret)!r} matches no config field")
+    assert err.startswith(
+        f"warning: secret file {str(secret)!r} matches no config field"
+    )
 
 
 # check-config: invalid config

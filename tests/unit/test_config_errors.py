@@ -580,14 +580,15 @@ def test_key_under_null_variable_rejected(
     assert "unset one of the two" in problem
 
 
-def test_unknown_secret_key_names_folder(tmp_path: Path, secrets_dir: Path) -> None:
+def test_unknown_secret_key_names_file(tmp_path: Path, secrets_dir: Path) -> None:
     path = write_config(tmp_path, UPSTREAM_YAML)
-    (secrets_dir / "APPLIANCE_UPSTREAMS__MAIL__HOSTT").write_text("mail.example.org")
+    secret = secrets_dir / "APPLIANCE_UPSTREAMS__MAIL__HOSTT"
+    secret.write_text("mail.example.org")
 
     problem = only_problem(path, secrets_dir)
 
-    assert problem.startswith("upstreams.mail.hostt:")
-    assert f"secret {secrets_dir}" in problem
+    assert problem.startswith("upstreams.mail.hostt: unknown key")
+    assert f"(from secret file {str(secret)!r})" in problem
 
 
 # Secret files that cannot be used
@@ -1841,7 +1842,7 @@ def test_secret_file_value_hidden(
     problem = only_problem(path, secrets_dir)
 
     assert value not in problem
-    assert f"(from secret {secrets_dir}" in problem
+    assert f"(from secret file {str(secrets_dir / variable)!r})" in problem
 
 
 def test_env_json_case_only_names_rejected(

@@ -84,6 +84,11 @@ def write_file(folder: Path, name: str, text: str) -> Path:
     return path
 
 
+def secret_label(folder: Path, name: str) -> str:
+    """Return the source label of a value that the secret file `name` set."""
+    return f"secret file {str(folder / name)!r}"
+
+
 def load(path: Path | None, secrets_dir: Path, **kwargs: object) -> LoadedConfig:
     """Load the config without requiring a listener, because most cases here set none."""
     kwargs.setdefault("require_listeners", False)
@@ -120,7 +125,7 @@ def test_higher_source_wins(
     labels = {
         "init": "init",
         "env": f"env {LEVEL_VARIABLE}",
-        "secret": f"secret {secrets_dir}",
+        "secret": secret_label(secrets_dir, LEVEL_VARIABLE),
         "file": f"file {config_path}",
     }
 
@@ -219,7 +224,9 @@ def test_env_overrides_entry_in_other_case(
     assert loaded.sources[("listeners", "Imap", "port")] == (
         "env APPLIANCE_LISTENERS__IMAP__PORT"
     )
-    assert loaded.sources[("upstreams", "Mail", "port")] == f"secret {secrets_dir}"
+    assert loaded.sources[("upstreams", "Mail", "port")] == (
+        secret_label(secrets_dir, "APPLIANCE_UPSTREAMS__MAIL__PORT")
+    )
 
 
 def test_file_reference_reaches_env_upstream(
@@ -336,7 +343,9 @@ def test_secret_overrides_one_upstream_field(tmp_path: Path, secrets_dir: Path) 
 
     assert loaded.config.upstreams["mail"].host == "secret.example.org"
     assert loaded.config.upstreams["mail"].port == 993
-    assert loaded.sources[("upstreams", "mail", "host")] == f"secret {secrets_dir}"
+    assert loaded.sources[("upstreams", "mail", "host")] == (
+        secret_label(secrets_dir, "APPLIANCE_UPSTREAMS__MAIL__HOST")
+    )
 
 
 NETWORKS_SECRET = "APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL__TRUSTED_NETWORKS"
@@ -361,7 +370,7 @@ def test_secret_sets_list_as_json(
         "192.0.2.0/24",
     ]
     networks_path = ("listeners", "imap", "proxy_protocol", "trusted_networks", "0")
-    assert loaded.sources[networks_path] == f"secret {secrets_dir}"
+    assert loaded.sources[networks_path] == secret_label(secrets_dir, NETWORKS_SECRET)
 
 
 def test_secret_sets_empty_list(tmp_path: Path, secrets_dir: Path) -> None:
@@ -385,7 +394,9 @@ def test_secret_sets_section_as_json(secrets_dir: Path) -> None:
 
     assert loaded.config.limits.max_connections == 5
     assert loaded.config.limits.connect_timeout == 10.0
-    assert loaded.sources[("limits", "max_connections")] == f"secret {secrets_dir}"
+    assert loaded.sources[("limits", "max_connections")] == (
+        secret_label(secrets_dir, "APPLIANCE_LIMITS")
+    )
 
 
 def test_secret_key_file_changes_section_file(secrets_dir: Path) -> None:
@@ -398,6 +409,12 @@ def test_secret_key_file_changes_section_file(secrets_dir: Path) -> None:
 
     assert loaded.config.limits.max_connections == 5
     assert loaded.config.limits.connect_timeout == 3.0
+    assert loaded.sources[("limits", "max_connections")] == (
+        secret_label(secrets_dir, "appliance_limits__max_connections")
+    )
+    assert loaded.sources[("limits", "connect_timeout")] == (
+        secret_label(secrets_dir, "APPLIANCE_LIMITS")
+    )
 
 
 def test_secret_key_inside_non_object_rejected(secrets_dir: Path) -> None:
@@ -616,7 +633,7 @@ def test_secrets_variable_selects_folder(
     loaded = load_config(None, require_listeners=False)
 
     assert loaded.config.logging.level == "ERROR"
-    assert loaded.sources[LEVEL_PATH] == f"secret {folder}"
+    assert loaded.sources[LEVEL_PATH] == secret_label(folder, LEVEL_VARIABLE)
 
 
 # Warnings for variables that match no field
