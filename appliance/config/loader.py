@@ -32,6 +32,7 @@ from appliance.config.settings import (
     make_env_source,
     top_level_keys,
 )
+from appliance.config.toml_keys import describe_toml_error
 from appliance.config.variables import (
     CONTROL_VARIABLES,
     ENV_PREFIX,
@@ -243,8 +244,13 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     try:
         if suffix == ".toml":
             # TOML documents are always tables, and TOML rejects repeated keys.
-            with path.open("rb") as binary:
-                return tomllib.load(binary)
+            text = path.read_bytes().decode("utf-8")
+            try:
+                return tomllib.loads(text)
+            except tomllib.TOMLDecodeError as exc:
+                reason = describe_toml_error(text, exc)
+                problem = f"config file {str(path)!r} could not be parsed: {reason}"
+                raise ConfigError([problem]) from None
         if suffix == ".json":
             document = json.loads(
                 path.read_text(encoding="utf-8"), object_pairs_hook=_unique_key_object

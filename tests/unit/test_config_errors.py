@@ -1593,6 +1593,75 @@ def test_repeated_json_key_rejected(tmp_path: Path, secrets_dir: Path) -> None:
     assert "key 'imap' repeats an earlier key in the same object" in problem
 
 
+# TOML text that sets a key twice, the full key, and the line of the second setting.
+REPEATED_TOML_KEYS = {
+    "key in table": (
+        '[upstreams.mail]\nhost = "a.example"\nport = 993\nhost = "b.example"\n',
+        "upstreams.mail.host",
+        4,
+    ),
+    "table header": (
+        '[upstreams.mail]\nhost = "a.example"\n\n[upstreams.mail]\nport = 993\n',
+        "upstreams.mail",
+        4,
+    ),
+    "dotted key": (
+        "[listeners.imap]\nproxy_protocol.accept = true\nproxy_protocol.accept = false\n",
+        "listeners.imap.proxy_protocol.accept",
+        3,
+    ),
+    "multi-line array": (
+        "[listeners.imap]\n"
+        'proxy_protocol.trusted_networks = ["10.0.0.0/8"]\n'
+        "proxy_protocol.trusted_networks = [\n"
+        '  "192.0.2.0/24",\n'
+        "]\n",
+        "listeners.imap.proxy_protocol.trusted_networks",
+        3,
+    ),
+    "array of tables": (
+        '[[known_servers]]\nhost = "a.example"\nmode = "none"\nhost = "b.example"\n',
+        "known_servers.0.host",
+        4,
+    ),
+    "key under value": (
+        'state_dir = "/var/lib/appliance"\nstate_dir.path = "/tmp"\n',
+        "state_dir",
+        2,
+    ),
+    "quoted key with equals sign": (
+        '[upstreams]\n"a=b".host = "a.example"\n"a=b".host = "b.example"\n',
+        "upstreams.a=b.host",
+        3,
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "line"), REPEATED_TOML_KEYS.values(), ids=REPEATED_TOML_KEYS.keys()
+)
+def test_repeated_toml_key_named(
+    text: str, key: str, line: int, tmp_path: Path, secrets_dir: Path
+) -> None:
+    path = write_config(tmp_path, text, "appliance.toml")
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith(f"config file {str(path)!r} could not be parsed: ")
+    assert f"key {key!r} on line {line} repeats a key set earlier" in problem
+    assert "merge the two entries or rename one" in problem
+
+
+def test_repeated_inline_toml_key_fix_given(tmp_path: Path, secrets_dir: Path) -> None:
+    text = 'upstreams.mail = {host = "a.example", host = "b.example"}\n'
+    path = write_config(tmp_path, text, "appliance.toml")
+
+    problem = only_problem(path, secrets_dir)
+
+    assert "Duplicate inline table key 'host'" in problem
+    assert "merge the two entries or rename one" in problem
+
+
 def with_extra_entry(section: str, name: str) -> str:
     """Return `listener_yaml()` with a copy of the section's entry under `name`."""
     document = yaml.safe_load(listener_yaml())
