@@ -53,6 +53,7 @@ from appliance.config.variables import (
     first_invalid_byte,
     is_utf8,
     nesting_problems,
+    top_level_null_problems,
 )
 
 DEFAULT_CONFIG_PATH = Path("/etc/appliance/appliance.yaml")
@@ -633,6 +634,7 @@ class UniqueKeyEnvSource(EnvSettingsSource):
         }
         problems += self._json_problems(text_variables)
         problems += nesting_problems(self.settings_cls, text_variables)
+        problems += top_level_null_problems(self.settings_cls, text_variables)
         if problems:
             # pydantic-settings would raise its own error for the first bad value, naming
             # only the top-level field.

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pydantic import BaseModel
 
 from appliance.config.json_values import (
+    JsonField,
     is_secret_path,
     json_field,
     list_field_depth,
@@ -117,13 +118,17 @@ def nesting_problems(model: type[BaseModel], variables: Mapping[str, str]) -> li
     pydantic-settings 2.16 drops a variable that sets a list item, such as
     APPLIANCE_KNOWN_SERVERS__0__PORT, when the list's own variable is set, and rejects
     it as "not a valid list" under the list's name when not. It also drops a variable
-    for a key inside a section or entry that another variable sets to JSON null.
+    for a key inside a section or entry that another variable sets to JSON null. A
+    top-level field set to null is rejected on its own (see `top_level_null_problems`),
+    so the variables of its keys are not named here.
     """
     by_upper_name = {name.upper(): name for name in variables}
     null_paths = {
         tuple(field_path(name)): name
         for name, value in variables.items()
-        if json_field(model, field_path(name)) is not None and _is_json_null(value)
+        if len(field_path(name)) > 1
+        and json_field(model, field_path(name)) is not None
+        and _is_json_null(value)
     }
     problems = []
     for name, value in sorted(variables.items()):
@@ -144,6 +149,45 @@ def nesting_problems(model: type[BaseModel], variables: Mapping[str, str]) -> li
                 )
                 break
     return problems
+
+
+def top_level_null_problems(
+    model: type[BaseModel], variables: Mapping[str, str]
+) -> list[str]:
+    """Describe each variable that sets a whole top-level list or section to JSON null.
+
+    pydantic-settings 2.16 drops such a value, so the config file's values or the
+    defaults would apply unchanged. Null is rejected rather than read as "use the
+    defaults", because sources merge key by key, so no other source can replace a
+    section of a lower source as a whole either.
+    """
+    problems = []
+    for name, value in sorted(variables.items()):
+        path = field_path(name)
+        field = json_field(model, path)
+        if len(path) != 1 or field is None or not _is_json_null(value):
+            continue
+        problems.append(
+            f"{_where(name, value, path)} is invalid, because null cannot replace a whole "
+            "top-level field and the variable would otherwise be ignored; unset "
+            f"{name}, or {_null_alternative(name, field)}"
+        )
+    return problems
+
+
+def _null_alternative(name: str, field: JsonField) -> str:
+    """Describe what a variable set to null for a whole top-level field could do instead."""
+    if field.kind == "list":
+        return "set it to [] for an empty list"
+    model = field.item
+    first_key = "KEY"
+    if isinstance(model, type) and issubclass(model, BaseModel) and model.model_fields:
+        first_key = next(iter(model.model_fields)).upper()
+    if field.kind == "section":
+        example = NESTING_DELIMITER.join([name.upper(), first_key])
+        return f"change single keys with their own variables, such as {example}"
+    example = NESTING_DELIMITER.join([name.upper(), "NAME", first_key])
+    return f"change single entries with their own variables, such as {example}"
 
 
 def _is_json_null(value: str) -> bool:

@@ -447,8 +447,12 @@ def set_list_item_variable(monkeypatch: pytest.MonkeyPatch, secrets_dir: Path) -
 
 
 def set_key_under_null(monkeypatch: pytest.MonkeyPatch, secrets_dir: Path) -> None:
-    monkeypatch.setenv("APPLIANCE_LIMITS__MAX_CONNECTIONS", "5")
-    monkeypatch.setenv("APPLIANCE_LIMITS", "null")
+    monkeypatch.setenv("APPLIANCE_UPSTREAMS__MAIL__PORT", "995")
+    monkeypatch.setenv("APPLIANCE_UPSTREAMS__MAIL", "null")
+
+
+def set_top_level_null(monkeypatch: pytest.MonkeyPatch, secrets_dir: Path) -> None:
+    monkeypatch.setenv("APPLIANCE_LISTENERS", "null")
 
 
 # How to break one config source, and the start of the problem line it must give.
@@ -467,7 +471,11 @@ BROKEN_SOURCES = {
     ),
     "key under null": (
         set_key_under_null,
-        "  - limits.max_connections: value '5' (from env APPLIANCE_LIMITS__MAX_CONNECTIONS)",
+        "  - upstreams.mail.port: value '995' (from env APPLIANCE_UPSTREAMS__MAIL__PORT)",
+    ),
+    "top-level null": (
+        set_top_level_null,
+        "  - listeners: value 'null' (from env APPLIANCE_LISTENERS) is invalid",
     ),
 }
 

@@ -532,20 +532,15 @@ KEYS_UNDER_NULL = {
         "APPLIANCE_LISTENERS__IMAP__ROUTE_BY_LOGIN__SEPARATOR",
         "listeners.imap.route_by_login.separator",
     ),
-    "top-level section": (
-        "APPLIANCE_LIMITS",
-        "APPLIANCE_LIMITS__MAX_CONNECTIONS",
-        "limits.max_connections",
+    "section": (
+        "APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL",
+        "APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL__ACCEPT",
+        "listeners.imap.proxy_protocol.accept",
     ),
     "map entry": (
         "APPLIANCE_UPSTREAMS__MAIL",
         "APPLIANCE_UPSTREAMS__MAIL__PORT",
         "upstreams.mail.port",
-    ),
-    "map": (
-        "APPLIANCE_LISTENERS",
-        "APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL__ACCEPT",
-        "listeners.imap.proxy_protocol.accept",
     ),
 }
 
@@ -578,6 +573,48 @@ def test_key_under_null_variable_rejected(
     assert problem.startswith(f"{path}: value '7' (from env {variable}) sets a key")
     assert f"inside {parent}, but env {null_variable} sets that to null" in problem
     assert "unset one of the two" in problem
+
+
+# Variable that sets a top-level field to JSON null, and the alternative its error gives.
+TOP_LEVEL_NULLS = {
+    "section": (
+        "APPLIANCE_LIMITS",
+        "change single keys with their own variables, such as "
+        "APPLIANCE_LIMITS__CONNECT_TIMEOUT",
+    ),
+    "map": (
+        "APPLIANCE_LISTENERS",
+        "change single entries with their own variables, such as "
+        "APPLIANCE_LISTENERS__NAME__PROTOCOL",
+    ),
+    "list": ("APPLIANCE_KNOWN_SERVERS", "set it to [] for an empty list"),
+}
+
+
+@pytest.mark.parametrize("with_key", [False, True], ids=["alone", "with-key"])
+@pytest.mark.parametrize(
+    ("variable", "alternative"), TOP_LEVEL_NULLS.values(), ids=TOP_LEVEL_NULLS.keys()
+)
+def test_top_level_null_variable_rejected(
+    variable: str,
+    alternative: str,
+    with_key: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    secrets_dir: Path,
+) -> None:
+    config = write_config(tmp_path, listener_yaml())
+    monkeypatch.setenv(variable, "null")
+    if with_key:
+        # The problem names only the null variable, because unsetting it is the fix.
+        monkeypatch.setenv("APPLIANCE_LIMITS__MAX_CONNECTIONS", "5")
+
+    problem = only_problem(config, secrets_dir)
+
+    path = variable.removeprefix("APPLIANCE_").lower()
+    assert problem.startswith(f"{path}: value 'null' (from env {variable}) is invalid")
+    assert "null cannot replace a whole top-level field" in problem
+    assert f"unset {variable}, or {alternative}" in problem
 
 
 def test_unknown_secret_key_names_file(tmp_path: Path, secrets_dir: Path) -> None:
