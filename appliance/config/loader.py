@@ -7,6 +7,7 @@ the source that set it, and what was expected.
 
 from __future__ import annotations
 
+import codecs
 import ipaddress
 import json
 import os
@@ -242,9 +243,10 @@ def _read_config_file(path: Path) -> dict[str, Any]:
             ]
         )
     try:
+        _check_utf8_signature(path)
         if suffix == ".toml":
             # TOML documents are always tables, and TOML rejects repeated keys.
-            text = path.read_bytes().decode("utf-8")
+            text = _read_utf8(path)
             try:
                 return tomllib.loads(text)
             except tomllib.TOMLDecodeError as exc:
@@ -252,10 +254,9 @@ def _read_config_file(path: Path) -> dict[str, Any]:
                 problem = f"config file {str(path)!r} could not be parsed: {reason}"
                 raise ConfigError([problem]) from None
         if suffix == ".json":
-            document = json.loads(
-                path.read_text(encoding="utf-8"), object_pairs_hook=_unique_key_object
-            )
+            document = json.loads(_read_utf8(path), object_pairs_hook=_unique_key_object)
         else:
+            # PyYAML skips a leading byte order mark itself.
             _check_yaml_nesting(path)
             # Read from the open file, so that YAML errors name it and not a string.
             with path.open(encoding="utf-8") as stream:
@@ -281,6 +282,37 @@ def _read_config_file(path: Path) -> dict[str, Any]:
             ]
         )
     return document
+
+
+def _read_utf8(path: Path) -> str:
+    """Return a config file's UTF-8 text without a leading byte order mark.
+
+    Windows PowerShell 5.1 and older Notepad versions start UTF-8 files with one, which
+    tomllib rejects as an invalid statement and json rejects too, while PyYAML skips it.
+    """
+    return path.read_bytes().decode("utf-8").removeprefix("\ufeff")
+
+
+def _check_utf8_signature(path: Path) -> None:
+    """Reject a config file that starts with a UTF-16 or UTF-32 byte order mark.
+
+    Windows PowerShell 5.1 writes UTF-16 with `>` and `Out-File`, which the UTF-8 decoder
+    would report only as an invalid byte 0xff at position 0.
+    """
+    with path.open("rb") as stream:
+        start = stream.read(4)
+    if start.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        encoding = "UTF-32"
+    elif start.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encoding = "UTF-16"
+    else:
+        return
+    problem = (
+        f"config file {str(path)!r} is {encoding} text (it starts with a {encoding} "
+        "byte order mark); save it as UTF-8, such as with 'Set-Content -Encoding UTF8' "
+        "in PowerShell"
+    )
+    raise ConfigError([problem])
 
 
 def _unique_key_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

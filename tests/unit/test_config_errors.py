@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import os
 from pathlib import Path
 from typing import Any
@@ -1613,6 +1614,31 @@ def test_unparsable_file_named(
     assert repr(str(path)) in problem
     assert "could not be parsed" in problem
     assert line in problem
+
+
+# Byte order mark, the codec of the text after it, and the encoding the error names.
+WIDE_ENCODINGS = {
+    "UTF-16 LE": (codecs.BOM_UTF16_LE, "utf-16-le", "UTF-16"),
+    "UTF-16 BE": (codecs.BOM_UTF16_BE, "utf-16-be", "UTF-16"),
+    "UTF-32 LE": (codecs.BOM_UTF32_LE, "utf-32-le", "UTF-32"),
+}
+
+
+@pytest.mark.parametrize("name", ["appliance.yaml", "appliance.toml", "appliance.json"])
+@pytest.mark.parametrize(
+    ("mark", "codec", "label"), WIDE_ENCODINGS.values(), ids=WIDE_ENCODINGS.keys()
+)
+def test_utf16_file_named(
+    name: str, mark: bytes, codec: str, label: str, tmp_path: Path, secrets_dir: Path
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(mark + '{"logging": {"level": "info"}}\n'.encode(codec))
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith(f"config file {str(path)!r} is {label} text")
+    assert f"starts with a {label} byte order mark" in problem
+    assert "save it as UTF-8" in problem
 
 
 def test_repeated_json_key_rejected(tmp_path: Path, secrets_dir: Path) -> None:

@@ -175,6 +175,21 @@ def test_file_format_chosen_by_extension(
     assert loaded.sources[("listeners", "imap", "port")] == f"file {path}"
 
 
+@pytest.mark.parametrize("name", ["appliance.yaml", "appliance.toml", "appliance.json"])
+def test_file_byte_order_mark_skipped(
+    name: str, tmp_path: Path, secrets_dir: Path
+) -> None:
+    # Windows PowerShell 5.1 (`Set-Content -Encoding UTF8`) and older Notepad versions
+    # start UTF-8 files with a byte order mark.
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + FORMAT_FILES[name].encode("utf-8"))
+
+    loaded = load(path, secrets_dir)
+
+    assert loaded.config.listeners["imap"].port == 143
+    assert loaded.config.logging.json_output is True
+
+
 def test_empty_yaml_file_gives_defaults(tmp_path: Path, secrets_dir: Path) -> None:
     path = write_file(tmp_path, "appliance.yaml", "# nothing set yet\n")
 
