@@ -135,7 +135,11 @@ def load_config(
     )
     named_secrets = secrets_dir or os.environ.get("APPLIANCE_SECRETS_DIR")
     if named_secrets and not secrets.is_dir():
-        warnings.append(f"secrets folder {str(secrets)!r} does not exist and is ignored")
+        state = "is not a folder" if secrets.exists() else "does not exist"
+        warnings.append(
+            f"secrets folder {str(secrets)!r} {state} and is ignored; name the folder "
+            "that contains the secret files with --secrets-dir or APPLIANCE_SECRETS_DIR"
+        )
     return LoadedConfig(config, path, sources, warnings)
 
 

@@ -500,9 +500,24 @@ def test_secret_json_byte_order_mark_stripped(secrets_dir: Path) -> None:
 
 
 def test_missing_secrets_folder_ignored(tmp_path: Path) -> None:
-    loaded = load(None, tmp_path / "no-such-folder")
+    folder = tmp_path / "no-such-folder"
+
+    loaded = load(None, folder)
 
     assert loaded.sources == {}
+    [warning] = loaded.warnings
+    assert warning.startswith(f"secrets folder {str(folder)!r} does not exist")
+
+
+def test_secrets_path_to_file_warned(tmp_path: Path) -> None:
+    path = write_file(tmp_path, "appliance.yaml", "{}\n")
+
+    loaded = load(None, path)
+
+    [warning] = loaded.warnings
+    assert warning.startswith(f"secrets folder {str(path)!r} is not a folder")
+    assert "does not exist" not in warning
+    assert "--secrets-dir or APPLIANCE_SECRETS_DIR" in warning
 
 
 @pytest.mark.parametrize("content", ["", "\n", "  \n\t"])
