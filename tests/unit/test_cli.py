@@ -26,11 +26,14 @@ from tests.support.sources import isolate_config_sources
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_FILE = REPO_ROOT / "schemas" / "appliance.schema.json"
 
+# A `run` that should fail but starts instead listens on loopback only, and the mode of
+# its upstream is pinned, so it probes no server.
 CONFIG_YAML = """\
 listeners:
   imap:
     protocol: imap
-    port: 143
+    bind: 127.0.0.1
+    port: 21143
     upstream: mail
 upstreams:
   mail:
@@ -225,7 +228,7 @@ def test_check_config_invalid_exits_two(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, secrets_dir: Path
 ) -> None:
     path = tmp_path / "bad.yaml"
-    path.write_text(CONFIG_YAML.replace("port: 143", "port: 0"))
+    path.write_text(CONFIG_YAML.replace("port: 21143", "port: 0"))
 
     code = check_config(path, secrets_dir)
 
@@ -240,7 +243,7 @@ def test_check_config_lists_every_problem(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, secrets_dir: Path
 ) -> None:
     path = tmp_path / "bad.yaml"
-    text = CONFIG_YAML.replace("port: 143", "port: 0") + "colour: red\n"
+    text = CONFIG_YAML.replace("port: 21143", "port: 0") + "colour: red\n"
     path.write_text(text)
 
     code = check_config(path, secrets_dir)
