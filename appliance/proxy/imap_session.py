@@ -47,14 +47,14 @@ from appliance.proxy.session import (
     MAX_SASL_RESPONSE_SIZE,
     Session,
     decode_login,
+    refused_login_result,
 )
 from appliance.proxy.upstream import UpstreamTarget, open_upstream, upgrade_upstream
 
 # Every session to an upstream with `send_client_address: imap_id` that does not offer
 # ID, or rejects it, would repeat the warning. So each goes out once per upstream name
-# and interval, and
-# the repeats are logged at DEBUG. The servers of one host rule share the name of its
-# template upstream, and so one limit.
+# and interval, and the repeats are logged at DEBUG. The servers of one host rule share
+# the name of its template upstream, and so one limit.
 UPSTREAM_ID_WARNING_INTERVAL = 300.0
 UPSTREAM_ID_WARNINGS = RepeatLimiter(UPSTREAM_ID_WARNING_INTERVAL)
 
@@ -508,7 +508,7 @@ class ImapSession(Session):
 
     def _finish_login(self, client_tag: str, tagged: Response) -> bool | None:
         if tagged.status != "OK":
-            self.record_login("failed", self.user)
+            self.record_login(refused_login_result(tagged.code), self.user)
             code = tagged.code
             if code and code.upper().startswith("CAPABILITY"):
                 code = None

@@ -29,6 +29,7 @@ from appliance.proxy.session import (
     Session,
     SessionEnd,
     decode_login,
+    refused_login_result,
 )
 from appliance.proxy.upstream import UpstreamTarget, open_upstream, upgrade_upstream
 
@@ -319,7 +320,7 @@ class Pop3Session(Session):
     async def _finish_login(self, event: Status) -> bool | None:
         status = event.status
         if not status.ok:
-            self.record_login("failed", self.user)
+            self.record_login(refused_login_result(status.code), self.user)
             self.client.send(format_err(status.text or "Authentication failed", status.code))
             return None
         self.record_login("succeeded", self.user)

@@ -14,6 +14,7 @@ import secrets
 import ssl
 import time
 from collections.abc import Callable, Hashable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -125,6 +126,28 @@ PLAINTEXT_HANDSHAKE_REASONS = frozenset(
 # per listener and kind, and its repeats at DEBUG, so that a scanner cannot flood the log.
 CLIENT_SETUP_WARNING_INTERVAL = 60.0
 CLIENT_SETUP_WARNINGS = RepeatLimiter(CLIENT_SETUP_WARNING_INTERVAL)
+
+
+# The pre-auth timeout of the session that runs in the current task, and the time at
+# which it was first due. A context variable, because each session runs in its own
+# task, and an attribute would enlarge every idle session.
+_pre_auth_deadline: ContextVar[tuple[asyncio.Timeout, float] | None] = ContextVar(
+    "pre_auth_deadline", default=None
+)
+# Response codes of a refused login that blame the server, not the credentials:
+# UNAVAILABLE and SERVERBUG of IMAP (RFC 5530), SYS/TEMP and SYS/PERM of POP3
+# (RFC 3206). Dovecot sends them when its password database cannot be reached.
+SERVER_FAULT_CODES = frozenset({"UNAVAILABLE", "SERVERBUG", "SYS/TEMP", "SYS/PERM"})
+
+
+def refused_login_result(code: str | None) -> str:
+    """Return the login result for a server's refusal with response code `code`.
+
+    `unavailable` when the code blames the server, so that an outage of a password
+    database neither grows the failed-login delay nor bans users through fail2ban.
+    """
+    name = code.split(maxsplit=1)[0].upper() if code and code.strip() else ""
+    return "unavailable" if name in SERVER_FAULT_CODES else "failed"
 
 
 def _describe_addressless_header(header: ProxyHeader) -> str:
@@ -285,12 +308,18 @@ class Session:
             await self._reject_over_limit()
             return
         try:
-            async with asyncio.timeout(self.limits.pre_auth_timeout):
-                if self.env.listener.tls == "implicit":
-                    await self._client_handshake()
-                if not self._admit_client():
-                    return
-                logged_in = await self.pre_auth()
+            async with asyncio.timeout(self.limits.pre_auth_timeout) as deadline:
+                when = deadline.when()
+                assert when is not None
+                token = _pre_auth_deadline.set((deadline, when))
+                try:
+                    if self.env.listener.tls == "implicit":
+                        await self._client_handshake()
+                    if not self._admit_client():
+                        return
+                    logged_in = await self.pre_auth()
+                finally:
+                    _pre_auth_deadline.reset(token)
         except TimeoutError:
             self.outcome = "pre-auth timeout"
             self._record_unavailable_login()
@@ -615,6 +644,10 @@ class Session:
         ended = True
         try:
             ended = await self.client.wait_for_end(turn.delay)
+        except asyncio.CancelledError:
+            # The pre-auth timeout or a shutdown ended the wait before the login went out.
+            self.record_login("cancelled", login)
+            raise
         finally:
             # Also when the wait is cancelled, by the pre-auth timeout or a shutdown.
             if ended:
@@ -665,9 +698,27 @@ class Session:
         """Mark the current login as forwarded until record_login logs its outcome.
 
         Protocols call it after the failed-login delay, before a routed login connects
-        its upstream.
+        its upstream. The pre-auth timeout then falls no sooner than
+        `limits.login_reply_timeout` from now, so the server's reply is not cut off.
+        Servers delay a rejected login on purpose (Dovecot 2.3 by its auth_failure_delay,
+        2 s by default), and a guess sent just before the deadline would otherwise end as
+        `unavailable`, which fail2ban does not count. The timeout falls no later than
+        `login_reply_timeout` after it was first due, so a client that keeps sending
+        logins cannot keep its session open.
         """
         self.forwarding_login = True
+        current = _pre_auth_deadline.get()
+        if current is None:
+            return
+        deadline, first_due = current
+        if deadline.expired():
+            return
+        when = deadline.when()
+        now = asyncio.get_running_loop().time()
+        grace = self.limits.login_reply_timeout
+        wanted = min(now + grace, first_due + grace)
+        if when is not None and when < wanted:
+            deadline.reschedule(wanted)
 
     def _record_unavailable_login(self) -> None:
         """Record the login that the proxy was forwarding as `unavailable`.

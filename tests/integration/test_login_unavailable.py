@@ -4,9 +4,11 @@ Scripted servers on loopback close the connection, or stay silent, once a login'
 credentials arrive. Routed logins name an upstream on a loopback port where nothing
 listens. Each case checks the reply to the client, the INFO line, the count in
 `appliance_logins_total{result="unavailable"}`, that the fail2ban filter ignores the
-line, and that the password is not in the log. The last tests check the failed-login delay:
+line, and that the password is not in the log. Further tests check the failed-login delay:
 an upstream that fails during a login leaves it as it is, and a routed server that
-cannot be reached makes it grow.
+cannot be reached makes it grow. The last ones check the edges of the outcome: a refusal
+that comes after the pre-auth timeout is still `failed`, a refusal whose code blames
+the server is `unavailable`, and a timeout during the delay logs `cancelled`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ PASSWORD = b"Unavail-Secret-4711"
 LOG_TIMEOUT = 15.0
 # Short, so that a silent upstream ends a login within a few seconds.
 PRE_AUTH_TIMEOUT = 3
+# How long past the pre-auth timeout a forwarded login may wait for the server's reply.
+LOGIN_REPLY_TIMEOUT = 4
+# The scripted servers that refuse a login slowly wait this long before the reply, as
+# Dovecot does by its auth_failure_delay.
+REFUSAL_DELAY = 2.5
 DELAY_LIMITS = {"auth_failure_delay": 1, "auth_failure_delay_max": 4}
 IMAP_UNAVAILABLE = b"* BYE [UNAVAILABLE] " + GOODBYE_TEXTS["unavailable"].encode()
 POP3_UNAVAILABLE = b"-ERR [SYS/TEMP] " + GOODBYE_TEXTS["unavailable"].encode()
@@ -103,6 +110,28 @@ SCRIPTS = {
     ),
     "imap_silent": Script(protocol="imap", offer_starttls=False, login_reply="none"),
     "pop3_silent": Script(protocol="pop3", offer_starttls=False, login_reply="none"),
+    "imap_slow_refusal": Script(
+        protocol="imap",
+        offer_starttls=False,
+        login_refusal=b" NO [AUTHENTICATIONFAILED] Authentication failed.\r\n",
+        login_reply_delay=REFUSAL_DELAY,
+    ),
+    "pop3_slow_refusal": Script(
+        protocol="pop3",
+        offer_starttls=False,
+        login_refusal=b"-ERR [AUTH] Authentication failed.\r\n",
+        login_reply_delay=REFUSAL_DELAY,
+    ),
+    "imap_temporary": Script(
+        protocol="imap",
+        offer_starttls=False,
+        login_refusal=b" NO [UNAVAILABLE] Temporary authentication failure.\r\n",
+    ),
+    "pop3_temporary": Script(
+        protocol="pop3",
+        offer_starttls=False,
+        login_refusal=b"-ERR [SYS/TEMP] Temporary authentication failure.\r\n",
+    ),
 }
 
 
@@ -150,7 +179,11 @@ def proxy(
     config = {
         "listeners": listeners,
         "upstreams": upstreams,
-        "limits": {"pre_auth_timeout": PRE_AUTH_TIMEOUT, **DELAY_LIMITS},
+        "limits": {
+            "pre_auth_timeout": PRE_AUTH_TIMEOUT,
+            "login_reply_timeout": LOGIN_REPLY_TIMEOUT,
+            **DELAY_LIMITS,
+        },
         "admin": {"enabled": True, "port": free_port()},
     }
     workdir = tmp_path_factory.mktemp("login-unavailable")
@@ -317,7 +350,8 @@ def test_silent_upstream_logs_unavailable(
     assert rest == expected + b"\r\n"
     assert line.endswith(f'user "{USER.decode()}"'), line
     assert counted == before + 1
-    assert seconds < PRE_AUTH_TIMEOUT + 2
+    # The login went out at once, so its reply may wait past the pre-auth timeout.
+    assert seconds < PRE_AUTH_TIMEOUT + LOGIN_REPLY_TIMEOUT
 
 
 @pytest.mark.parametrize("protocol", ["imap", "pop3"])
@@ -407,3 +441,123 @@ def test_shutdown_during_login_logs_unavailable(
     assert rest.startswith((b"* BYE [UNAVAILABLE]", b"-ERR [SYS/TEMP]")), rest
     assert line.endswith(f'user "{USER.decode()}"'), line
     assert PASSWORD.decode() not in process.log_text()
+
+
+@pytest.mark.parametrize("protocol", ["imap", "pop3"])
+def test_refusal_after_deadline_logs_failed(
+    proxy: ApplianceProcess, protocol: str
+) -> None:
+    """A guess sent just before the pre-auth timeout still ends as a failed login."""
+    listener = f"{protocol}_slow_refusal"
+    source = next_source()
+    form = "auth-plain" if protocol == "pop3" else "login"
+    [turn] = login_turns(protocol, form, USER)
+    with connect(proxy, listener, source) as client:
+        port = client.sock.getsockname()[1]
+        # The server replies REFUSAL_DELAY seconds after the login, past the timeout.
+        time.sleep(PRE_AUTH_TIMEOUT - 1.5)
+        client.send(turn.send)
+        reply = client.read_line()
+    line = login_line(proxy, "failed", source, port)
+
+    assert reply.startswith((b"a1 NO [AUTHENTICATIONFAILED]", b"-ERR [AUTH]")), reply
+    assert line.endswith(f'user "{USER.decode()}"'), line
+    assert fail2ban_hosts([line]) == [source]
+
+
+@pytest.mark.parametrize("protocol", ["imap", "pop3"])
+def test_temporary_refusal_logs_unavailable(
+    proxy: ApplianceProcess, protocol: str
+) -> None:
+    """A refusal that blames the server is logged as unavailable, not failed."""
+    listener = f"{protocol}_temporary"
+    source = next_source()
+    form = "auth-plain" if protocol == "pop3" else "login"
+    [turn] = login_turns(protocol, form, USER)
+    failed_labels = {"listener": listener, "upstream": listener, "result": "failed"}
+    failed_before = metric(proxy, "appliance_logins_total", **failed_labels)
+    before = unavailable_count(proxy, listener, listener)
+    with connect(proxy, listener, source) as client:
+        port = client.sock.getsockname()[1]
+        client.send(turn.send)
+        reply = client.read_line()
+    line = login_line(proxy, "unavailable", source, port)
+    counted = wait_for_unavailable_count(proxy, listener, listener, before + 1)
+
+    assert reply.startswith((b"a1 NO [UNAVAILABLE]", b"-ERR [SYS/TEMP]")), reply
+    assert fail2ban_hosts([line]) == []
+    assert counted == before + 1
+    assert metric(proxy, "appliance_logins_total", **failed_labels) == failed_before
+
+
+@pytest.mark.parametrize("protocol", ["imap", "pop3"])
+def test_timeout_during_delay_logs_cancelled(
+    proxy: ApplianceProcess, protocol: str
+) -> None:
+    """A login that the pre-auth timeout cuts off during the delay is logged."""
+    source = next_source()
+    routed = f"{protocol}_routed"
+    form = "login" if protocol == "imap" else "user-pass"
+    turns = login_turns(protocol, form, USER + b"@unknown")
+    # Three logins outside the allow-list fail, so the next one waits 4 s, 1 s longer
+    # than the whole pre-auth timeout.
+    for _ in range(3):
+        attempt_login_until_reply(proxy, routed, turns, source)
+    with connect(proxy, routed, source) as client:
+        port = client.sock.getsockname()[1]
+        for turn in turns:
+            client.send(turn.send)
+            if turn.expect is not None:
+                client.read_line()
+        rest = client.read_until_closed()
+    line = login_line(proxy, "cancelled", source, port)
+
+    expected = IMAP_TIMED_OUT if protocol == "imap" else POP3_TIMED_OUT
+    assert rest == expected + b"\r\n"
+    assert line.endswith(f'user "{USER.decode()}@unknown"'), line
+
+
+def attempt_login_until_reply(
+    proxy: ApplianceProcess, listener: str, turns: list[Turn], source: str
+) -> bytes:
+    """Run a login on a new connection and return the reply to its last turn."""
+    with connect(proxy, listener, source) as client:
+        for turn in turns:
+            client.send(turn.send)
+            reply = client.read_line()
+    return reply
+
+
+def test_repeated_logins_cannot_extend_session(
+    scripted: dict[str, ScriptedServer], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Each forwarded login extends the pre-auth timeout, but only up to one grace.
+
+    Without the failed-login delay, nothing else would end a session whose client sends
+    one wrong password after another.
+    """
+    server = scripted["imap_slow_refusal"]
+    config = {
+        "listeners": {"imap": listener_config("imap", "slow")},
+        "upstreams": {"slow": {"host": HOST, "port": server.port, "tls": "none"}},
+        "limits": {
+            "pre_auth_timeout": PRE_AUTH_TIMEOUT,
+            "login_reply_timeout": LOGIN_REPLY_TIMEOUT,
+            "auth_failure_delay": 0,
+        },
+    }
+    [turn] = login_turns("imap", "login", USER)
+    replies = []
+    with ApplianceProcess(config, tmp_path_factory.mktemp("no-delay")) as process:
+        with connect(process, "imap", HOST) as client:
+            started = time.monotonic()
+            while len(replies) < 20:
+                client.send(turn.send)
+                reply = client.read_line()
+                replies.append(reply)
+                if not reply.startswith(b"a1 NO"):
+                    break
+            seconds = time.monotonic() - started
+
+    assert replies[-1] == IMAP_TIMED_OUT + b"\r\n", replies
+    assert seconds < PRE_AUTH_TIMEOUT + LOGIN_REPLY_TIMEOUT + 1.5, replies

@@ -64,6 +64,12 @@ class Script:
     """List ID (RFC 2971) among the IMAP capabilities."""
     id_status: bytes = b"OK"
     """Status of the tagged reply to ID, such as b"NO"."""
+    login_refusal: bytes | None = None
+    """Reply to a completed login instead of the usual one, such as b" NO [UNAVAILABLE]
+    Try later\r\n" (after the tag, for IMAP) or b"-ERR [SYS/TEMP] Try later\r\n"."""
+    login_reply_delay: float = 0.0
+    """Seconds to wait before the reply to a completed login, as servers do before a
+    rejection."""
     login_reply: str = "ok"
     """Reply to the command that completes a login (LOGIN, AUTHENTICATE, PASS, AUTH or
     APOP). `ok` sends the usual reply, `close` closes the connection without one, and
@@ -305,10 +311,10 @@ class ScriptedServer:
                 peer.send(b"+ \r\n")
                 if peer.read_line() is None:
                     return False
-            reply = (self.script.login_reply_tag or tag) + self._imap_login_ok()
+            reply = (self.script.login_reply_tag or tag) + self._imap_login_reply()
             return self._reply_to_login(peer, reply)
         elif name == "LOGIN":
-            reply = (self.script.login_reply_tag or tag) + self._imap_login_ok()
+            reply = (self.script.login_reply_tag or tag) + self._imap_login_reply()
             return self._reply_to_login(peer, reply)
         elif name == "ID":
             peer.send(tag + b" " + self.script.id_status + b" ID done\r\n")
@@ -323,6 +329,8 @@ class ScriptedServer:
         """Handle a completed login as `Script.login_reply` sets; return False to close."""
         if self.script.login_reply == "close":
             return False
+        if self.script.login_reply_delay:
+            time.sleep(self.script.login_reply_delay)
         if self.script.login_reply == "ok":
             peer.send(reply)
         return True
@@ -335,7 +343,9 @@ class ScriptedServer:
             caps.append("STARTTLS")
         return caps
 
-    def _imap_login_ok(self) -> bytes:
+    def _imap_login_reply(self) -> bytes:
+        if self.script.login_refusal is not None:
+            return self.script.login_refusal
         caps = " ".join(self.script.login_capabilities)
         return f" OK [CAPABILITY {caps}] Logged in\r\n".encode()
 
@@ -343,6 +353,9 @@ class ScriptedServer:
         return self.script.offer_starttls and not peer.record.tls_active
 
     # POP3
+
+    def _pop3_login_reply(self, usual: bytes) -> bytes:
+        return self.script.login_refusal if self.script.login_refusal is not None else usual
 
     def _serve_pop3(self, peer: _ServerPeer) -> None:
         peer.send(self.script.greeting or b"+OK Scripted POP3 server ready\r\n")
@@ -379,11 +392,11 @@ class ScriptedServer:
                 peer.send(b"+ \r\n")
                 if peer.read_line() is None:
                     return False
-            return self._reply_to_login(peer, b"+OK Logged in\r\n")
+            return self._reply_to_login(peer, self._pop3_login_reply(b"+OK Logged in\r\n"))
         elif name == "USER":
             peer.send(b"+OK\r\n")
         elif name == "PASS":
-            return self._reply_to_login(peer, b"+OK\r\n")
+            return self._reply_to_login(peer, self._pop3_login_reply(b"+OK\r\n"))
         elif name == "APOP":
             return self._reply_to_login(peer, b"-ERR Unknown command\r\n")
         elif name == "STAT":

@@ -26,6 +26,12 @@ class Limits(StrictModel):
     pre_auth_timeout: Seconds = 60.0
     """Seconds a client may take from connecting to a successful login."""
 
+    login_reply_timeout: Seconds = 30.0
+    """Seconds that a login forwarded to the mail server may wait for the server's
+    reply, even past `pre_auth_timeout`, which it extends by at most this much. Mail
+    servers delay a rejected login on purpose, and a login that the pre-auth timeout cut
+    off would be logged as `unavailable`, which fail2ban does not count."""
+
     idle_timeout: Annotated[float, Field(ge=1800, le=DAY), NUMBER_CHECK] = 1860.0
     """Seconds without traffic after which an authenticated session is closed; at least
     1800, because RFC 3501 lets IMAP clients sit in IDLE for 30 minutes, and at most a
