@@ -396,7 +396,9 @@ class UpstreamPlanner:
         words = ["appliance", "known-servers", "forget", record.host]
         words += ["--protocol", record.protocol, "--port", str(port)]
         if self.store.path is not None:
-            words += ["--state-dir", str(self.store.path.parent)]
+            # Absolute, because the operator may run the command from another
+            # working folder.
+            words += ["--state-dir", str(self.store.path.parent.absolute())]
         return shlex.join(words)
 
     def _probe_after_upgrade(

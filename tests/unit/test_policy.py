@@ -389,6 +389,41 @@ async def test_downgrade_advice_forgets_one_record(
     assert remaining.get(other) is not None
 
 
+async def test_downgrade_advice_names_absolute_state_dir(
+    tmp_path: Path, log_lines: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The quick start sets `state_dir: ./state`, and an operator runs the advised
+    # command from whatever folder their shell is in.
+    monkeypatch.chdir(tmp_path)
+    snapshot = make_snapshot()
+    store = KnownServerStore.open(Path("state"))
+    planner = make_planner(snapshot, ScriptedProbe(server_report("starttls")), store)
+    await plan_modes(planner, snapshot)
+    error = UpstreamError("starttls", "server does not offer STARTTLS")
+    planner.report(
+        snapshot, "imap", session_target(planner, snapshot, "starttls"), None, error
+    )
+    [line] = [line for line in log_lines if "looks like a downgrade" in line]
+    command = shlex.split(line.split("`")[-2])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    forget = subprocess.run(
+        [sys.executable, "-m", "appliance.cli", *command[1:]],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    state_dir = command[command.index("--state-dir") + 1]
+    assert state_dir == str(tmp_path / "state"), command
+    assert forget.returncode == 0, forget.stderr
+    assert KnownServerStore(tmp_path / "state").get(KEY) is None
+    assert not (elsewhere / "state").exists()
+
+
 async def test_recorded_certificate_failure_named(log_lines: list[str]) -> None:
     snapshot = make_snapshot()
     planner = make_planner(snapshot, ScriptedProbe(server_report("implicit")))
