@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import stat
 import sys
 from pathlib import Path
 
@@ -149,6 +150,10 @@ def command_known_servers(args: argparse.Namespace) -> int:
         return EXIT_CONFIG_ERROR
     store = known_servers.KnownServerStore(state_dir)
     try:
+        if args.action != "pin":
+            # Listing or forgetting records never creates the folder, so a mistyped
+            # path fails instead of leaving an empty folder behind.
+            _check_state_dir_exists(state_dir)
         if args.action == "list":
             return _list_known_servers(store, as_json=args.json)
         known_servers.prepare_state_dir(state_dir)
@@ -170,6 +175,24 @@ def _state_dir(args: argparse.Namespace) -> Path | None:
     # Only state_dir is read, so a config that sets nothing else will do.
     loaded = _load(args, require_listeners=False)
     return None if loaded is None else loaded.config.state_dir
+
+
+def _check_state_dir_exists(state_dir: Path) -> None:
+    """Raise StateDirError unless `state_dir` is an existing folder."""
+    from appliance.tls.known_servers import StateDirError
+
+    hint = "check --state-dir, or state_dir in the config"
+    try:
+        mode = state_dir.stat().st_mode
+    except FileNotFoundError:
+        message = f"state_dir {str(state_dir)!r} does not exist; {hint}"
+        raise StateDirError(message) from None
+    except OSError as exc:
+        raise StateDirError(
+            f"state_dir {str(state_dir)!r} cannot be read: {exc.strerror}; {hint}"
+        ) from None
+    if not stat.S_ISDIR(mode):
+        raise StateDirError(f"state_dir {str(state_dir)!r} is not a folder; {hint}")
 
 
 def _list_known_servers(store, *, as_json: bool) -> int:

@@ -221,6 +221,29 @@ def test_forget_unknown_host_exits_one(tmp_path: Path) -> None:
     assert "no record matches nowhere.example.org" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "action", [["list"], ["forget", "mail.example.org"]], ids=["list", "forget"]
+)
+def test_missing_state_dir_not_created(tmp_path: Path, action: list[str]) -> None:
+    missing = tmp_path / "missing"
+
+    result = known_servers(missing, *action)
+
+    assert result.returncode == 1, result.stdout
+    assert f"state_dir {str(missing)!r} does not exist" in result.stderr
+    assert not missing.exists()
+
+
+def test_state_dir_that_is_file_rejected(tmp_path: Path) -> None:
+    not_folder = tmp_path / "state"
+    not_folder.write_text("")
+
+    result = known_servers(not_folder, "list")
+
+    assert result.returncode == 1, result.stdout
+    assert f"state_dir {str(not_folder)!r} is not a folder" in result.stderr
+
+
 def test_list_corrupt_store_leaves_file(tmp_path: Path) -> None:
     path = tmp_path / "known_servers.json"
     path.write_text("not json")
