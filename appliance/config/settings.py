@@ -618,14 +618,14 @@ class UniqueKeyEnvSource(EnvSettingsSource):
     object, is rejected with the variable's name. The json module keeps the last of two
     equal keys, so one value would be lost silently, while config files reject repeated
     keys. Only fields that take JSON are checked, so a text value that merely looks like
-    JSON, such as a host name, is not. Names and values that are not UTF-8, and
-    variables that pydantic-settings would drop, are rejected too (see
-    appliance.config.variables).
+    JSON, such as a host name, is not. Names that are not UTF-8, values that are not
+    UTF-8 for a top-level field, and variables that pydantic-settings would drop are
+    rejected too (see appliance.config.variables).
     """
 
     def __call__(self) -> dict[str, Any]:
         variables = config_variables(os.environ)
-        problems = encoding_problems(variables)
+        problems = encoding_problems(variables, top_level_keys(self.settings_cls))
         # The other checks would quote the lone surrogates of such names and values.
         text_variables = {
             name: value

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from pydantic import BaseModel
 
@@ -70,14 +70,18 @@ def is_utf8(text: str) -> bool:
     return first_invalid_byte(text) is None
 
 
-def encoding_problems(variables: Mapping[str, str]) -> list[str]:
-    """Describe each variable whose name or value is not UTF-8.
+def encoding_problems(
+    variables: Mapping[str, str], top_level_keys: Collection[str]
+) -> list[str]:
+    """Describe each variable whose name, or value for a config field, is not UTF-8.
 
     A name that is not UTF-8 matches no field, and a value that is not UTF-8 is no text
     that a field accepts. Such a variable is rejected rather than ignored, because the
     prefix shows that it was meant for the appliance, and a start that drops it would
     run with a config other than the one intended. The value of a name whose last part
     is not UTF-8 is not shown, because that part could be the name of a secret field.
+    A UTF-8 name whose first part is not in `top_level_keys` (lower case) sets no field,
+    so its value is not checked, and the loader only warns about it.
     """
     problems = []
     for name, value in sorted(variables.items()):
@@ -93,6 +97,8 @@ def encoding_problems(variables: Mapping[str, str]) -> list[str]:
                 f"field{lost_value}; unset it, and set the variable again with a UTF-8 name, "
                 "as docs/configuration.md lists them"
             )
+            continue
+        if path[0] not in top_level_keys:
             continue
         invalid_value = first_invalid_byte(value)
         if invalid_value is not None:

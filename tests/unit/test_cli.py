@@ -206,6 +206,23 @@ def test_check_config_warns_unknown_variable(
     )
 
 
+def test_check_config_unknown_variable_any_encoding(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    config_file: Path,
+    secrets_dir: Path,
+) -> None:
+    # An unknown name is ignored with a warning, whatever bytes its value has. The
+    # value of a known name must be UTF-8 (see test_config_errors).
+    monkeypatch.setenv("APPLIANCE_FOO", "\udce9")
+
+    code = check_config(config_file, secrets_dir)
+
+    err = capsys.readouterr().err
+    assert code == EXIT_OK, err
+    assert err.startswith("warning: environment variable APPLIANCE_FOO matches no")
+
+
 def test_check_config_warns_unknown_secret(
     capsys: pytest.CaptureFixture[str], config_file: Path, secrets_dir: Path
 ) -> None:

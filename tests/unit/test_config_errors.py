@@ -426,6 +426,19 @@ def test_non_utf8_variable_value_named(
     assert "\udce4" not in problem
 
 
+def test_non_utf8_unknown_name_rejected(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
+) -> None:
+    # A garbled name may be a garbled known name, so it is rejected, not ignored.
+    config = write_config(tmp_path, listener_yaml())
+    monkeypatch.setenv("APPLIANCE_F\udcffOO", "bar")
+
+    problem = only_problem(config, secrets_dir)
+
+    expected = r"environment variable APPLIANCE_F\xffOO: the name is not UTF-8"
+    assert problem.startswith(expected), problem
+
+
 def test_non_utf8_config_path_accepted(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
 ) -> None:
