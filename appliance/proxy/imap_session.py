@@ -225,10 +225,9 @@ class ImapSession(Session):
                 continue
             except ClientProtocolError as exc:
                 self._protocol_error(exc.message, exc.tag, fatal=exc.fatal)
-                if isinstance(exc, LiteralRejected) and exc.command in LOGIN_LITERAL_LIMITS:
-                    # A login literal rejected for a reason other than a credential
-                    # size cap: over max_literal_size, which is checked first, or at a
-                    # place where the command takes no literal.
+                if isinstance(exc, LiteralRejected):
+                    # No valid command before login needs a literal that the reader
+                    # rejects, so closing costs a working client nothing.
                     self._close_after_rejected_literal()
                 continue
             if isinstance(event, ContinuationRequest):
@@ -279,14 +278,14 @@ class ImapSession(Session):
         self._close_after_rejected_literal()
 
     def _close_after_rejected_literal(self) -> None:
-        """Raise a fatal error after a login literal got a rejection instead of "+".
+        """Raise a fatal error after a literal got a rejection instead of "+".
 
         A client that waits for "+" sends no literal, but one that does not wait sends
-        it anyway, and it is likely a password. Its bytes may arrive in any later read,
+        it anyway, and it may be a password. Its bytes may arrive in any later read,
         and parsed as commands their first word would come back as a tag. So the session
         closes rather than read on.
         """
-        message = "closing after a rejected login literal, which may follow unasked"
+        message = "closing after a rejected literal, which may follow unasked"
         raise ClientProtocolError(message, fatal=True)
 
     def _reject_before_tls(self, tag: str, user: object) -> None:

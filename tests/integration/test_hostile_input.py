@@ -1119,12 +1119,31 @@ def test_unusable_login_literal_closes(strict, upstreams, case, plus):
     assert b"AUTHENTICATE" not in bytes(upstreams["imap"].received[before:])
 
 
-def test_general_limit_other_literal_stays_open(strict):
-    # A client that waits for "+" gets BAD and goes on; only login literals close.
+# Literals of other commands that get BAD instead of "+", and the BAD's text. No valid
+# command before login needs them, so the session closes as after a login literal.
+REJECTED_OTHER_LITERALS = {
+    "over-max-literal-size": (
+        b"a1 ID {70000}\r\n",
+        b"literal too large (limit 65536 bytes)",
+    ),
+    "unbalanced": (b"a1 SELECT ) {6}\r\n", b"unbalanced parentheses"),
+}
+
+
+@pytest.mark.parametrize(
+    "case", REJECTED_OTHER_LITERALS, ids=list(REJECTED_OTHER_LITERALS)
+)
+def test_rejected_other_literal_closes(strict, case):
+    announcement, message = REJECTED_OTHER_LITERALS[case]
     with connect(strict, "imap") as client:
-        converse(client, [Step(b"a1 ID {70000}\r\n", b"a1 BAD literal too large")])
-        replies = converse(client, [Step(b"a2 NOOP\r\n", b"a2 OK")])
-    assert not any(line.startswith(b"* BYE") for line in replies), replies
+        # The literal follows without a "+", as from a client that does not wait.
+        client.send(announcement + b"secret\r\na2 NOOP\r\n")
+        reply = client.read_until_closed()
+    first, _, rest = reply.partition(b"\r\n")
+    goodbye = b"* BYE " + GOODBYE_TEXTS["unreadable"].encode() + b"\r\n"
+    assert first == b"a1 BAD " + message, reply
+    assert rest == goodbye, reply
+    assert b"secret" not in reply
 
 
 # Each case: listener, command before TLS, and the user name that the log line names.

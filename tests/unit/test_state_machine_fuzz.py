@@ -526,6 +526,8 @@ REJECTED_LITERALS = {
     "login-after-list": b"a1 LOGIN (user) {6}\r\n",
     "sasl-mechanism": b"a1 AUTHENTICATE {6}\r\n",
     "sasl-third": b"a1 AUTHENTICATE PLAIN " + RIGHT_PLAIN + b" {6}\r\n",
+    "select-unbalanced": b"a1 SELECT ) {6}\r\n",
+    "id-over-max-literal-size": b"a1 ID {65}\r\n",
 }
 
 
@@ -542,6 +544,20 @@ def test_rejected_literal_closes_session(configs, case):
     assert outcome.error.fatal
     assert outcome.upstream is not None
     assert not outcome.upstream.logged_in
+
+
+def test_ninth_literal_closes_session(configs):
+    # The reader takes 8 literals per command, and the 9th's bytes follow unasked.
+    eight_literals = b"a1 ID ({1}\r\n" + b"x {1}\r\n" * 7
+    data = eight_literals + b"x {6}\r\nmypass\r\na2 NOOP\r\n"
+    outcome = asyncio.run(run_pre_auth(configs["imap", "none"], "imap", [data]))
+    lines = bytes(outcome.client_output).split(b"\r\n")
+    assert lines[1:9] == [b"+ Ready for literal data"] * 8, lines
+    assert lines[9] == b"a1 BAD too many literals (limit 8)", lines
+    assert not any(line.startswith(b"a2") for line in lines), lines
+    assert b"mypass" not in outcome.client_output
+    assert isinstance(outcome.error, ClientProtocolError)
+    assert outcome.error.fatal
 
 
 def test_authenticate_extra_argument_rejected(configs):

@@ -114,9 +114,9 @@ class LiteralRejected(ClientProtocolError):
 
     The reader has dropped the command. After a synchronizing literal it reads the next
     line as a new command, because the client sends no literal bytes until it gets "+".
-    A client that sends them without waiting would have them read as commands, so a
-    session closes when they arrive for a command whose literals may be credentials.
-    After a LITERAL+ literal the error is fatal.
+    A client that sends them without waiting would have them read as commands, so the
+    proxy's session closes after this error. After a LITERAL+ literal the error is
+    fatal.
     """
 
     def __init__(self, message: str, *, tag: str | None, fatal: bool, command: str) -> None:
