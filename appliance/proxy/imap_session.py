@@ -13,11 +13,7 @@ from collections.abc import Sequence
 
 from appliance.logs import RepeatLimiter
 from appliance.protocols import capabilities, sasl
-from appliance.protocols.errors import (
-    ClientProtocolError,
-    TooManyProtocolErrors,
-    UpstreamProtocolError,
-)
+from appliance.protocols.errors import ClientProtocolError, UpstreamProtocolError
 from appliance.protocols.imap import (
     Command,
     ContinuationLine,
@@ -311,9 +307,7 @@ class ImapSession(Session):
 
         A fatal error sends BAD and then raises too, because the input is out of sync.
         """
-        self.errors += 1
-        if self.errors >= self.limits.max_protocol_errors:
-            raise TooManyProtocolErrors(message)
+        self.count_client_error(message)
         self.client.send(format_tagged(tag, "BAD", message) if tag else format_untagged("BAD", message))
         if fatal:
             raise ClientProtocolError(message, tag=tag, fatal=True)
@@ -386,6 +380,14 @@ class ImapSession(Session):
             self._protocol_error(message, tag)
             return None
         initial = _to_bytes(initial_argument) if len(command.args) > 1 else None
+        # Rejections stay outside the try, because record_login raises
+        # TooManyProtocolErrors at the limit, which the SASL error handler would catch.
+        if mechanism not in ("PLAIN", "LOGIN"):
+            self.record_login("rejected")
+            self.client.send(
+                format_tagged(tag, "NO", "Unsupported authentication mechanism", "CANNOT")
+            )
+            return None
         try:
             if mechanism == "PLAIN":
                 if initial is None:
@@ -394,18 +396,9 @@ class ImapSession(Session):
                     # RFC 4959: "=" stands for an empty initial response.
                     response = b"" if initial == b"=" else initial
                 authzid, user, password = sasl.decode_plain(response)
-                if authzid and authzid != user:
-                    self.reject_authorization_identity(authzid, user)
-                    self._send_authentication_failed(tag)
-                    return None
-            elif mechanism == "LOGIN":
-                user, password = await self.read_sasl_login(initial)
             else:
-                self.record_login("rejected")
-                self.client.send(
-                    format_tagged(tag, "NO", "Unsupported authentication mechanism", "CANNOT")
-                )
-                return None
+                authzid = b""
+                user, password = await self.read_sasl_login(initial)
         except _Cancelled:
             self.record_login("cancelled")
             self.client.send(format_tagged(tag, "BAD", "Authentication cancelled"))
@@ -413,6 +406,10 @@ class ImapSession(Session):
         except ClientProtocolError as exc:
             self.record_login("invalid")
             self._protocol_error(exc.message, tag, fatal=exc.fatal)
+            return None
+        if authzid and authzid != user:
+            self.reject_authorization_identity(authzid, user)
+            self._send_authentication_failed(tag)
             return None
         return await self._start_login(tag, user, password)
 

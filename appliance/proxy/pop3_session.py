@@ -4,7 +4,7 @@ RFC 5034 AUTH), answered by the proxy; the login itself is re-encoded for the up
 from __future__ import annotations
 
 from appliance.protocols import capabilities, sasl
-from appliance.protocols.errors import ClientProtocolError, TooManyProtocolErrors
+from appliance.protocols.errors import ClientProtocolError
 from appliance.protocols.pop3 import (
     Command,
     CommandReader,
@@ -127,9 +127,7 @@ class Pop3Session(Session):
 
         A fatal error sends -ERR and then raises too, because the input is out of sync.
         """
-        self.errors += 1
-        if self.errors >= self.env.snapshot.config.limits.max_protocol_errors:
-            raise TooManyProtocolErrors(message)
+        self.count_client_error(message)
         self.client.send(format_err(message))
         if fatal:
             raise ClientProtocolError(message, fatal=True)
@@ -202,6 +200,12 @@ class Pop3Session(Session):
             return None
         mechanism = command.args[0].upper()
         initial = command.args[1] if len(command.args) > 1 else None
+        # Rejections stay outside the try, because record_login raises
+        # TooManyProtocolErrors at the limit, which the SASL error handler would catch.
+        if mechanism not in (b"PLAIN", b"LOGIN"):
+            self.record_login("rejected")
+            self.client.send(format_err("Unsupported authentication mechanism"))
+            return None
         try:
             if mechanism == b"PLAIN":
                 if initial is None:
@@ -210,16 +214,9 @@ class Pop3Session(Session):
                     # RFC 5034: "=" stands for an empty initial response.
                     response = b"" if initial == b"=" else initial
                 authzid, user, password = sasl.decode_plain(response)
-                if authzid and authzid != user:
-                    self.reject_authorization_identity(authzid, user)
-                    self._send_authentication_failed()
-                    return None
-            elif mechanism == b"LOGIN":
-                user, password = await self.read_sasl_login(initial)
             else:
-                self.record_login("rejected")
-                self.client.send(format_err("Unsupported authentication mechanism"))
-                return None
+                authzid = b""
+                user, password = await self.read_sasl_login(initial)
         except _Cancelled:
             self.record_login("cancelled")
             self.client.send(format_err("Authentication cancelled"))
@@ -227,6 +224,10 @@ class Pop3Session(Session):
         except ClientProtocolError as exc:
             self.record_login("invalid")
             self._protocol_error(exc.message)
+            return None
+        if authzid and authzid != user:
+            self.reject_authorization_identity(authzid, user)
+            self._send_authentication_failed()
             return None
         return await self._start_login(user, password)
 

@@ -94,7 +94,7 @@ GOODBYE_TEXTS = {
     "timeout": "Timed out waiting for login",
     "unavailable": "Mail server unavailable, try again later",
     "shutdown": "Server shutting down, try again later",
-    "protocol": "Too many invalid commands",
+    "protocol": "Too many invalid commands or rejected logins",
     "unreadable": "Closing the connection after input that cannot be read further",
     "internal": "Internal error, try again later",
     "busy": "Too many connections, try again later",
@@ -190,6 +190,9 @@ class Session:
     # dropped_upstream it is a class attribute, and record_login deletes the instance's
     # value, so that a logged-in session does not keep it in its __dict__.
     forwarding_login: bool = False
+
+    # Invalid commands and rejected logins so far. The protocol's pre_auth resets it.
+    errors: int = 0
 
     protocol: ClassVar[str]
     # Attributes that only the login phase reads; the relay drops them.
@@ -734,7 +737,8 @@ class Session:
 
         `result` is one of `guard.LOGIN_RESULTS`, which the metric counts by the same
         word. `succeeded` resets the failed-login delay of the client address, and
-        `failed` makes it grow.
+        `failed` makes it grow. A `rejected` login waits no delay, so it counts toward
+        max_protocol_errors instead, and may raise TooManyProtocolErrors.
         """
         if "forwarding_login" in self.__dict__:
             del self.forwarding_login
@@ -744,6 +748,18 @@ class Session:
         if result in ("succeeded", "failed"):
             succeeded = result == "succeeded"
             self.env.guard.record_login(self.client_host, self.limits, succeeded=succeeded)
+        elif result == "rejected":
+            self.count_client_error("login rejected")
+
+    def count_client_error(self, message: str) -> None:
+        """Count an invalid command or a rejected login toward max_protocol_errors.
+
+        Raises TooManyProtocolErrors with `message` for the error that reaches the
+        limit. The session then closes with the "protocol" goodbye in place of a reply.
+        """
+        self.errors += 1
+        if self.errors >= self.limits.max_protocol_errors:
+            raise TooManyProtocolErrors(message)
 
     async def _client_handshake(self, *, implicit: bool = True) -> None:
         """Run the server side of the client's TLS handshake.

@@ -780,6 +780,42 @@ def test_foreign_authzid_earns_no_delay(delayed, protocol):
     assert seconds < 0.9
 
 
+# Logins that the proxy rejects without asking the upstream wait no failed-login delay,
+# so each counts toward max_protocol_errors instead. Each case: the listener and one
+# rejected login, which the client repeats in one write.
+REJECTED_LOGIN_REPEATS = {
+    "imap-authzid": ("imap", FOREIGN_AUTHZID_LOGINS["imap"]),
+    "imap-mechanism": ("imap", b"a1 AUTHENTICATE X-FROB\r\n"),
+    "imap-before-tls": ("imap_starttls", b"a1 LOGIN user right\r\n"),
+    "pop3-authzid": ("pop3", FOREIGN_AUTHZID_LOGINS["pop3"]),
+    "pop3-mechanism": ("pop3", b"AUTH X-FROB\r\n"),
+    "pop3-before-tls": ("pop3_starttls", b"USER user\r\nPASS right\r\n"),
+}
+TOO_MANY_ERRORS = GOODBYE_TEXTS["protocol"].encode()
+
+
+@pytest.mark.parametrize(
+    "case", REJECTED_LOGIN_REPEATS, ids=list(REJECTED_LOGIN_REPEATS)
+)
+def test_rejected_logins_use_error_budget(strict, case):
+    listener, rejected_login = REJECTED_LOGIN_REPEATS[case]
+    budget = STRICT_LIMITS["max_protocol_errors"]
+    source = next_source()
+    with connect(strict, listener, source) as client:
+        client.send(rejected_login * (budget + 5))
+        replies = client.read_until_closed().splitlines()
+    summary = wait_for_summary(strict, source)
+    logged = [
+        line
+        for line in strict.log_text().splitlines()
+        if f"login rejected: client {source} " in line
+    ]
+
+    assert len(logged) == budget, logged
+    assert replies[-1] in (b"* BYE " + TOO_MANY_ERRORS, b"-ERR " + TOO_MANY_ERRORS)
+    assert "session ended: client protocol error" in summary, summary
+
+
 def test_failed_login_delay_per_address(delayed):
     noisy = next_source()
     for _ in range(3):

@@ -17,7 +17,7 @@ import asyncio
 import base64
 import itertools
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -25,6 +25,7 @@ from unittest import mock
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from loguru import logger
 
 from appliance.config import AppConfig
 from appliance.protocols.errors import ClientProtocolError, TooManyProtocolErrors
@@ -598,6 +599,46 @@ def test_argument_errors_use_error_budget(configs):
     steps = [b"e%d NOOP x\r\n" % number for number in range(8)]
     outcome = asyncio.run(run_pre_auth(configs["imap", "none"], "imap", steps))
     assert isinstance(outcome.error, TooManyProtocolErrors)
+
+
+# Logins that the proxy rejects without asking the upstream, one of each kind, by
+# protocol, listener TLS mode and case.
+FOREIGN_AUTHZID_PLAIN = base64.b64encode(b"admin\0user\0right")
+REJECTED_LOGINS = {
+    ("imap", "none", "authzid"): b"a1 AUTHENTICATE PLAIN %s\r\n" % FOREIGN_AUTHZID_PLAIN,
+    ("imap", "none", "mechanism"): b"a1 AUTHENTICATE X-UNKNOWN\r\n",
+    ("imap", "starttls", "before-tls"): b"a1 LOGIN user right\r\n",
+    ("pop3", "none", "authzid"): b"AUTH PLAIN " + FOREIGN_AUTHZID_PLAIN + b"\r\n",
+    ("pop3", "none", "mechanism"): b"AUTH X-UNKNOWN\r\n",
+    ("pop3", "starttls", "before-tls"): b"AUTH PLAIN " + RIGHT_PLAIN + b"\r\n",
+    ("pop3", "starttls", "user-pass-before-tls"): b"USER user\r\nPASS right\r\n",
+}
+
+
+@pytest.fixture
+def login_lines() -> Iterator[list[str]]:
+    """Collect the `login ...` lines that sessions log."""
+    lines: list[str] = []
+    handler = logger.add(
+        lambda message: lines.append(message.record["message"]),
+        filter=lambda record: record["message"].startswith("login "),
+    )
+    yield lines
+    logger.remove(handler)
+
+
+@pytest.mark.parametrize("key", REJECTED_LOGINS, ids="-".join)
+def test_rejected_logins_use_error_budget(configs, login_lines, key):
+    protocol, mode, _ = key
+    config = configs[protocol, mode]
+    budget = config.limits.max_protocol_errors
+    data = REJECTED_LOGINS[key] * (budget + 5)
+    outcome = asyncio.run(run_pre_auth(config, protocol, [data]))
+    assert isinstance(outcome.error, TooManyProtocolErrors), outcome.error
+    assert len(login_lines) == budget, login_lines
+    assert all(line.startswith("login rejected: ") for line in login_lines)
+    assert outcome.upstream is not None
+    assert not outcome.upstream.logged_in
 
 
 # CommandReader.reject_literal, which the IMAP session uses before TLS
