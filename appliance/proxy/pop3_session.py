@@ -155,10 +155,7 @@ class Pop3Session(Session):
         elif name == "NOOP":
             self.client.send(format_err("NOOP is not valid before login"))
         elif name in ("USER", "PASS", "AUTH", "APOP") and not self.client_state.login_allowed:
-            self.record_login("rejected", _login_user(command))
-            self.client.send(
-                format_err("Login is disabled until TLS is active; use STLS first", "AUTH")
-            )
+            self._reject_before_tls(command)
         elif name == "USER":
             self._user(command)
         elif name == "PASS":
@@ -170,6 +167,20 @@ class Pop3Session(Session):
         else:
             self._protocol_error("Unknown command or not valid before login")
         return None
+
+    def _reject_before_tls(self, command: Command) -> None:
+        """Reject a login command that must wait for TLS, with one log line per attempt.
+
+        A rejected USER is logged with its user name and kept as pending_user, so that
+        the PASS right after it is rejected without a second line. That user name never
+        reaches the upstream, because every other command clears it, STLS included.
+        """
+        if command.name != "PASS" or self.pending_user is None:
+            self.record_login("rejected", _login_user(command))
+        self.pending_user = command.argument if command.name == "USER" else None
+        self.client.send(
+            format_err("Login is disabled until TLS is active; use STLS first", "AUTH")
+        )
 
     async def _stls(self) -> None:
         if not self.client_state.starttls_available:
@@ -249,6 +260,7 @@ class Pop3Session(Session):
             self.client.send(format_err(LOGIN_SIZE_ERROR, "AUTH"))
             return None
         if self.routes_by_login:
+            self.record_login("rejected", user)
             self.client.send(format_err("APOP is not available here; use USER or AUTH"))
             return None
         await self.delay_login(user)

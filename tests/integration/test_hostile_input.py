@@ -1229,6 +1229,26 @@ def test_pop3_user_before_tls_rejected(strict, upstreams):
     assert b"USER" not in bytes(upstreams["pop3"].received[before:])
 
 
+def test_pop3_user_pass_before_tls_logged_once(strict):
+    source = next_source()
+    with connect(strict, "pop3_starttls", source) as client:
+        client.send(b"USER jo\r\n")
+        user_reply = client.read_line()
+        client.send(b"PASS pw\r\n")
+        pass_reply = client.read_line()
+    wait_for_summary(strict, source)
+    logged = [
+        line
+        for line in strict.log_text().splitlines()
+        if f"login rejected: client {source} " in line
+    ]
+
+    assert user_reply.startswith(b"-ERR [AUTH] Login is disabled"), user_reply
+    assert pass_reply.startswith(b"-ERR [AUTH] Login is disabled"), pass_reply
+    assert len(logged) == 1, logged
+    assert logged[0].endswith(' user "jo"'), logged
+
+
 # Process limits
 
 

@@ -237,8 +237,11 @@ def run_refused_logins(proxy, context) -> None:
         ).startswith(b"-ERR")
     with SourceClient(proxy.port("pop3_starttls")) as client:
         client.read_line()
+        # USER and PASS are one attempt, so they log one `login rejected` line.
         assert pop3_exchange(client, [b"USER " + USER.encode()]).startswith(b"-ERR")
         assert pop3_exchange(client, [b"PASS " + password]).startswith(b"-ERR")
+        initial = b"AUTH PLAIN " + plain(USER.encode(), password)
+        assert pop3_exchange(client, [initial]).startswith(b"-ERR")
 
 
 def run_wrong_passwords(proxy, context) -> list[str]:

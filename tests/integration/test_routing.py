@@ -321,9 +321,12 @@ def test_pop3_greeting_and_capa_from_proxy(proxy: ApplianceProcess) -> None:
 
 def test_pop3_apop_is_unavailable(proxy: ApplianceProcess) -> None:
     with connect(proxy, "pop3") as client:
+        port = client_port(client)
         reply = pop3_exchange(client, [(b"APOP alice@mail_pop3 " + b"0" * 32, b"-ERR")])
 
+    line = wait_for_log(proxy, f"login rejected: client {HOST} port {port} ")
     assert b"APOP is not available" in reply
+    assert line.endswith(' user "alice@mail_pop3"'), line
 
 
 # Rejected logins

@@ -641,6 +641,18 @@ def test_rejected_logins_use_error_budget(configs, login_lines, key):
     assert not outcome.upstream.logged_in
 
 
+def test_pop3_user_pass_before_tls_logged_once(configs, login_lines):
+    data = b"USER alice\r\nPASS right\r\nUSER bob\r\n"
+    outcome = asyncio.run(run_pre_auth(configs["pop3", "starttls"], "pop3", [data]))
+    replies = bytes(outcome.client_output).split(b"\r\n")[1:-1]
+    assert len(replies) == 3, replies
+    assert all(reply.startswith(b"-ERR [AUTH] Login is disabled") for reply in replies)
+    assert len(login_lines) == 2, login_lines
+    assert login_lines[0].endswith(' user "alice"'), login_lines
+    assert login_lines[1].endswith(' user "bob"'), login_lines
+    assert outcome.session.errors == 2
+
+
 # CommandReader.reject_literal, which the IMAP session uses before TLS
 
 
