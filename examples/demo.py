@@ -16,8 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
-
+from appliance.config import ConfigError, load_config
 from tests.support.dovecot import DovecotServer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -28,47 +27,47 @@ DEMO_USER = "demo"
 DEMO_PASSWORD = "demo"
 
 
-def demo_environment(dovecot: DovecotServer, state_dir: str) -> dict[str, str]:
-    """Return env overrides that aim the quick start's listeners at the demo Dovecot.
+def demo_variables(dovecot: DovecotServer, state_dir: str) -> dict[str, str]:
+    """Return the env overrides that aim the quick start's listeners at the demo Dovecot.
 
     The quick start has one upstream for both protocols on their standard ports; the demo
     Dovecot uses free ports instead, so POP3 gets a second upstream defined only in env.
-    The caller's own APPLIANCE_* variables are kept, such as
+    The caller's own APPLIANCE_* variables stay in effect, such as
     APPLIANCE_LISTENERS__IMAP__PORT for a busy port, except those that the demo sets.
     """
-    env = dict(os.environ)
-    env.update(
-        {
-            "APPLIANCE_UPSTREAMS__MAIL__HOST": "localhost",
-            "APPLIANCE_UPSTREAMS__MAIL__PORT": str(dovecot.ports["imaps"]),
-            "APPLIANCE_UPSTREAMS__MAIL__CA_FILE": str(dovecot.ca_file),
-            "APPLIANCE_UPSTREAMS__MAILPOP__HOST": "localhost",
-            "APPLIANCE_UPSTREAMS__MAILPOP__PORT": str(dovecot.ports["pop3s"]),
-            "APPLIANCE_UPSTREAMS__MAILPOP__TLS": "auto",
-            "APPLIANCE_UPSTREAMS__MAILPOP__CA_FILE": str(dovecot.ca_file),
-            "APPLIANCE_LISTENERS__POP3__UPSTREAM": "mailpop",
-            "APPLIANCE_STATE_DIR": state_dir,
-        }
-    )
-    return env
+    return {
+        "APPLIANCE_UPSTREAMS__MAIL__HOST": "localhost",
+        "APPLIANCE_UPSTREAMS__MAIL__PORT": str(dovecot.ports["imaps"]),
+        "APPLIANCE_UPSTREAMS__MAIL__CA_FILE": str(dovecot.ca_file),
+        "APPLIANCE_UPSTREAMS__MAILPOP__HOST": "localhost",
+        "APPLIANCE_UPSTREAMS__MAILPOP__PORT": str(dovecot.ports["pop3s"]),
+        "APPLIANCE_UPSTREAMS__MAILPOP__TLS": "auto",
+        "APPLIANCE_UPSTREAMS__MAILPOP__CA_FILE": str(dovecot.ca_file),
+        "APPLIANCE_LISTENERS__POP3__UPSTREAM": "mailpop",
+        "APPLIANCE_STATE_DIR": state_dir,
+    }
 
 
-def listener_port(name: str, env: dict[str, str]) -> str:
-    """Return the port of a quick-start listener, after an APPLIANCE_* override."""
-    variable = f"APPLIANCE_LISTENERS__{name.upper()}__PORT"
-    overrides = [value for key, value in env.items() if key.upper() == variable]
-    if overrides:
-        return overrides[0]
-    config = yaml.safe_load(QUICKSTART.read_text())
-    return str(config["listeners"][name]["port"])
+def listener_ports() -> dict[str, int] | None:
+    """Return the port of each listener in the effective config, by listener name.
+
+    The config is the quick start under this process's environment, as the appliance
+    loads it. Returns None when it does not load, because the appliance then reports
+    the error itself.
+    """
+    try:
+        loaded = load_config(QUICKSTART)
+    except ConfigError:
+        return None
+    return {name: listener.port for name, listener in loaded.config.listeners.items()}
 
 
 def print_instructions(
-    dovecot: DovecotServer, state_dir: str, env: dict[str, str]
+    dovecot: DovecotServer, state_dir: str, ports_by_listener: dict[str, int]
 ) -> None:
     ports = ", ".join(f"{name} {port}" for name, port in dovecot.enabled_ports.items())
-    imap_port = listener_port("imap", env)
-    pop3_port = listener_port("pop3", env)
+    imap_port = ports_by_listener["imap"]
+    pop3_port = ports_by_listener["pop3"]
     print(
         f"""
 Demo Dovecot is running on localhost ({ports}); its CA file is {dovecot.ca_file}.
@@ -94,12 +93,17 @@ def _stop_on_sigterm(signum: int, frame: object) -> None:
 
 def main() -> int:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    # The appliance and listener_ports then resolve relative paths in the config alike.
+    os.chdir(REPO_ROOT)
     with tempfile.TemporaryDirectory(prefix="appliance-demo-") as state_dir:
         with DovecotServer(tls="both", extra_users={DEMO_USER: DEMO_PASSWORD}) as dovecot:
-            env = demo_environment(dovecot, state_dir)
+            # Set here, so that listener_ports loads the config that the appliance runs.
+            os.environ.update(demo_variables(dovecot, state_dir))
             command = [sys.executable, "-m", "appliance.cli", "run", "--config", str(QUICKSTART)]
-            print_instructions(dovecot, state_dir, env)
-            appliance = subprocess.Popen(command, cwd=REPO_ROOT, env=env)
+            ports_by_listener = listener_ports()
+            if ports_by_listener is not None:
+                print_instructions(dovecot, state_dir, ports_by_listener)
+            appliance = subprocess.Popen(command)
             try:
                 return appliance.wait()
             except KeyboardInterrupt:

@@ -2,13 +2,16 @@
 
 The README gives this as a newcomer's first command. The test runs the script as a
 process and moves its listeners to free ports with the APPLIANCE_* variables that an
-operator would set for a busy port. It logs in through both listeners with the demo
-account, and stops the demo the way a service manager does.
+operator would set for a busy port. The IMAP listener is set whole as JSON, beside its
+port variable set to the empty string, which counts as unset. The POP3 listener gets
+its port variable alone. The test logs in through both listeners with the demo account,
+and stops the demo the way a service manager does.
 """
 
 from __future__ import annotations
 
 import imaplib
+import json
 import os
 import poplib
 import signal
@@ -50,10 +53,15 @@ def demo(
     if dovecot_backend != "local":
         pytest.skip("the demo script starts the local dovecot binary")
     imap_port, pop3_port = free_port(), free_port()
-    env = {
-        key: value for key, value in os.environ.items() if not key.startswith("APPLIANCE_")
+    env = demo_environment()
+    imap_listener = {
+        "protocol": "imap",
+        "bind": HOST,
+        "port": imap_port,
+        "upstream": "mail",
     }
-    env["APPLIANCE_LISTENERS__IMAP__PORT"] = str(imap_port)
+    env["APPLIANCE_LISTENERS__IMAP"] = json.dumps(imap_listener)
+    env["APPLIANCE_LISTENERS__IMAP__PORT"] = ""
     env["APPLIANCE_LISTENERS__POP3__PORT"] = str(pop3_port)
     log = tmp_path_factory.mktemp("demo") / "demo.log"
     with open(log, "wb") as output:
@@ -77,6 +85,13 @@ def demo(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(5)
+
+
+def demo_environment() -> dict[str, str]:
+    """Return this process's environment without its APPLIANCE_* variables."""
+    return {
+        key: value for key, value in os.environ.items() if not key.startswith("APPLIANCE_")
+    }
 
 
 def test_demo_imap_login(demo: Demo) -> None:
@@ -121,3 +136,25 @@ def port_open(port: int) -> bool:
     with socket.socket() as probe:
         probe.settimeout(1)
         return probe.connect_ex((HOST, port)) == 0
+
+
+def test_demo_invalid_config_left_to_appliance(dovecot_backend: str) -> None:
+    if dovecot_backend != "local":
+        pytest.skip("the demo script starts the local dovecot binary")
+    env = demo_environment()
+    env["APPLIANCE_LISTENERS__IMAP__PORT"] = "not-a-port"
+
+    result = subprocess.run(
+        [sys.executable, "-m", "examples.demo"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=START_TIMEOUT + STOP_TIMEOUT,
+    )
+
+    # The demo prints no instructions, because it has no ports to give.
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "imap://127.0.0.1:" not in result.stdout
+    assert "listeners.imap.port" in result.stderr, result.stderr
