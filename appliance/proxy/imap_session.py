@@ -401,6 +401,8 @@ class ImapSession(Session):
                 user, password = await self.read_sasl_login(initial)
         except _Cancelled:
             self.record_login("cancelled")
+            # Like a rejected login, a cancelled one waits no delay, so it uses the budget.
+            self.count_client_error("authentication cancelled")
             self.client.send(format_tagged(tag, "BAD", "Authentication cancelled"))
             return None
         except ClientProtocolError as exc:

@@ -230,6 +230,8 @@ class Pop3Session(Session):
                 user, password = await self.read_sasl_login(initial)
         except _Cancelled:
             self.record_login("cancelled")
+            # Like a rejected login, a cancelled one waits no delay, so it uses the budget.
+            self.count_client_error("authentication cancelled")
             self.client.send(format_err("Authentication cancelled"))
             return None
         except ClientProtocolError as exc:

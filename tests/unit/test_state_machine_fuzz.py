@@ -641,6 +641,19 @@ def test_rejected_logins_use_error_budget(configs, login_lines, key):
     assert not outcome.upstream.logged_in
 
 
+@pytest.mark.parametrize(
+    ("protocol", "exchange"),
+    [("imap", b"a1 AUTHENTICATE PLAIN\r\n*\r\n"), ("pop3", b"AUTH PLAIN\r\n*\r\n")],
+)
+def test_cancelled_logins_use_error_budget(configs, login_lines, protocol, exchange):
+    config = configs[protocol, "none"]
+    budget = config.limits.max_protocol_errors
+    outcome = asyncio.run(run_pre_auth(config, protocol, [exchange * (budget + 5)]))
+    assert isinstance(outcome.error, TooManyProtocolErrors), outcome.error
+    assert len(login_lines) == budget, login_lines
+    assert all(line.startswith("login cancelled: ") for line in login_lines)
+
+
 def test_pop3_user_pass_before_tls_logged_once(configs, login_lines):
     data = b"USER alice\r\nPASS right\r\nUSER bob\r\n"
     outcome = asyncio.run(run_pre_auth(configs["pop3", "starttls"], "pop3", [data]))

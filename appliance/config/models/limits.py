@@ -49,9 +49,10 @@ class Limits(StrictModel):
     """Maximum concurrent sessions on one listener."""
 
     max_protocol_errors: Annotated[int, Field(ge=1), NUMBER_CHECK] = 10
-    """Invalid commands and rejected logins after which a session that has not logged
-    in is closed. A rejected login is one that the appliance does not forward, such as
-    one before STARTTLS or with an unsupported SASL mechanism."""
+    """Invalid commands, rejected logins and SASL exchanges cancelled with `*` after
+    which a session that has not logged in is closed. A rejected login is one that the
+    appliance does not forward, such as one before STARTTLS or with an unsupported SASL
+    mechanism."""
 
     max_connections_per_address: Annotated[int, Field(ge=1), NUMBER_CHECK] = 50
     """Maximum concurrent sessions from one client address, over all listeners, so
