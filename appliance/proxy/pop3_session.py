@@ -41,7 +41,7 @@ COMMANDS_WITHOUT_ARGUMENTS = frozenset({"CAPA", "STLS", "QUIT"})
 
 class Pop3Session(Session):
     protocol = "pop3"
-    pre_auth_state = ("commands", "responses", "greeting", "upstream_caps")
+    pre_auth_state = ("commands", "responses", "greeting", "upstream_caps", "pending_user")
 
     def goodbye(self, kind: str) -> bytes:
         # SYS/TEMP (RFC 3206): the failure is temporary, so the client retries later.

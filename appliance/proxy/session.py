@@ -179,23 +179,9 @@ class SessionEnd(Exception):
 class Session:
     """Base class of the IMAP and POP3 sessions."""
 
-    # Upstream of the last routed login that failed, for the session's end line. It is a
-    # class attribute, set on an instance only when a routed login fails. CPython 3.11
-    # shares the key table of instance dicts only up to 30 attribute names, and past
-    # that every session's __dict__ grows from about 0.3 to 1.5 KiB.
-    dropped_upstream: str | None = None
-    # True while the proxy forwards a login to the upstream, from the end of the
-    # failed-login delay until record_login logs the outcome. An upstream failure or
-    # the pre-auth timeout meanwhile logs the login as `unavailable`. Like
-    # dropped_upstream it is a class attribute, and record_login deletes the instance's
-    # value, so that a logged-in session does not keep it in its __dict__.
-    forwarding_login: bool = False
-
-    # Invalid commands and rejected logins so far. The protocol's pre_auth resets it.
-    errors: int = 0
-
     protocol: ClassVar[str]
-    # Attributes that only the login phase reads; the relay drops them.
+    # Attributes that only the login phase reads. They start as None, and the relay sets
+    # them to None again, so an idle session keeps no parser or capability list.
     pre_auth_state: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, env: SessionEnv, client: Connection) -> None:
@@ -231,6 +217,21 @@ class Session:
         self.log = logger.bind(
             session=self.id, listener=env.listener_name, client=self.client_address
         )
+        # Invalid commands and rejected logins so far. The protocol's pre_auth resets it.
+        self.errors = 0
+        # True while the proxy forwards a login to the upstream, from the end of the
+        # failed-login delay until record_login logs the outcome. An upstream failure
+        # or the pre-auth timeout meanwhile logs the login as `unavailable`.
+        self.forwarding_login = False
+        # Upstream of the last routed login that failed, for the session's end line.
+        self.dropped_upstream: str | None = None
+        # CPython 3.11 keeps one key table for the instance dicts of a class, and each new
+        # instance leaves less room in it for names that no instance has set yet. A name
+        # first set after that room is gone gives every session a dict of its own, about
+        # 1.2 KiB more. So every attribute that a session sets is first set here, where
+        # the first instance puts all the names into the table.
+        for name in self.pre_auth_state:
+            setattr(self, name, None)
 
     @property
     def limits(self):
@@ -311,18 +312,7 @@ class Session:
             await self._reject_over_limit()
             return
         try:
-            async with asyncio.timeout(self.limits.pre_auth_timeout) as deadline:
-                when = deadline.when()
-                assert when is not None
-                token = _pre_auth_deadline.set((deadline, when))
-                try:
-                    if self.env.listener.tls == "implicit":
-                        await self._client_handshake()
-                    if not self._admit_client():
-                        return
-                    logged_in = await self.pre_auth()
-                finally:
-                    _pre_auth_deadline.reset(token)
+            logged_in = await self._pre_auth_phase()
         except TimeoutError:
             self.outcome = "pre-auth timeout"
             self._record_unavailable_login()
@@ -357,6 +347,24 @@ class Session:
             await self._relay()
         elif self.outcome == "closed":
             self.outcome = "logged out before login"
+
+    async def _pre_auth_phase(self) -> bool | None:
+        """Run the client's TLS handshake and login under the pre-auth timeout.
+
+        A method of its own, so that the relay's suspended frames hold no timeout.
+        """
+        async with asyncio.timeout(self.limits.pre_auth_timeout) as deadline:
+            when = deadline.when()
+            assert when is not None
+            token = _pre_auth_deadline.set((deadline, when))
+            try:
+                if self.env.listener.tls == "implicit":
+                    await self._client_handshake()
+                if not self._admit_client():
+                    return False
+                return await self.pre_auth()
+            finally:
+                _pre_auth_deadline.reset(token)
 
     async def next_client_event(self, reader: Any) -> Any:
         """Return the next event of a sans-IO client reader, reading as needed."""
@@ -740,8 +748,7 @@ class Session:
         `failed` makes it grow. A `rejected` login waits no delay, so it counts toward
         max_protocol_errors instead, and may raise TooManyProtocolErrors.
         """
-        if "forwarding_login" in self.__dict__:
-            del self.forwarding_login
+        self.forwarding_login = False
         message = format_login_outcome(result, self.client_host, self.client_port, user)
         self.log.info("{}", message)
         metrics.record_login(self, result)
@@ -823,7 +830,7 @@ class Session:
         join(self.client, self.upstream)
         # An idle session then keeps no parser, greeting or capability list.
         for name in self.pre_auth_state:
-            self.__dict__.pop(name, None)
+            setattr(self, name, None)
         idle = IdleTimer(self, self.limits.idle_timeout)
         try:
             await _first_closed(self.client, self.upstream)
