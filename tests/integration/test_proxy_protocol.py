@@ -459,21 +459,26 @@ def server_without_id() -> Iterator[ScriptedServer]:
         yield server
 
 
+def imap_id_config(server: ScriptedServer, name: str) -> dict[str, Any]:
+    """Return a config whose IMAP listener sends the client address in ID to `server`."""
+    upstream = {
+        "host": HOST,
+        "port": server.port,
+        "tls": "none",
+        "send_client_address": "imap_id",
+    }
+    return {
+        "listeners": {"imap": listener_config("imap", name)},
+        "upstreams": {name: upstream},
+        "logging": {"level": "DEBUG"},
+    }
+
+
 @pytest.fixture(scope="module")
 def proxy_without_id(
     server_without_id: ScriptedServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ApplianceProcess]:
-    upstream = {
-        "host": HOST,
-        "port": server_without_id.port,
-        "tls": "none",
-        "send_client_address": "imap_id",
-    }
-    config = {
-        "listeners": {"imap": listener_config("imap", "no_id")},
-        "upstreams": {"no_id": upstream},
-        "logging": {"level": "DEBUG"},
-    }
+    config = imap_id_config(server_without_id, "no_id")
     with ApplianceProcess(config, tmp_path_factory.mktemp("no-id")) as process:
         yield process
 
@@ -516,17 +521,7 @@ def server_rejecting_id() -> Iterator[ScriptedServer]:
 def test_rejected_id_warning_rate_limited(
     server_rejecting_id: ScriptedServer, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    upstream = {
-        "host": HOST,
-        "port": server_rejecting_id.port,
-        "tls": "none",
-        "send_client_address": "imap_id",
-    }
-    config = {
-        "listeners": {"imap": listener_config("imap", "rejects_id")},
-        "upstreams": {"rejects_id": upstream},
-        "logging": {"level": "DEBUG"},
-    }
+    config = imap_id_config(server_rejecting_id, "rejects_id")
     with ApplianceProcess(config, tmp_path_factory.mktemp("rejects-id")) as process:
         for _ in range(3):
             with LineClient(HOST, process.port("imap"), timeout=TIMEOUT) as client:
