@@ -15,11 +15,14 @@ can match it:
 The result word is `succeeded`, `failed` (the upstream rejected the credentials),
 `rejected` (the appliance refused to forward them), `cancelled` (the client sent `*`,
 or left while its login waited out the delay, or the pre-auth timeout or a shutdown
-ended that wait), `invalid` (a malformed SASL response) or `unavailable` (the upstream
-closed, failed or did not reply in time while the login was forwarded, the appliance
-shut down or failed meanwhile, a routed server could not be reached, or the server
-refused the login with a response code that blames the server, such as UNAVAILABLE). Of these words only `failed` feeds the delay, but `Session.connect_route`
-also counts a routed server that could not be reached as a failure. The client
+ended that wait), `invalid` (a malformed SASL response) or `unavailable` (no verdict
+on the credentials). A login is unavailable when the upstream closed, failed or did
+not reply in time while the login was forwarded, or the appliance shut down or failed
+meanwhile. It is also unavailable when a routed server could not be reached, or when
+the server rejected it with a response code that blames the server, such as
+UNAVAILABLE. Of these words only `failed` feeds the delay, but
+`Session.connect_route` also counts a routed server that could not be reached as a
+failure. The client
 address comes before any text that the client chose, and the user name is escaped,
 so no user name can move the address or start a new line.
 """

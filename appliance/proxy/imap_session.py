@@ -200,7 +200,6 @@ class ImapSession(Session):
             max_literal_size=self.limits.max_literal_size,
             argument_literal_limits=LOGIN_LITERAL_LIMITS,
         )
-        self.errors = 0
         if self.routes_by_login:
             # The upstream is chosen at login, so the proxy greets on its own.
             greeting_text = "IMAP proxy ready"

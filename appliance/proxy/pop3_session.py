@@ -99,7 +99,6 @@ class Pop3Session(Session):
     async def pre_auth(self) -> bool:
         self.commands = CommandReader(max_line_length=self.limits.max_line_length)
         self.pending_user: bytes | None = None
-        self.errors = 0
         if self.routes_by_login:
             # The upstream is chosen at login, so the proxy greets on its own, and
             # without the APOP timestamp that only the upstream could supply.

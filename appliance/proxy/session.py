@@ -217,7 +217,7 @@ class Session:
         self.log = logger.bind(
             session=self.id, listener=env.listener_name, client=self.client_address
         )
-        # Invalid commands and rejected logins so far. The protocol's pre_auth resets it.
+        # Invalid commands, rejected logins and cancelled SASL exchanges so far.
         self.errors = 0
         # True while the proxy forwards a login to the upstream, from the end of the
         # failed-login delay until record_login logs the outcome. An upstream failure
@@ -727,9 +727,9 @@ class Session:
         when = deadline.when()
         now = asyncio.get_running_loop().time()
         grace = self.limits.login_reply_timeout
-        wanted = min(now + grace, first_due + grace)
-        if when is not None and when < wanted:
-            deadline.reschedule(wanted)
+        extended = min(now + grace, first_due + grace)
+        if when is not None and when < extended:
+            deadline.reschedule(extended)
 
     def _record_unavailable_login(self) -> None:
         """Record the login that the proxy was forwarding as `unavailable`.

@@ -388,7 +388,7 @@ class UpstreamPlanner:
             )
 
     def _forget_command(self, record: KnownServerRecord) -> str:
-        """Return the CLI command that forgets this one record and no other.
+        """Return the CLI command that removes this one record and no other.
 
         Without --port and --protocol, `forget` removes every record of the host.
         """
