@@ -47,6 +47,7 @@ from appliance.proxy.connection import (
 from appliance.proxy.errors import UpstreamError
 from appliance.proxy.guard import ClientGuard, format_login_outcome
 from appliance.proxy.proxy_protocol import read_proxy_header
+from appliance.proxy.relay import IdleTimer, first_closed, relay_outcome
 from appliance.proxy.routing import Route, resolve_route, routed_config
 from appliance.proxy.upstream import (
     UpstreamTarget,
@@ -833,11 +834,11 @@ class Session:
             setattr(self, name, None)
         idle = IdleTimer(self, self.limits.idle_timeout)
         try:
-            await _first_closed(self.client, self.upstream)
+            await first_closed(self.client, self.upstream)
         finally:
             idle.cancel()
         if self.outcome == "closed":
-            self.outcome = _relay_outcome(self.client, self.upstream)
+            self.outcome = relay_outcome(self.client, self.upstream)
 
     # Ending
 
@@ -893,48 +894,6 @@ class Session:
         )
 
 
-def _relay_outcome(client: Connection, upstream: Connection) -> str:
-    """Name the side that ended the relay first.
-
-    The relay does not parse LOGOUT or QUIT. A server closes by itself after either,
-    so a logout ends as "closed by upstream", and a client that drops the connection
-    ends as "closed by client". Ends at the same time count as the upstream's: a client
-    that closes as soon as it reads the LOGOUT reply races the server's own close. A
-    relay that the half-close bound closed, because the upstream stayed silent after
-    the client's end of stream, ends as "half-close timeout".
-    """
-    if client.half_close_expired:
-        return "half-close timeout"
-    if client.remote_end is None and upstream.remote_end is None:
-        return "closed"
-    if upstream.remote_end is None:
-        return "closed by client"
-    if client.remote_end is None or upstream.remote_end <= client.remote_end:
-        return "closed by upstream"
-    return "closed by client"
-
-
-async def _first_closed(*connections: Connection) -> None:
-    """Wait until one of the connections is closed.
-
-    One future and one callback per connection: asyncio.wait would hold a set, a
-    waiter and a counter for every idle session.
-    """
-    ended = asyncio.get_running_loop().create_future()
-
-    def set_ended(_: asyncio.Future[None]) -> None:
-        if not ended.done():
-            ended.set_result(None)
-
-    for connection in connections:
-        connection.closed.add_done_callback(set_ended)
-    try:
-        await ended
-    finally:
-        for connection in connections:
-            connection.closed.remove_done_callback(set_ended)
-
-
 async def _next_event(reader: Any, connection: Connection) -> Any:
     while True:
         event = reader.next_event()
@@ -948,29 +907,3 @@ async def _next_event(reader: Any, connection: Connection) -> Any:
 
 def _format_tls(info: tuple[str, str] | None) -> str:
     return "none" if info is None else f"{info[0]} {info[1]}"
-
-
-class IdleTimer:
-    """Close an authenticated session after `timeout` seconds without traffic either way.
-
-    One timer per session, re-armed only when it fires, so traffic costs no timer work.
-    """
-
-    def __init__(self, session: Session, timeout: float) -> None:
-        self.session = session
-        self.timeout = timeout
-        self.handle = asyncio.get_running_loop().call_later(timeout, self._check)
-
-    def _check(self) -> None:
-        session = self.session
-        last = max(session.client.last_activity, session.upstream.last_activity)
-        remaining = last + self.timeout - time.monotonic()
-        if remaining > 0:
-            self.handle = asyncio.get_running_loop().call_later(remaining, self._check)
-            return
-        session.outcome = "idle timeout"
-        session.client.close()
-        session.upstream.close()
-
-    def cancel(self) -> None:
-        self.handle.cancel()

@@ -18,7 +18,7 @@ import pytest
 from appliance.proxy import connection as connection_module
 from appliance.proxy import splice as splice_module
 from appliance.proxy.connection import Connection, close_flushed, join
-from appliance.proxy.session import _relay_outcome
+from appliance.proxy.relay import relay_outcome
 from tests.support.certs import TestPKI
 from tests.support.loops import LOOPS, run_on_loop
 
@@ -87,7 +87,7 @@ class Relayed:
         return waited
 
     def outcome(self) -> str:
-        return _relay_outcome(self.client, self.upstream)
+        return relay_outcome(self.client, self.upstream)
 
 
 async def joined(client_buffer_size: int | None = None) -> Relayed:

@@ -8,8 +8,8 @@ import struct
 
 import pytest
 
+from appliance.proxy import relay
 from appliance.proxy.connection import Connection
-from appliance.proxy.session import _relay_outcome
 from tests.support.loops import LOOPS, run_on_loop
 
 # SO_LINGER with a zero timeout makes close() send a reset instead of a FIN.
@@ -53,7 +53,7 @@ async def relay_outcome(first: str, second: str, upstream_paused: bool) -> str:
         end(remotes[side], ending)
         await asyncio.sleep(0.05)
     await asyncio.gather(client.closed, upstream.closed)
-    return _relay_outcome(client, upstream)
+    return relay.relay_outcome(client, upstream)
 
 
 def run_relay(loop_name: str, first: str, second: str, paused: bool) -> str:
