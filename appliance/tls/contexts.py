@@ -7,12 +7,12 @@ key or CA file is reported with the field that named it and nothing running is t
 from __future__ import annotations
 
 import collections
-import re
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.config import AppConfig, ListenerConfig, UpstreamConfig
+from appliance.tls import pem
 
 # Sessions kept per upstream server name for resumption. The newest is offered first.
 SESSIONS_PER_SERVER_NAME = 64
@@ -22,11 +22,23 @@ MAX_SERVER_NAMES = 1024
 
 TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
-# Bytes of a PEM file read to tell which file of a certificate and key pair failed to
-# load. A certificate chain takes a few kB, so the limit only guards against huge files.
-MAX_PEM_PREVIEW = 1 << 20
-_PEM_CERTIFICATE = re.compile(rb"-----BEGIN (?:TRUSTED )?CERTIFICATE-----")
-_PEM_PRIVATE_KEY = re.compile(rb"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----")
+# Plain words for OpenSSL's reasons to reject a well-formed certificate under its
+# security level, which the checks of the PEM files cannot find.
+_SECURITY_LEVEL_PROBLEMS = {
+    "EE_KEY_TOO_SMALL": (
+        "contains a certificate whose key is too small for OpenSSL's security level; "
+        "issue a new certificate with a larger key, such as RSA of 2048 bits or more, "
+        "or an EC key"
+    ),
+    "CA_KEY_TOO_SMALL": (
+        "contains a CA certificate whose key is too small for OpenSSL's security "
+        "level; use a chain whose CA keys are RSA keys of at least 2048 bits or EC keys"
+    ),
+    "CA_MD_TOO_WEAK": (
+        "contains a certificate signed with a hash that OpenSSL's security level "
+        "rejects, such as SHA-1 or MD5; issue a new certificate signed with SHA-256"
+    ),
+}
 
 
 class TlsContextError(Exception):
@@ -133,11 +145,7 @@ def client_context(upstream: UpstreamConfig, where: str) -> UpstreamContext:
                 # start and reload, and a `tls: none` upstream never verifies anything.
                 context.load_default_certs(ssl.Purpose.SERVER_AUTH)
         except (ssl.SSLError, OSError) as exc:
-            found = _pem_kind_found(upstream.ca_file, expected="certificate")
-            problem = (
-                f"{where}.ca_file: {str(upstream.ca_file)!r} contains no usable CA "
-                f"certificate{found} ({_reason(exc)}); expected PEM certificates"
-            )
+            problem = _ca_file_problem(exc, upstream.ca_file, where)
             raise TlsContextError([problem]) from None
     else:
         context.check_hostname = False
@@ -249,60 +257,55 @@ def _chain_problem(
 ) -> str:
     """Describe a failed certificate and key pair, naming the field of the file at fault.
 
-    OpenSSL's reason for either file that lacks its PEM block is only "PEM lib", so the
-    files are searched for the expected PEM headers.
+    OpenSSL's reason for a broken PEM file is often only "PEM lib", so the files are
+    checked again: the certificate file, then the key file, then whether the two match.
     """
     key_field = cert_field.replace("cert_file", "key_file")
-    cert_text = _pem_preview(cert_file)
-    if cert_text is not None and not _PEM_CERTIFICATE.search(cert_text):
-        found = _pem_kind_found(cert_file, expected="certificate")
-        return (
-            f"{where}.{cert_field}: {str(cert_file)!r} contains no PEM certificate"
-            f"{found}; expected the certificate chain, leaf first"
+    if cert_file is not None:
+        problem = pem.certificate_file_problem(
+            cert_file, expected="the certificate chain, leaf first"
         )
-    key_text = _pem_preview(key_file)
-    if key_text is not None and not _PEM_PRIVATE_KEY.search(key_text):
-        found = _pem_kind_found(key_file, expected="private key")
-        return (
-            f"{where}.{key_field}: {str(key_file)!r} contains no PEM private key{found}; "
-            f"expected the unencrypted private key of {cert_field}"
+        if problem is not None:
+            return f"{where}.{cert_field}: {str(cert_file)!r} {problem}"
+    if key_file is not None:
+        problem = pem.private_key_file_problem(
+            key_file, expected=f"the unencrypted private key of {cert_field}"
         )
+        if problem is not None:
+            return f"{where}.{key_field}: {str(key_file)!r} {problem}"
+    if cert_file is not None and key_file is not None:
+        problem = pem.key_mismatch_problem(cert_file, key_file, cert_field, key_field)
+        if problem is not None:
+            return f"{where}.{cert_field}: {str(cert_file)!r} {problem}"
+    rejected = (
+        _SECURITY_LEVEL_PROBLEMS.get(exc.reason or "")
+        if isinstance(exc, ssl.SSLError)
+        else None
+    )
+    if rejected is not None:
+        return f"{where}.{cert_field}: {str(cert_file)!r} {rejected}"
     return (
         f"{where}.{cert_field}: certificate {str(cert_file)!r} with key "
-        f"{str(key_file)!r} could not be loaded ({_reason(exc)}); expected a PEM "
-        "certificate chain and its matching unencrypted private key"
+        f"{str(key_file)!r} could not be loaded ({pem.load_error_reason(exc)}); "
+        "expected a PEM certificate chain and its matching unencrypted private key"
     )
 
 
-def _pem_preview(path: Path | None) -> bytes | None:
-    """Return the start of a PEM file, or None when there is none or it cannot be read."""
-    if path is None:
-        return None
-    try:
-        with path.open("rb") as stream:
-            return stream.read(MAX_PEM_PREVIEW)
-    except OSError:
-        return None
-
-
-def _pem_kind_found(path: Path | None, expected: str) -> str:
-    """Return " but a certificate" or " but a private key" for a file that contains that
-    PEM block instead of `expected`, else an empty string."""
-    text = _pem_preview(path)
-    if text is None:
-        return ""
-    if expected != "certificate" and _PEM_CERTIFICATE.search(text):
-        return " but a certificate"
-    if expected != "private key" and _PEM_PRIVATE_KEY.search(text):
-        return " but a private key"
-    return ""
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLError) and exc.reason:
-        return exc.reason.lower().replace("_", " ")
-    return (
-        exc.strerror
-        if isinstance(exc, OSError) and exc.strerror
-        else type(exc).__name__
-    )
+def _ca_file_problem(
+    exc: ssl.SSLError | OSError, ca_file: Path | None, where: str
+) -> str:
+    """Describe why the CA certificates of an upstream could not be loaded."""
+    if ca_file is None:
+        return (
+            f"{where}: the system's CA certificates could not be loaded "
+            f"({pem.load_error_reason(exc)}); set {where}.ca_file to a PEM file of CA "
+            "certificates"
+        )
+    expected = "one or more PEM CA certificates"
+    problem = pem.certificate_file_problem(ca_file, expected=expected)
+    if problem is None:
+        problem = (
+            f"contains no usable CA certificate ({pem.load_error_reason(exc)}); "
+            f"expected {expected}"
+        )
+    return f"{where}.ca_file: {str(ca_file)!r} {problem}"

@@ -386,7 +386,25 @@ def mismatched_key(
         "key_file": str(other.key_file),
     }
     write_text_atomically(appliance.config_file, yaml.safe_dump(config))
-    return "listeners.imaps.cert_file: certificate"
+    return (
+        f"listeners.imaps.cert_file: '{tls_folder / 'listener.crt'}' starts with a "
+        "certificate that does not belong to the private key in key_file"
+    )
+
+
+def truncated_key(appliance: ApplianceProcess, tls_folder: Path, **_: Any) -> str:
+    truncated = tls_folder / "truncated.key"
+    intact = (tls_folder / "listener.key").read_bytes()
+    truncated.write_bytes(intact.split(b"-----END")[0])
+    config = yaml.safe_load(yaml.safe_dump(appliance.config))
+    config["listeners"]["imaps"] = {
+        **plain_listener("imap", free_port(), "imap-mail"),
+        "tls": "implicit",
+        "cert_file": str(tls_folder / "listener.crt"),
+        "key_file": str(truncated),
+    }
+    write_text_atomically(appliance.config_file, yaml.safe_dump(config))
+    return f"listeners.imaps.key_file: '{truncated}' is truncated"
 
 
 def port_in_use(appliance: ApplianceProcess, held: socket.socket, **_: Any) -> str:
@@ -399,7 +417,14 @@ def port_in_use(appliance: ApplianceProcess, held: socket.socket, **_: Any) -> s
 
 @pytest.mark.parametrize(
     "bad_edit",
-    [invalid_yaml, schema_error, missing_certificate, mismatched_key, port_in_use],
+    [
+        invalid_yaml,
+        schema_error,
+        missing_certificate,
+        mismatched_key,
+        truncated_key,
+        port_in_use,
+    ],
     ids=lambda edit: edit.__name__,
 )
 def test_bad_edit_is_rejected(

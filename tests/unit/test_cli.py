@@ -344,6 +344,34 @@ def test_check_config_bad_key_exits_two(
     assert "  - listeners.imaps.cert_file:" in captured.err
 
 
+def test_check_config_truncated_key_explained(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, secrets_dir: Path
+) -> None:
+    pki = TestPKI(tmp_path / "pki")
+    listener = pki.issue_server_cert("listener")
+    truncated_key = tmp_path / "truncated.key"
+    truncated_key.write_bytes(listener.key_file.read_bytes().split(b"-----END")[0])
+    document = yaml.safe_load(CONFIG_YAML)
+    document["listeners"]["imaps"] = {
+        "protocol": "imap",
+        "port": 993,
+        "tls": "implicit",
+        "cert_file": str(listener.cert_file),
+        "key_file": str(truncated_key),
+        "upstream": "mail",
+    }
+    path = tmp_path / "tls.yaml"
+    path.write_text(yaml.safe_dump(document))
+
+    code = check_config(path, secrets_dir)
+
+    err = capsys.readouterr().err
+    assert code == EXIT_CONFIG_ERROR
+    assert f"  - listeners.imaps.key_file: {str(truncated_key)!r} is truncated" in err
+    assert "copy the whole file again" in err
+    assert "PEM lib" not in err
+
+
 @pytest.mark.parametrize("text", ["- 1\n", "42\n"])
 def test_check_config_non_mapping_exits_two(
     text: str, tmp_path: Path, secrets_dir: Path

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import base64
+import datetime
 import os
 import ssl
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 
 from appliance.config import AppConfig, ListenerConfig, UpstreamConfig
 from appliance.tls import contexts
@@ -153,10 +158,13 @@ def test_mismatched_listener_key_names_field(
         server_context(listener, "listeners.imaps")
 
     message = str(caught.value)
-    assert message.startswith("listeners.imaps.cert_file:")
-    assert str(listener_cert.cert_file) in message
-    assert str(other_cert.key_file) in message
-    assert "key values mismatch" in message
+    assert message.startswith(
+        f"listeners.imaps.cert_file: {str(listener_cert.cert_file)!r}"
+    )
+    assert f"the private key in key_file {str(other_cert.key_file)!r}" in message
+    assert "does not belong to" in message
+    assert "set key_file to the key that the certificate was issued for" in message
+    assert "key values mismatch" not in message
 
 
 def test_non_pem_cert_names_field(tmp_path: Path, listener_cert: CertFiles) -> None:
@@ -223,6 +231,224 @@ def test_encrypted_key_rejected_without_prompt(
     assert "contains an encrypted private key" in message
     assert "pass phrase" not in captured.err
     assert "pass phrase" not in captured.out
+
+
+# Broken PEM files in every TLS file field
+
+# Index of a line of base64 text in each test PEM file: line 3, after the BEGIN line.
+BASE64_LINE_INDEX = 2
+TLS_FILE_FIELDS = [
+    "listeners.imaps.cert_file",
+    "listeners.imaps.key_file",
+    "upstreams.mail.ca_file",
+    "upstreams.mail.client_cert_file",
+    "upstreams.mail.client_key_file",
+]
+
+
+def load_with_file(field: str, path: Path, cert: CertFiles) -> None:
+    """Build the context of `field`, set to `path`, with the files of `cert` elsewhere."""
+    if field.startswith("listeners."):
+        name = field.rsplit(".", 1)[1]
+        server_context(tls_listener(cert, **{name: path}), "listeners.imaps")
+        return
+    files: dict[str, object] = {
+        "client_cert_file": cert.cert_file,
+        "client_key_file": cert.key_file,
+    }
+    files[field.rsplit(".", 1)[1]] = path
+    client_context(UpstreamConfig(host="mail.example.org", **files), "upstreams.mail")
+
+
+def truncate(pem_text: bytes) -> bytes:
+    return pem_text.split(b"-----END")[0]
+
+
+def corrupt_base64_character(pem_text: bytes) -> bytes:
+    lines = pem_text.splitlines()
+    lines[BASE64_LINE_INDEX] = b"!" + lines[BASE64_LINE_INDEX][1:]
+    return b"\n".join(lines) + b"\n"
+
+
+def cut_base64_line(pem_text: bytes) -> bytes:
+    lines = pem_text.splitlines()
+    lines[BASE64_LINE_INDEX] = lines[BASE64_LINE_INDEX][:-1]
+    return b"\n".join(lines) + b"\n"
+
+
+def corrupt_der(pem_text: bytes) -> bytes:
+    first_block = pem_text.split(b"-----END")[0]
+    label_line, *body = first_block.splitlines()
+    der = base64.b64decode(b"".join(body))
+    damaged = der[:8] + bytes(len(der) - 8)
+    label = label_line.removeprefix(b"-----BEGIN ")
+    return (
+        label_line + b"\n" + base64.encodebytes(damaged) + b"-----END " + label + b"\n"
+    )
+
+
+def to_der(pem_text: bytes) -> bytes:
+    if b"PRIVATE KEY" in pem_text.splitlines()[0]:
+        key = serialization.load_pem_private_key(pem_text, password=None)
+        return key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    return x509.load_pem_x509_certificate(pem_text).public_bytes(
+        serialization.Encoding.DER
+    )
+
+
+# Each damage as (function of the intact PEM text, phrases the problem must contain).
+DAMAGES = {
+    "empty": (lambda pem_text: b"", ["is empty; expected"]),
+    "truncated": (
+        truncate,
+        ["is truncated: the ", "has no '-----END ", "copy the whole file"],
+    ),
+    "bad_character": (
+        corrupt_base64_character,
+        ["is corrupt: line 3, in the ", "not base64 text", "replace the file"],
+    ),
+    "cut_line": (cut_base64_line, ["is corrupt: the base64 text", "wrong length"]),
+    "corrupt_der": (corrupt_der, ["is corrupt: the ", "does not decode as"]),
+    "der": (to_der, ["in binary DER format, but PEM text is expected", "openssl "]),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+@pytest.mark.parametrize("field", TLS_FILE_FIELDS)
+def test_broken_pem_file_explained(
+    field: str, damage: str, tmp_path: Path, pki: TestPKI, listener_cert: CertFiles
+) -> None:
+    make_broken, phrases = DAMAGES[damage]
+    is_key = field.endswith("key_file")
+    intact = listener_cert.key_file if is_key else listener_cert.cert_file
+    broken = tmp_path / f"broken{intact.suffix}"
+    broken.write_bytes(make_broken(intact.read_bytes()))
+
+    with pytest.raises(TlsContextError) as caught:
+        load_with_file(field, broken, listener_cert)
+
+    message = str(caught.value)
+    assert message.startswith(f"{field}: {str(broken)!r} "), message
+    for phrase in phrases:
+        assert phrase in message
+    assert "PEM lib" not in message
+
+
+def test_leaf_after_ca_certificate_named(
+    tmp_path: Path, pki: TestPKI, listener_cert: CertFiles
+) -> None:
+    reversed_chain = tmp_path / "reversed.pem"
+    reversed_chain.write_bytes(
+        pki.ca_file.read_bytes() + listener_cert.cert_file.read_bytes()
+    )
+    listener = tls_listener(listener_cert, cert_file=reversed_chain)
+
+    with pytest.raises(TlsContextError) as caught:
+        server_context(listener, "listeners.imaps")
+
+    message = str(caught.value)
+    assert message.startswith(f"listeners.imaps.cert_file: {str(reversed_chain)!r}")
+    assert "that certificate is number 2 of 2 in the file" in message
+    assert "put the leaf certificate first" in message
+
+
+def test_corrupt_second_certificate_named(
+    tmp_path: Path, pki: TestPKI, listener_cert: CertFiles
+) -> None:
+    chain = tmp_path / "chain.pem"
+    leaf = listener_cert.cert_file.read_bytes()
+    chain.write_bytes(leaf + corrupt_base64_character(pki.ca_file.read_bytes()))
+    second_begin = len(leaf.splitlines()) + 1
+
+    with pytest.raises(TlsContextError) as caught:
+        server_context(tls_listener(listener_cert, cert_file=chain), "listeners.imaps")
+
+    message = str(caught.value)
+    assert message.startswith(f"listeners.imaps.cert_file: {str(chain)!r}")
+    assert f"the certificate that begins on line {second_begin}" in message
+
+
+def test_certificate_request_as_cert_named(
+    tmp_path: Path, listener_cert: CertFiles
+) -> None:
+    key = serialization.load_pem_private_key(
+        listener_cert.key_file.read_bytes(), password=None
+    )
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    request = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(subject)
+        .sign(key, hashes.SHA256())
+    )
+    request_file = tmp_path / "request.pem"
+    request_file.write_bytes(request.public_bytes(serialization.Encoding.PEM))
+
+    with pytest.raises(TlsContextError) as caught:
+        server_context(
+            tls_listener(listener_cert, cert_file=request_file), "listeners.imaps"
+        )
+
+    message = str(caught.value)
+    assert message.startswith(f"listeners.imaps.cert_file: {str(request_file)!r}")
+    assert "contains no PEM certificate but a certificate request (CSR)" in message
+
+
+@pytest.mark.parametrize("field", ["cert_file", "key_file"])
+def test_file_removed_after_validation_named(
+    field: str, tmp_path: Path, listener_cert: CertFiles
+) -> None:
+    # A reload validates the config before it loads the files, so a file can go between.
+    copies = {}
+    for name in ("cert_file", "key_file"):
+        copies[name] = tmp_path / getattr(listener_cert, name).name
+        copies[name].write_bytes(getattr(listener_cert, name).read_bytes())
+    listener = tls_listener(listener_cert, **copies)
+    copies[field].unlink()
+
+    with pytest.raises(TlsContextError) as caught:
+        server_context(listener, "listeners.imaps")
+
+    message = str(caught.value)
+    assert message.startswith(f"listeners.imaps.{field}: {str(copies[field])!r}")
+    assert "does not exist; check the path" in message
+
+
+def test_small_certificate_key_explained(tmp_path: Path) -> None:
+    # CPython 3.10 and newer set OpenSSL's security level 2 in every SSLContext, which
+    # rejects RSA keys shorter than 2048 bits.
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    small = CertFiles(tmp_path / "small.pem", tmp_path / "small.key")
+    small.cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    small.key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+    with pytest.raises(TlsContextError) as caught:
+        server_context(tls_listener(small), "listeners.imaps")
+
+    message = str(caught.value)
+    assert message.startswith(f"listeners.imaps.cert_file: {str(small.cert_file)!r}")
+    assert "whose key is too small for OpenSSL's security level" in message
 
 
 # Upstream (client-side) contexts
@@ -326,7 +552,8 @@ def test_private_key_as_ca_file_named(listener_cert: CertFiles) -> None:
     assert message.startswith(
         f"upstreams.mail.ca_file: {str(listener_cert.key_file)!r}"
     )
-    assert "contains no usable CA certificate but a private key" in message
+    assert "contains no PEM certificate but a private key" in message
+    assert "expected one or more PEM CA certificates" in message
 
 
 def test_client_cert_pair_loads(pki: TestPKI) -> None:
@@ -353,8 +580,12 @@ def test_mismatched_client_key_names_field(pki: TestPKI, other_cert: CertFiles) 
     with pytest.raises(TlsContextError) as caught:
         client_context(upstream, "upstreams.mail")
 
-    assert str(caught.value).startswith("upstreams.mail.client_cert_file:")
-    assert str(other_cert.key_file) in str(caught.value)
+    message = str(caught.value)
+    assert message.startswith(
+        f"upstreams.mail.client_cert_file: {str(client_cert.cert_file)!r}"
+    )
+    assert f"private key in client_key_file {str(other_cert.key_file)!r}" in message
+    assert "set client_key_file to the key" in message
 
 
 # Whole config
