@@ -111,13 +111,19 @@ def command_probe(args: argparse.Namespace) -> int:
     """Print what the server offers; exit 1 only when no connection succeeded."""
     import ssl
 
-    from appliance.tls import probe
+    from appliance.tls import pem, probe
 
     try:
         context = probe.probe_client_context(args.ca_file, verify=not args.no_verify)
     except (OSError, ssl.SSLError) as exc:
-        message = f"--ca-file {args.ca_file!r} contains no usable CA certificate: {exc}"
-        print(message, file=sys.stderr)
+        expected = "one or more PEM CA certificates"
+        problem = pem.certificate_file_problem(Path(args.ca_file), expected=expected)
+        if problem is None:
+            problem = (
+                f"contains no usable CA certificate ({pem.load_error_reason(exc)}); "
+                f"expected {expected}"
+            )
+        print(f"--ca-file {args.ca_file!r} {problem}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     settings = probe.ProbeSettings(
         host=args.host,

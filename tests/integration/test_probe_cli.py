@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from tests.support.appliance import REPO_ROOT, ApplianceProcess, free_port
+from tests.support.certs import TestPKI
 from tests.support.dovecot import DovecotServer
 
 HOST = "127.0.0.1"
@@ -167,6 +168,19 @@ def test_probe_rejects_invalid_host() -> None:
 
     assert result.returncode == 2
     assert "not a valid host name" in result.stderr
+
+
+def test_probe_truncated_ca_file_explained(tmp_path: Path, pki: TestPKI) -> None:
+    truncated = tmp_path / "ca.pem"
+    truncated.write_bytes(pki.ca_file.read_bytes().split(b"-----END")[0])
+
+    result = probe("--port", str(free_port()), "--ca-file", str(truncated))
+
+    assert result.returncode == 2
+    assert f"--ca-file {str(truncated)!r} is truncated" in result.stderr
+    assert "copy the whole file again" in result.stderr
+    assert "PEM lib" not in result.stderr
+    assert PROBE_LINE not in result.stdout
 
 
 # known-servers on a folder
