@@ -232,11 +232,11 @@ def _unreadable(path: Path, exc: _Unreadable) -> str:
         if path.is_absolute():
             return "does not exist; check the path"
         return (
-            f"does not exist; check the path, which is relative to the working folder "
-            f"{str(Path.cwd())!r}"
+            "does not exist; check the path, which is relative to the working "
+            f"directory {str(Path.cwd())!r}"
         )
     if isinstance(error, IsADirectoryError):
-        return "is a folder; set the path of the PEM file inside it"
+        return "is a directory; set the path of the PEM file inside it"
     reason = error.strerror or type(error).__name__
     return (
         f"cannot be read ({reason}); give the user that runs the appliance read "

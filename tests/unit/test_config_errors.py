@@ -946,7 +946,8 @@ def test_cert_file_folder_named(
 
     assert problem.startswith("listeners.imap.cert_file:")
     assert repr(str(tmp_path)) in problem
-    assert "not a regular file" in problem
+    assert "is a directory, not a regular file" in problem
+    assert "set the path of the PEM file inside it" in problem
 
 
 def test_unreadable_cert_file_named(
@@ -975,6 +976,7 @@ def test_unreadable_cert_file_named(
     assert problem.startswith("listeners.imap.cert_file:")
     assert repr(str(cert_file)) in problem
     assert "not readable" in problem
+    assert "give the user that runs the appliance read access" in problem
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="the root user reads files of mode 000")

@@ -164,10 +164,18 @@ def _check_readable(path: Path | None) -> Path | None:
         return None
     if not path.exists():
         raise ValueError(f"file {str(path)!r} does not exist; expected a readable PEM file")
+    if path.is_dir():
+        raise ValueError(
+            f"{str(path)!r} is a directory, not a regular file; set the path of the PEM "
+            "file inside it"
+        )
     if not path.is_file():
         raise ValueError(f"{str(path)!r} is not a regular file; expected a PEM file")
     if not os.access(path, os.R_OK):
-        raise ValueError(f"file {str(path)!r} is not readable by this process")
+        raise ValueError(
+            f"file {str(path)!r} is not readable by this process; give the user that "
+            "runs the appliance read access to it"
+        )
     return path
 
 
