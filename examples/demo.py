@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.config import ConfigError, load_config
@@ -25,6 +26,8 @@ QUICKSTART = REPO_ROOT / "examples" / "quickstart.yaml"
 APPLIANCE_COMMAND = str(Path(sys.executable).parent / "appliance")
 DEMO_USER = "demo"
 DEMO_PASSWORD = "demo"
+WILDCARD_TO_LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1"}
+WILDCARD_FAMILIES = {"0.0.0.0": "IPv4", "::": "IPv6"}
 
 
 def demo_variables(dovecot: DovecotServer, state_dir: str) -> dict[str, str]:
@@ -48,8 +51,43 @@ def demo_variables(dovecot: DovecotServer, state_dir: str) -> dict[str, str]:
     }
 
 
-def listener_ports() -> dict[str, int] | None:
-    """Return the port of each listener in the effective config, by listener name.
+@dataclass(frozen=True)
+class ListenerAddress:
+    """The address and port that a listener of the effective config binds."""
+
+    bind: str
+    port: int
+
+    @property
+    def connect_host(self) -> str:
+        """Address that a client on this machine connects to.
+
+        A listener bound to 0.0.0.0 or :: accepts on every address of that family, so the
+        loopback address of the family reaches it. asyncio and uvloop both set IPV6_V6ONLY,
+        so a listener on :: takes no IPv4 connections.
+        """
+        return WILDCARD_TO_LOOPBACK.get(self.bind, self.bind)
+
+    @property
+    def url_host(self) -> str:
+        """`connect_host` as the host of a URL, with an IPv6 address in brackets."""
+        host = self.connect_host
+        return f"[{host}]" if ":" in host else host
+
+    def describe(self) -> str:
+        """Return where the listener accepts, such as `127.0.0.1:1143`."""
+        address = f"{self.url_host}:{self.port}"
+        family = WILDCARD_FAMILIES.get(self.bind)
+        if family is None:
+            return address
+        return (
+            f"all {family} addresses ({self.bind}) on port {self.port}; "
+            f"from this machine, connect to {address}"
+        )
+
+
+def listener_addresses() -> dict[str, ListenerAddress] | None:
+    """Return the address and port of each listener in the effective config, by name.
 
     The config is the quick start under this process's environment, as the appliance
     loads it. Returns None when it does not load, because the appliance then reports
@@ -59,32 +97,37 @@ def listener_ports() -> dict[str, int] | None:
         loaded = load_config(QUICKSTART)
     except ConfigError:
         return None
-    return {name: listener.port for name, listener in loaded.config.listeners.items()}
+    return {
+        name: ListenerAddress(listener.bind, listener.port)
+        for name, listener in loaded.config.listeners.items()
+    }
 
 
-def print_instructions(
-    dovecot: DovecotServer, state_dir: str, ports_by_listener: dict[str, int]
-) -> None:
+def format_instructions(
+    dovecot: DovecotServer, state_dir: str, addresses: dict[str, ListenerAddress]
+) -> str:
+    """Return how to reach the demo through the listeners at `addresses`."""
     ports = ", ".join(f"{name} {port}" for name, port in dovecot.enabled_ports.items())
-    imap_port = ports_by_listener["imap"]
-    pop3_port = ports_by_listener["pop3"]
-    print(
-        f"""
+    listeners = "\n".join(
+        f"  {name}: {address.describe()}" for name, address in addresses.items()
+    )
+    imap = addresses["imap"]
+    pop3 = addresses["pop3"]
+    return f"""
 Demo Dovecot is running on localhost ({ports}); its CA file is {dovecot.ca_file}.
-The appliance listens on 127.0.0.1 and keeps its state in {state_dir}.
+The appliance keeps its state in {state_dir} and listens on
+{listeners}
 It reloads when {QUICKSTART} changes; the upstream host, port and CA file come from
 APPLIANCE_UPSTREAMS__* variables, which override that file.
 Ctrl-C stops both. User {DEMO_USER!r}, password {DEMO_PASSWORD!r}. Try:
 
-  curl -u {DEMO_USER}:{DEMO_PASSWORD} 'imap://127.0.0.1:{imap_port}/INBOX;UID=1'
-  curl -u {DEMO_USER}:{DEMO_PASSWORD} pop3://127.0.0.1:{pop3_port}/1
-  python3 -c "import imaplib; c = imaplib.IMAP4('127.0.0.1', {imap_port}); \\
+  curl -u {DEMO_USER}:{DEMO_PASSWORD} 'imap://{imap.url_host}:{imap.port}/INBOX;UID=1'
+  curl -u {DEMO_USER}:{DEMO_PASSWORD} 'pop3://{pop3.url_host}:{pop3.port}/1'
+  python3 -c "import imaplib; c = imaplib.IMAP4('{imap.connect_host}', {imap.port}); \\
 print(c.login('{DEMO_USER}', '{DEMO_PASSWORD}')); print(c.select('INBOX'))"
   {APPLIANCE_COMMAND} known-servers list --state-dir {state_dir}
   {APPLIANCE_COMMAND} probe localhost --port {dovecot.ports["imaps"]} --ca-file {dovecot.ca_file}
-""",
-        flush=True,
-    )
+"""
 
 
 def _stop_on_sigterm(signum: int, frame: object) -> None:
@@ -93,16 +136,16 @@ def _stop_on_sigterm(signum: int, frame: object) -> None:
 
 def main() -> int:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    # The appliance and listener_ports then resolve relative paths in the config alike.
+    # So the appliance and listener_addresses resolve relative paths in the config alike.
     os.chdir(REPO_ROOT)
     with tempfile.TemporaryDirectory(prefix="appliance-demo-") as state_dir:
         with DovecotServer(tls="both", extra_users={DEMO_USER: DEMO_PASSWORD}) as dovecot:
-            # Set here, so that listener_ports loads the config that the appliance runs.
+            # Set before listener_addresses loads the config that the appliance runs.
             os.environ.update(demo_variables(dovecot, state_dir))
             command = [sys.executable, "-m", "appliance.cli", "run", "--config", str(QUICKSTART)]
-            ports_by_listener = listener_ports()
-            if ports_by_listener is not None:
-                print_instructions(dovecot, state_dir, ports_by_listener)
+            addresses = listener_addresses()
+            if addresses is not None:
+                print(format_instructions(dovecot, state_dir, addresses), flush=True)
             appliance = subprocess.Popen(command)
             try:
                 return appliance.wait()

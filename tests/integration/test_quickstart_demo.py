@@ -1,11 +1,13 @@
 """`make demo`: examples/demo.py runs the quick start in front of a demo Dovecot.
 
 The README gives this as a newcomer's first command. The test runs the script as a
-process and moves its listeners to free ports with the APPLIANCE_* variables that an
-operator would set for a busy port. The IMAP listener is set whole as JSON, beside its
-port variable set to the empty string, which counts as unset. The POP3 listener gets
-its port variable alone. The test logs in through both listeners with the demo account,
-and stops the demo the way a service manager does.
+process and moves its listeners to free ports and other loopback addresses with the
+APPLIANCE_* variables that an operator would set. The IMAP listener is set whole as JSON
+on 127.0.0.2, beside its port variable set to the empty string, which counts as unset.
+The POP3 listener gets its port and bind variables, for ::1. The test logs in through
+both listeners with the demo account, and stops the demo the way a service manager does.
+Wildcard binds are checked on the printed text only, so that no test exposes the demo
+account on every interface.
 """
 
 from __future__ import annotations
@@ -21,12 +23,15 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from examples.demo import ListenerAddress, format_instructions
 from tests.support.appliance import REPO_ROOT, free_port, wait_for_port
 
-HOST = "127.0.0.1"
+IMAP_HOST = "127.0.0.2"
+POP3_HOST = "::1"
 USER = "demo"
 PASSWORD = "demo"
 # Generous, because the demo first starts a Dovecot and then the appliance.
@@ -52,17 +57,18 @@ def demo(
 ) -> Iterator[Demo]:
     if dovecot_backend != "local":
         pytest.skip("the demo script starts the local dovecot binary")
-    imap_port, pop3_port = free_port(), free_port()
+    imap_port, pop3_port = free_port(IMAP_HOST), free_port(POP3_HOST)
     env = demo_environment()
     imap_listener = {
         "protocol": "imap",
-        "bind": HOST,
+        "bind": IMAP_HOST,
         "port": imap_port,
         "upstream": "mail",
     }
     env["APPLIANCE_LISTENERS__IMAP"] = json.dumps(imap_listener)
     env["APPLIANCE_LISTENERS__IMAP__PORT"] = ""
     env["APPLIANCE_LISTENERS__POP3__PORT"] = str(pop3_port)
+    env["APPLIANCE_LISTENERS__POP3__BIND"] = POP3_HOST
     log = tmp_path_factory.mktemp("demo") / "demo.log"
     with open(log, "wb") as output:
         process = subprocess.Popen(
@@ -74,8 +80,8 @@ def demo(
             stdin=subprocess.DEVNULL,
         )
     try:
-        wait_for_port(HOST, imap_port, START_TIMEOUT)
-        wait_for_port(HOST, pop3_port, START_TIMEOUT)
+        wait_for_port(IMAP_HOST, imap_port, START_TIMEOUT)
+        wait_for_port(POP3_HOST, pop3_port, START_TIMEOUT)
         yield Demo(process, imap_port, pop3_port, log)
     finally:
         if process.poll() is None:
@@ -95,7 +101,7 @@ def demo_environment() -> dict[str, str]:
 
 
 def test_demo_imap_login(demo: Demo) -> None:
-    with imaplib.IMAP4(HOST, demo.imap_port, timeout=30) as client:
+    with imaplib.IMAP4(IMAP_HOST, demo.imap_port, timeout=30) as client:
         status, _ = client.login(USER, PASSWORD)
         selected, _ = client.select("INBOX")
         client.logout()
@@ -105,7 +111,7 @@ def test_demo_imap_login(demo: Demo) -> None:
 
 
 def test_demo_pop3_login(demo: Demo) -> None:
-    client = poplib.POP3(HOST, demo.pop3_port, timeout=30)
+    client = poplib.POP3(POP3_HOST, demo.pop3_port, timeout=30)
     try:
         client.user(USER)
         reply = client.pass_(PASSWORD)
@@ -123,19 +129,26 @@ def test_demo_stops_on_sigterm(demo: Demo) -> None:
     output = demo.log.read_text(errors="replace")
 
     assert code == 0, output
-    # The instructions name the ports that the variables set, not the file's.
-    assert f"imap://127.0.0.1:{demo.imap_port}/" in output
-    assert f"pop3://127.0.0.1:{demo.pop3_port}/" in output
+    # The instructions name the addresses and ports that the variables set.
+    assert f"  imap: 127.0.0.2:{demo.imap_port}\n" in output
+    assert f"  pop3: [::1]:{demo.pop3_port}\n" in output
+    assert f"'imap://127.0.0.2:{demo.imap_port}/INBOX;UID=1'" in output
+    assert f"'pop3://[::1]:{demo.pop3_port}/1'" in output
+    assert f"imaplib.IMAP4('127.0.0.2', {demo.imap_port})" in output
+    assert "imap://127.0.0.1:" not in output
+    assert "pop3://127.0.0.1:" not in output
+    assert "IMAP4('127.0.0.1'" not in output
     deadline = time.monotonic() + STOP_TIMEOUT
-    while port_open(demo.imap_port) and time.monotonic() < deadline:
+    while port_open(IMAP_HOST, demo.imap_port) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not port_open(demo.imap_port)
+    assert not port_open(IMAP_HOST, demo.imap_port)
 
 
-def port_open(port: int) -> bool:
-    with socket.socket() as probe:
+def port_open(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
         probe.settimeout(1)
-        return probe.connect_ex((HOST, port)) == 0
+        return probe.connect_ex((host, port)) == 0
 
 
 def test_demo_invalid_config_left_to_appliance(dovecot_backend: str) -> None:
@@ -156,5 +169,58 @@ def test_demo_invalid_config_left_to_appliance(dovecot_backend: str) -> None:
 
     # The demo prints no instructions, because it has no ports to give.
     assert result.returncode == 2, result.stdout + result.stderr
-    assert "imap://127.0.0.1:" not in result.stdout
+    assert "imap://" not in result.stdout
     assert "listeners.imap.port" in result.stderr, result.stderr
+
+
+# Printed addresses of wildcard binds, checked without binding them
+
+
+def fake_dovecot() -> SimpleNamespace:
+    """Return the attributes of a DovecotServer that the instructions print."""
+    return SimpleNamespace(
+        enabled_ports={"imaps": 10993, "pop3s": 10995},
+        ports={"imaps": 10993, "pop3s": 10995},
+        ca_file=Path("/tmp/demo-ca.pem"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("bind", "family", "connect_host", "url_host"),
+    [("0.0.0.0", "IPv4", "127.0.0.1", "127.0.0.1"), ("::", "IPv6", "::1", "[::1]")],
+    ids=["ipv4", "ipv6"],
+)
+def test_wildcard_bind_prints_loopback(
+    bind: str, family: str, connect_host: str, url_host: str
+) -> None:
+    addresses = {
+        "imap": ListenerAddress(bind, 1143),
+        "pop3": ListenerAddress(bind, 1110),
+    }
+
+    text = format_instructions(fake_dovecot(), "/tmp/state", addresses)
+
+    assert (
+        f"  imap: all {family} addresses ({bind}) on port 1143; "
+        f"from this machine, connect to {url_host}:1143\n"
+    ) in text
+    assert f"'imap://{url_host}:1143/INBOX;UID=1'" in text
+    assert f"'pop3://{url_host}:1110/1'" in text
+    assert f"imaplib.IMAP4('{connect_host}', 1143)" in text
+    assert f"://{bind}:" not in text
+    assert f"://[{bind}]:" not in text
+
+
+def test_specific_bind_printed_as_is() -> None:
+    addresses = {
+        "imap": ListenerAddress("192.0.2.10", 1143),
+        "pop3": ListenerAddress("2001:db8::10", 1110),
+    }
+
+    text = format_instructions(fake_dovecot(), "/tmp/state", addresses)
+
+    assert "  imap: 192.0.2.10:1143\n" in text
+    assert "  pop3: [2001:db8::10]:1110\n" in text
+    assert "'imap://192.0.2.10:1143/INBOX;UID=1'" in text
+    assert "'pop3://[2001:db8::10]:1110/1'" in text
+    assert "all IPv" not in text
