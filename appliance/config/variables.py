@@ -123,19 +123,15 @@ def nesting_problems(model: type[BaseModel], variables: Mapping[str, str]) -> li
 
     pydantic-settings 2.16 drops a variable that sets a list item, such as
     APPLIANCE_KNOWN_SERVERS__0__PORT, when the list's own variable is set, and rejects
-    it as "not a valid list" under the list's name when not. It also drops a variable
-    for a key inside a section or entry that another variable sets to JSON null. A
-    top-level field set to null is rejected on its own (see `top_level_null_problems`),
-    so the variables of its keys are not named here.
+    it as "not a valid list" under the list's name when not. When a variable sets a key
+    inside a section or entry that another variable sets to JSON null, it also drops
+    one of the two values. That holds for a variable whose whole value is null and for
+    a null inside a variable's JSON object, as in APPLIANCE_UPSTREAMS='{"mail": null}'.
+    A top-level field set to null is rejected on its own (see
+    `top_level_null_problems`), so the variables of its keys are not named here.
     """
     by_upper_name = {name.upper(): name for name in variables}
-    null_paths = {
-        tuple(field_path(name)): name
-        for name, value in variables.items()
-        if len(field_path(name)) > 1
-        and json_field(model, field_path(name)) is not None
-        and _is_json_null(value)
-    }
+    null_paths = _null_paths(model, variables)
     problems = []
     for name, value in sorted(variables.items()):
         path = field_path(name)
@@ -147,14 +143,78 @@ def nesting_problems(model: type[BaseModel], variables: Mapping[str, str]) -> li
         for parent_depth in range(1, len(path)):
             null_variable = null_paths.get(tuple(path[:parent_depth]))
             if null_variable is not None:
-                parent = ".".join(path[:parent_depth])
+                parent = path[:parent_depth]
                 problems.append(
-                    f"{_where(name, value, path)} sets a key inside {parent}, but env "
-                    f"{null_variable} sets that to null, so the value would be ignored; "
-                    "unset one of the two"
+                    _key_under_null_problem(name, value, path, parent, null_variable)
                 )
                 break
     return problems
+
+
+def _null_paths(
+    model: type[BaseModel], variables: Mapping[str, str]
+) -> dict[tuple[str, ...], str]:
+    """Return each path below the top level that a variable sets to null, with its name.
+
+    A null inside a variable's JSON object counts too, unless a longer variable sets
+    that path or a section on the way to it, because the longer variable's value then
+    replaces the null.
+    """
+    paths = {tuple(field_path(name)) for name in variables}
+    null_paths: dict[tuple[str, ...], str] = {}
+    for name, value in sorted(variables.items()):
+        path = tuple(field_path(name))
+        if json_field(model, path) is None:
+            continue
+        try:
+            decoded = json.loads(value)
+        except ValueError:
+            # UniqueKeyEnvSource's JSON checks reject such a value.
+            continue
+        for inner in _json_null_keys(decoded):
+            null_path = path + inner
+            replaced = any(
+                null_path[:depth] in paths
+                for depth in range(len(path) + 1, len(null_path) + 1)
+            )
+            if len(null_path) > 1 and not replaced:
+                null_paths.setdefault(null_path, name)
+    return null_paths
+
+
+def _json_null_keys(value: object) -> list[tuple[str, ...]]:
+    """Return the key path of each null in nested JSON objects, in lower case.
+
+    Lower case matches variable names, which ignore case. The empty path means that
+    `value` itself is null. Lists are not searched, because list items have no
+    variables of their own.
+    """
+    if value is None:
+        return [()]
+    if not isinstance(value, dict):
+        return []
+    return [
+        (str(key).lower(), *inner)
+        for key, item in value.items()
+        for inner in _json_null_keys(item)
+    ]
+
+
+def _key_under_null_problem(
+    name: str, value: str, path: list[str], parent: list[str], null_variable: str
+) -> str:
+    """Describe a variable for a key inside a section that another variable sets to null."""
+    start = f"{_where(name, value, path)} sets a key inside {'.'.join(parent)}, but env"
+    if len(parent) == len(field_path(null_variable)):
+        return (
+            f"{start} {null_variable} sets that to null, so the value would be ignored; "
+            "unset one of the two"
+        )
+    return (
+        f"{start} {null_variable} sets that to null inside its JSON value, so one of the "
+        f"two would be ignored; unset {name}, or replace that null in {null_variable} "
+        "with a JSON object"
+    )
 
 
 def top_level_null_problems(

@@ -589,6 +589,86 @@ def test_key_under_null_variable_rejected(
     assert "unset one of the two" in problem
 
 
+# Variable whose JSON value contains a null, that JSON, a variable for a key inside the
+# null, and the paths of the key and of the null.
+KEYS_UNDER_JSON_NULL = {
+    "entry in top-level map": (
+        "APPLIANCE_UPSTREAMS",
+        '{"mail": null}',
+        "APPLIANCE_UPSTREAMS__MAIL__PORT",
+        "upstreams.mail.port",
+        "upstreams.mail",
+    ),
+    "entry in other case": (
+        "APPLIANCE_UPSTREAMS",
+        '{"Mail": null}',
+        "APPLIANCE_UPSTREAMS__MAIL__PORT",
+        "upstreams.mail.port",
+        "upstreams.mail",
+    ),
+    "section two levels down": (
+        "APPLIANCE_LISTENERS",
+        '{"imap": {"proxy_protocol": null}}',
+        "APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL__ACCEPT",
+        "listeners.imap.proxy_protocol.accept",
+        "listeners.imap.proxy_protocol",
+    ),
+    "optional section in entry": (
+        "APPLIANCE_LISTENERS__IMAP",
+        '{"route_by_login": null}',
+        "APPLIANCE_LISTENERS__IMAP__ROUTE_BY_LOGIN__SEPARATOR",
+        "listeners.imap.route_by_login.separator",
+        "listeners.imap.route_by_login",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("json_variable", "json_value", "variable", "path", "parent"),
+    KEYS_UNDER_JSON_NULL.values(),
+    ids=KEYS_UNDER_JSON_NULL.keys(),
+)
+def test_key_under_json_null_rejected(
+    json_variable: str,
+    json_value: str,
+    variable: str,
+    path: str,
+    parent: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    secrets_dir: Path,
+) -> None:
+    config = write_config(tmp_path, listener_yaml())
+    monkeypatch.setenv(json_variable, json_value)
+    monkeypatch.setenv(variable, "7")
+
+    problem = only_problem(config, secrets_dir)
+
+    assert problem.startswith(f"{path}: value '7' (from env {variable}) sets a key")
+    assert (
+        f"inside {parent}, but env {json_variable} sets that to null inside its JSON "
+        "value"
+    ) in problem
+    assert (
+        f"unset {variable}, or replace that null in {json_variable} with a JSON object"
+    ) in problem
+
+
+def test_variable_replacing_json_null_accepted(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
+) -> None:
+    # The entry's own variable replaces the null, and its key variable changes that.
+    config = write_config(tmp_path, listener_yaml())
+    monkeypatch.setenv("APPLIANCE_UPSTREAMS", '{"mail": null}')
+    monkeypatch.setenv("APPLIANCE_UPSTREAMS__MAIL", '{"host": "mail.example.net"}')
+    monkeypatch.setenv("APPLIANCE_UPSTREAMS__MAIL__PORT", "1993")
+
+    loaded = load_config(config, secrets_dir=secrets_dir)
+
+    assert loaded.config.upstreams["mail"].host == "mail.example.net"
+    assert loaded.config.upstreams["mail"].port == 1993
+
+
 # Variable that sets a top-level field to JSON null, and the alternative its error gives.
 TOP_LEVEL_NULLS = {
     "section": (
