@@ -460,7 +460,8 @@ def _describe_error(
     if error["type"] in ("model_type", "dict_type", "model_attributes_type"):
         source = _source_of(path, layers)
         origin = f" (from {source})" if source else ""
-        shown = "" if is_secret_path(path) else f" value {error.get('input')!r}:"
+        value = _value_text(error.get("input"))
+        shown = "" if is_secret_path(path) else f" value {value}:"
         return (
             f"{where}:{shown} expected a mapping of keys to values here, such as "
             f"'key: value' lines in YAML{origin}; see the config reference"
@@ -487,8 +488,17 @@ def _describe_error(
         and not from_secret
         and not isinstance(error["input"], dict)
     ):
-        shown = f" value {error['input']!r}:"
+        shown = f" value {_value_text(error['input'])}:"
     return f"{where}:{shown} {message}{origin}{_boolean_hint(error, path)}"
+
+
+def _value_text(value: Any) -> str:
+    """Return a rejected value as messages show it, with None written as null.
+
+    A null in a YAML or JSON config file, or in the JSON of a variable or secret file,
+    arrives as None, and the operator wrote null (or nothing, in YAML).
+    """
+    return "null" if value is None else repr(value)
 
 
 def _hide_value(message: str, value: Any) -> str:

@@ -53,6 +53,7 @@ from appliance.config.variables import (
     first_invalid_byte,
     is_utf8,
     nesting_problems,
+    null_alternative,
     top_level_null_problems,
 )
 
@@ -372,6 +373,8 @@ class NestedSecretsSource(PydanticBaseSettingsSource):
             value: Any = text
             if problem is None:
                 value, problem = self._decode(entry, path, text)
+            if problem is None and value is None and len(path) == 1:
+                problem = self._top_level_null_problem(entry, path)
             if problem is not None:
                 problems.append(problem)
                 continue
@@ -383,6 +386,21 @@ class NestedSecretsSource(PydanticBaseSettingsSource):
         if problems:
             raise ConfigSourceError(problems)
         return values
+
+    def _top_level_null_problem(self, entry: Path, path: list[str]) -> str | None:
+        """Describe a file that sets a whole top-level list or section to JSON null.
+
+        Validation would reject the value and call it None, so this message writes null,
+        as the file does, and gives the same alternatives as for the variable.
+        """
+        field = json_field(self.settings_cls, path)
+        if field is None:
+            return None
+        return (
+            f"{path[0]}: value null (from secret file {str(entry)!r}) is invalid, "
+            "because null cannot replace a whole top-level field; remove "
+            f"{entry.name}, or {null_alternative(entry.name, field, 'secret files')}"
+        )
 
     def _decode(self, entry: Path, path: list[str], text: str) -> tuple[Any, str | None]:
         """Decode the JSON of a file for a list or mapping field; keep other text."""

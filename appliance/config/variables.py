@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Collection, Mapping, Sequence
+from typing import Literal
 
 from pydantic import BaseModel
 
@@ -236,13 +237,19 @@ def top_level_null_problems(
         problems.append(
             f"{_where(name, value, path)} is invalid, because null cannot replace a whole "
             "top-level field and the variable would otherwise be ignored; unset "
-            f"{name}, or {_null_alternative(name, field)}"
+            f"{name}, or {null_alternative(name, field, 'variables')}"
         )
     return problems
 
 
-def _null_alternative(name: str, field: JsonField) -> str:
-    """Describe what a variable set to null for a whole top-level field could do instead."""
+def null_alternative(
+    name: str, field: JsonField, kind: Literal["variables", "secret files"]
+) -> str:
+    """Describe what to do instead of setting a whole top-level field to null.
+
+    `name` is the variable or secret file that does so, and `kind` names what sets
+    single keys.
+    """
     if field.kind == "list":
         return "set it to [] for an empty list"
     model = field.item
@@ -251,9 +258,9 @@ def _null_alternative(name: str, field: JsonField) -> str:
         first_key = next(iter(model.model_fields)).upper()
     if field.kind == "section":
         example = NESTING_DELIMITER.join([name.upper(), first_key])
-        return f"change single keys with their own variables, such as {example}"
+        return f"change single keys with their own {kind}, such as {example}"
     example = NESTING_DELIMITER.join([name.upper(), "NAME", first_key])
-    return f"change single entries with their own variables, such as {example}"
+    return f"change single entries with their own {kind}, such as {example}"
 
 
 def _is_json_null(value: str) -> bool:

@@ -711,6 +711,74 @@ def test_top_level_null_variable_rejected(
     assert f"unset {variable}, or {alternative}" in problem
 
 
+@pytest.mark.parametrize("with_key", [False, True], ids=["alone", "with-key"])
+@pytest.mark.parametrize(
+    ("name", "alternative"), TOP_LEVEL_NULLS.values(), ids=TOP_LEVEL_NULLS.keys()
+)
+def test_top_level_null_secret_rejected(
+    name: str, alternative: str, with_key: bool, tmp_path: Path, secrets_dir: Path
+) -> None:
+    config = write_config(tmp_path, listener_yaml())
+    secret = secrets_dir / name
+    secret.write_text("null\n")
+    if with_key:
+        # The problem names only the null file, because removing it is the fix.
+        (secrets_dir / "APPLIANCE_LIMITS__MAX_CONNECTIONS").write_text("5")
+
+    problem = only_problem(config, secrets_dir)
+
+    path = name.removeprefix("APPLIANCE_").lower()
+    assert problem.startswith(
+        f"{path}: value null (from secret file {str(secret)!r}) is invalid"
+    )
+    assert "None" not in problem
+    assert "null cannot replace a whole top-level field" in problem
+    secret_alternative = alternative.replace("variables", "secret files")
+    assert f"remove {name}, or {secret_alternative}" in problem
+
+
+# A null below the top level, where validation rejects it, and the problem's start.
+NESTED_NULLS = {
+    "yaml entry": ("upstreams:\n  mail:\n", None, "upstreams.mail: value null: expected"),
+    "yaml key": (
+        "upstreams:\n  mail:\n    host: ~\n",
+        None,
+        "upstreams.mail.host: value null: Input should be a valid string",
+    ),
+    "variable entry": (
+        UPSTREAM_YAML,
+        ("APPLIANCE_UPSTREAMS__MAIL", "null"),
+        "upstreams.mail: value null: expected",
+    ),
+    "key in variable json": (
+        UPSTREAM_YAML,
+        ("APPLIANCE_LIMITS", '{"connect_timeout": null}'),
+        "limits.connect_timeout: value null: Input should be a valid number",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("text", "variable", "start"), NESTED_NULLS.values(), ids=NESTED_NULLS.keys()
+)
+def test_nested_null_spelt_null(
+    text: str,
+    variable: tuple[str, str] | None,
+    start: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    secrets_dir: Path,
+) -> None:
+    path = write_config(tmp_path, text)
+    if variable is not None:
+        monkeypatch.setenv(*variable)
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith(start)
+    assert "None" not in problem
+
+
 def test_unknown_secret_key_names_file(tmp_path: Path, secrets_dir: Path) -> None:
     path = write_config(tmp_path, UPSTREAM_YAML)
     secret = secrets_dir / "APPLIANCE_UPSTREAMS__MAIL__HOSTT"
