@@ -380,12 +380,24 @@ class NestedSecretsSource(PydanticBaseSettingsSource):
                 continue
             depth = _set_nested(values, path, value)
             if depth is not None:
-                problems.append(_inside_non_object(path, depth, entry))
+                parent = path[: depth + 1]
+                problems.append(
+                    _inside_non_object(path, parent, entry, self._file_of(parent), values)
+                )
                 continue
             self.files[tuple(path)] = entry
         if problems:
             raise ConfigSourceError(problems)
         return values
+
+    def _file_of(self, path: list[str]) -> Path:
+        """Return the file read so far that set `path`, itself or inside its JSON value."""
+        for depth in range(len(path), 0, -1):
+            entry = self.files.get(tuple(path[:depth]))
+            if entry is not None:
+                return entry
+        # Not reached, because every value that is not a mapping came from a file.
+        return self.folder / (ENV_PREFIX + NESTING_DELIMITER.join(path).upper())
 
     def _top_level_null_problem(self, entry: Path, path: list[str]) -> str | None:
         """Describe a file that sets a whole top-level list or section to JSON null.
@@ -436,14 +448,36 @@ def _case_clash(path: list[str], first: Path, second: Path) -> str:
     )
 
 
-def _inside_non_object(path: list[str], depth: int, entry: Path) -> str:
-    """Describe a file for a key inside a value that another file sets, not to an object."""
-    parent = path[: depth + 1]
-    parent_file = ENV_PREFIX + NESTING_DELIMITER.join(parent).upper()
-    return (
+def _inside_non_object(
+    path: list[str],
+    parent: list[str],
+    entry: Path,
+    parent_file: Path,
+    values: dict[str, Any],
+) -> str:
+    """Describe a file for a key inside a value that another file sets, not to an object.
+
+    `parent_file` set the value at `parent`, either as its whole content or inside its
+    JSON object, and `values` contains what the files read so far set.
+    """
+    value: Any = values
+    for key in parent:
+        value = value[key]
+    value_text = "null" if value is None else "a value that is not a JSON object"
+    start = (
         f"{'.'.join(path)}: secret file {str(entry)!r} sets a key inside "
-        f"{'.'.join(parent)}, but the secret file {parent_file} sets that to a value "
-        "that is not a JSON object; remove one of the two"
+        f"{'.'.join(parent)}, but"
+    )
+    parent_name = parent_file.name
+    if len(field_path(parent_name)) == len(parent):
+        return (
+            f"{start} the secret file {parent_name} sets that to {value_text}; remove "
+            "one of the two"
+        )
+    return (
+        f"{start} the JSON value of the secret file {parent_name} sets that to "
+        f"{value_text}; remove {entry.name}, or replace that value in {parent_name} "
+        "with a JSON object"
     )
 
 

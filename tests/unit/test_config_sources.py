@@ -432,7 +432,7 @@ def test_secret_key_file_changes_section_file(secrets_dir: Path) -> None:
     )
 
 
-def test_secret_key_inside_non_object_rejected(secrets_dir: Path) -> None:
+def test_secret_key_under_null_rejected(secrets_dir: Path) -> None:
     write_file(secrets_dir, "APPLIANCE_LISTENERS__IMAP__ROUTE_BY_LOGIN", "null")
     write_file(secrets_dir, "APPLIANCE_LISTENERS__IMAP__ROUTE_BY_LOGIN__SEPARATOR", "#")
 
@@ -443,8 +443,38 @@ def test_secret_key_inside_non_object_rejected(secrets_dir: Path) -> None:
     assert problem.startswith("listeners.imap.route_by_login.separator: secret file ")
     assert (
         "sets a key inside listeners.imap.route_by_login, but the secret file "
-        "APPLIANCE_LISTENERS__IMAP__ROUTE_BY_LOGIN sets that to a value that is not a "
-        "JSON object"
+        "APPLIANCE_LISTENERS__IMAP__ROUTE_BY_LOGIN sets that to null; remove one of the "
+        "two"
+    ) in problem
+
+
+# JSON of the secret file APPLIANCE_UPSTREAMS, and what it sets upstreams.mail to.
+NON_OBJECTS_IN_JSON = {
+    "null": ('{"mail": null}', "null"),
+    "number": ('{"mail": 5}', "a value that is not a JSON object"),
+}
+
+
+@pytest.mark.parametrize(
+    ("text", "what"), NON_OBJECTS_IN_JSON.values(), ids=NON_OBJECTS_IN_JSON.keys()
+)
+def test_secret_key_under_json_non_object_rejected(
+    text: str, what: str, secrets_dir: Path
+) -> None:
+    write_file(secrets_dir, "APPLIANCE_UPSTREAMS", text)
+    key_file = write_file(secrets_dir, "APPLIANCE_UPSTREAMS__MAIL__PORT", "1143")
+
+    with pytest.raises(ConfigError) as caught:
+        load(None, secrets_dir)
+
+    [problem] = caught.value.problems
+    assert problem.startswith(f"upstreams.mail.port: secret file {str(key_file)!r}")
+    # The file named is the one that exists, not APPLIANCE_UPSTREAMS__MAIL.
+    assert (
+        "sets a key inside upstreams.mail, but the JSON value of the secret file "
+        f"APPLIANCE_UPSTREAMS sets that to {what}; remove "
+        "APPLIANCE_UPSTREAMS__MAIL__PORT, or replace that value in APPLIANCE_UPSTREAMS "
+        "with a JSON object"
     ) in problem
 
 
