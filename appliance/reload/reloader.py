@@ -15,7 +15,6 @@ from watchfiles import awatch
 
 from appliance import metrics
 from appliance.config import AppConfig, ConfigError, LoadedConfig, load_config
-from appliance.config.loader import exposure_warnings
 from appliance.config.settings import DEFAULT_SECRETS_DIR
 from appliance.logs import configure_logging
 from appliance.proxy.listener import BindError, Listener
@@ -98,6 +97,9 @@ class Reloader:
         self.secrets_dir = secrets_dir
         self.digests = digests
         self.watch_set = self._watch_set_of(loaded)
+        # Warnings of the last config load that was not rejected, which are logged
+        # already: at start by `serve`, later by the reload that first found them.
+        self._warnings = set(loaded.warnings)
         self._triggers: set[str] = set()
         self._requested = asyncio.Event()
         self._rewatch = asyncio.Event()
@@ -200,10 +202,13 @@ class Reloader:
         """Load, check and apply the config once, and return the outcome.
 
         The outcome is "applied", "unchanged" or "rejected". One summary line is logged
-        at INFO, or at ERROR when rejected, followed by a DEBUG line with the number of
-        asyncio tasks and open sessions, which tests use to find leaks.
+        at INFO, or at ERROR when rejected. Unless rejected, it is followed by each config
+        warning that the previous load did not have, at WARNING. A DEBUG line with the
+        number of asyncio tasks and open sessions, which tests use to find leaks, ends
+        the reload.
         """
         started = time.monotonic()
+        new_warnings: list[str] = []
         try:
             prepared = await asyncio.to_thread(self._load)
             if not prepared.diff.is_empty:
@@ -221,6 +226,7 @@ class Reloader:
                 self._commit(prepared)
                 outcome, detail = "applied", "; ".join(prepared.diff.changes)
             self._watch(self._watch_set_of(prepared.loaded))
+            new_warnings = self._take_new_warnings(prepared.loaded)
         seconds = time.monotonic() - started
         if trigger in _WATCH_CHECK_UNCHANGED_MESSAGES and outcome == "unchanged":
             # These checks are not reloads that the operator requested, so the metrics,
@@ -228,17 +234,34 @@ class Reloader:
             # the resolver cache stay as they are.
             message = _WATCH_CHECK_UNCHANGED_MESSAGES[trigger]
             logger.debug("{}; took {:.3f}s", message, seconds)
+            _log_warnings(new_warnings)
             return outcome
         self._record(outcome, detail)
         self._log_summary(trigger, outcome, detail, seconds)
+        _log_warnings(new_warnings)
+        logger.debug(
+            "after reload: {} asyncio tasks, {} sessions open, {} retired listeners",
+            len(asyncio.all_tasks()),
+            len(self.runtime.sessions),
+            len(self.runtime.retired),
+        )
         if outcome != "rejected":
             # An operator who fixed DNS and reloads expects the fix to apply at once.
             RESOLVER.clear()
         if outcome == "applied":
-            for warning in exposure_warnings(prepared.loaded.config):
-                logger.warning("{}", warning)
             await _start_all(prepared.listeners.values())
         return outcome
+
+    def _take_new_warnings(self, loaded: LoadedConfig) -> list[str]:
+        """Return the warnings of `loaded` that the previous load did not have.
+
+        Warnings that persist were logged already, and repeating them on every reload,
+        such as one for each certificate renewal, would bury the new ones. A warning
+        that goes away and comes back later counts as new again.
+        """
+        new_warnings = [w for w in dict.fromkeys(loaded.warnings) if w not in self._warnings]
+        self._warnings = set(loaded.warnings)
+        return new_warnings
 
     def _load(self) -> Prepared:
         """Read every source, hash the named files and build the TLS contexts.
@@ -379,12 +402,12 @@ class Reloader:
                 version,
                 seconds,
             )
-        logger.debug(
-            "after reload: {} asyncio tasks, {} sessions open, {} retired listeners",
-            len(asyncio.all_tasks()),
-            len(self.runtime.sessions),
-            len(self.runtime.retired),
-        )
+
+
+def _log_warnings(warnings: Iterable[str]) -> None:
+    """Log config warnings at WARNING, as `serve` does at start."""
+    for warning in warnings:
+        logger.warning("{}", warning)
 
 
 def named_file_digests(loaded: LoadedConfig) -> dict[Path, str]:

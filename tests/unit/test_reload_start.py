@@ -373,3 +373,115 @@ async def test_certificate_replaced_during_start_applied(
             os.kill(os.getpid(), signal.SIGTERM)
         exit_code = await asyncio.wait_for(running, WAIT_SECONDS)
     assert exit_code == 0
+
+
+# Config warnings on reload
+
+
+@pytest.fixture
+def warnings_logged() -> Iterator[list[str]]:
+    """Every message logged at WARNING while the test runs."""
+    collected: list[str] = []
+
+    def collect(message: Any) -> None:
+        collected.append(message.record["message"])
+
+    def is_warning(record: Any) -> bool:
+        return record["level"].name == "WARNING"
+
+    sink = logger.add(collect, level="WARNING", filter=is_warning)
+    yield collected
+    logger.remove(sink)
+
+
+def count_summaries(messages: list[str], text: str) -> int:
+    """Count the summary lines of reloads after a file change that contain `text`."""
+    return len([m for m in messages if "config reload (file change)" in m and text in m])
+
+
+async def test_reload_warns_about_new_secret_file(
+    tmp_path: Path, messages: list[str], warnings_logged: list[str]
+) -> None:
+    path = tmp_path / "appliance.yaml"
+    write(path, 100)
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    reloader = start_reloader(path, secrets_dir=secrets_dir)
+    try:
+        await start_up_checked(messages)
+        unknown = secrets_dir / "APPLIANCE_BOGUS"
+        unknown.write_text("s3cr3t-content\n")
+        await wait_for(
+            lambda: count_summaries(messages, "found no changes") == 1,
+            "the reload after the new secret file",
+        )
+        warning = f"secret file {str(unknown)!r} matches no config field and is ignored"
+        assert len([w for w in warnings_logged if w.startswith(warning)]) == 1
+        assert "s3cr3t-content" not in warnings_logged[0]
+
+        # Later reloads find the same warning, so they do not repeat it.
+        write(path, 200)
+        await wait_for(
+            lambda: reloader.runtime.snapshot.version == 2, "the edit to be applied"
+        )
+        assert len([w for w in warnings_logged if w.startswith(warning)]) == 1
+    finally:
+        await reloader.stop()
+
+
+async def test_reload_skips_warning_logged_at_start(
+    tmp_path: Path, messages: list[str], warnings_logged: list[str]
+) -> None:
+    path = tmp_path / "appliance.yaml"
+    write(path, 100)
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    (secrets_dir / "APPLIANCE_BOGUS").write_text("value\n")
+    # The CLI logs the start-up load's warnings before the reloader starts.
+    reloader = start_reloader(path, secrets_dir=secrets_dir)
+    try:
+        await start_up_checked(messages)
+        write(path, 200)
+        await wait_for(
+            lambda: reloader.runtime.snapshot.version == 2, "the edit to be applied"
+        )
+        assert warnings_logged == []
+    finally:
+        await reloader.stop()
+
+
+async def test_reload_warns_about_new_exposure(
+    tmp_path: Path, messages: list[str], warnings_logged: list[str]
+) -> None:
+    path = tmp_path / "appliance.yaml"
+    write(path, 100)
+    reloader = start_reloader(path)
+    try:
+        await start_up_checked(messages)
+        # 192.0.2.1 is a documentation address, and no session connects to it.
+        text = CONFIG.format(max_connections=100) + LISTENERS
+        path.write_text(text.replace("host: 127.0.0.1", "host: 192.0.2.1"))
+        await wait_for(
+            lambda: reloader.runtime.snapshot.version == 2, "the host change"
+        )
+        warning = "upstreams.mail: tls: none sends every login to 192.0.2.1 in plain text"
+        assert len([w for w in warnings_logged if w.startswith(warning)]) == 1
+
+        # A reload that changes something else does not repeat the warning.
+        text = CONFIG.format(max_connections=200) + LISTENERS
+        path.write_text(text.replace("host: 127.0.0.1", "host: 192.0.2.1"))
+        await wait_for(
+            lambda: reloader.runtime.snapshot.version == 3, "the limit change"
+        )
+        assert len([w for w in warnings_logged if w.startswith(warning)]) == 1
+
+        # Once the warning is gone, its return is new again.
+        write(path, 300)
+        await wait_for(lambda: reloader.runtime.snapshot.version == 4, "the host reset")
+        path.write_text(text.replace("host: 127.0.0.1", "host: 192.0.2.1"))
+        await wait_for(
+            lambda: reloader.runtime.snapshot.version == 5, "the second host change"
+        )
+        assert len([w for w in warnings_logged if w.startswith(warning)]) == 2
+    finally:
+        await reloader.stop()
