@@ -51,14 +51,15 @@ _WATCH_CHECK_UNCHANGED_MESSAGES = {
 
 
 class ReloadRejected(Exception):
-    """A reload step failed. The message names the field or file and the reason.
+    """A reload step failed. Each of `problems` names a field or file and the reason.
 
     `loaded` is the rejected config when it passed validation, so its files can be
     watched too.
     """
 
-    def __init__(self, message: str, loaded: LoadedConfig | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, problems: list[str], loaded: LoadedConfig | None = None) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
         self.loaded = loaded
 
 
@@ -209,6 +210,7 @@ class Reloader:
         """
         started = time.monotonic()
         new_warnings: list[str] = []
+        problems: list[str] = []
         try:
             prepared = await asyncio.to_thread(self._load)
             if not prepared.diff.is_empty:
@@ -218,7 +220,8 @@ class Reloader:
                 # Also watch what the rejected config names, so that fixing a broken
                 # file there is seen.
                 self._watch(self.watch_set.union(self._watch_set_of(exc.loaded)))
-            outcome, detail = "rejected", str(exc)
+            problems = exc.problems
+            outcome, detail = "rejected", "; ".join(problems)
         else:
             if prepared.diff.is_empty:
                 outcome, detail = "unchanged", "no changes"
@@ -237,7 +240,7 @@ class Reloader:
             _log_warnings(new_warnings)
             return outcome
         self._record(outcome, detail)
-        self._log_summary(trigger, outcome, detail, seconds)
+        self._log_summary(trigger, outcome, detail, seconds, problems)
         _log_warnings(new_warnings)
         logger.debug(
             "after reload: {} asyncio tasks, {} sessions open, {} retired listeners",
@@ -273,12 +276,12 @@ class Reloader:
         try:
             loaded = load_config(self.config_path, secrets_dir=self.secrets_dir)
         except ConfigError as exc:
-            raise ReloadRejected("; ".join(exc.problems)) from None
+            raise ReloadRejected(exc.problems) from None
         digests = named_file_digests(loaded)
         try:
             contexts = build_all_contexts(loaded.config)
         except TlsContextError as exc:
-            raise ReloadRejected("; ".join(exc.problems), loaded) from None
+            raise ReloadRejected(exc.problems, loaded) from None
         current = self.runtime.snapshot
         diff = diff_configs(current.config, loaded.config, self.digests, digests)
         snapshot = Snapshot(loaded.config, contexts, current.version + 1)
@@ -302,7 +305,7 @@ class Reloader:
                     await listener.bind()
         except BindError as exc:
             _close_all(prepared.listeners.values())
-            raise ReloadRejected(str(exc), prepared.loaded) from None
+            raise ReloadRejected([str(exc)], prepared.loaded) from None
         except BaseException:
             _close_all(prepared.listeners.values())
             raise
@@ -374,8 +377,18 @@ class Reloader:
         self.runtime.status = status
 
     def _log_summary(
-        self, trigger: str, outcome: str, detail: str, seconds: float
+        self,
+        trigger: str,
+        outcome: str,
+        detail: str,
+        seconds: float,
+        problems: list[str],
     ) -> None:
+        """Log one summary line, and for a rejected reload its `problems` below it.
+
+        Each problem gets a line of its own, in the list format of `check-config`,
+        so that a long problem stays readable and grep finds it by its field.
+        """
         version = self.runtime.snapshot.version
         if outcome == "applied":
             logger.info(
@@ -394,14 +407,18 @@ class Reloader:
                 seconds,
             )
         else:
+            count = len(problems)
             logger.error(
-                "config reload ({}) rejected: {}; version {} stays active; "
-                "took {:.3f}s",
+                "config reload ({}) rejected: {} problem{}, listed below; version {} "
+                "stays active; took {:.3f}s",
                 trigger,
-                detail,
+                count,
+                "" if count == 1 else "s",
                 version,
                 seconds,
             )
+            for problem in problems:
+                logger.error("  - {}", problem)
 
 
 def _log_warnings(warnings: Iterable[str]) -> None:

@@ -180,8 +180,15 @@ def wait_for_version(appliance: ApplianceProcess, version: int) -> str:
 
 
 def wait_for_rejection(appliance: ApplianceProcess, count: int) -> str:
-    """Wait for the `count`th rejected reload and return its summary line."""
-    pattern = r"config reload \([^)]*\) rejected: .*"
+    """Wait for the `count`th rejected reload; return its summary and problem lines.
+
+    Each problem follows the summary on a log line of its own, as `  - problem`. The
+    DEBUG line after the problems shows that all of them are in the log.
+    """
+    pattern = (
+        r"config reload \([^)]*\) rejected: .*(?:\n.* ERROR +- .*)*"
+        r"(?=\n.* DEBUG +after reload: )"
+    )
     lines = wait_until(
         lambda: (
             len(log_lines(appliance, pattern)) >= count

@@ -8,6 +8,7 @@ These tests run the Reloader in process against real files and watchfiles.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import pytest
 from loguru import logger
 
 from appliance import metrics
-from appliance.config.loader import load_config
+from appliance.config.loader import ConfigError, load_config
 from appliance.proxy import runtime as runtime_module
 from appliance.proxy.runtime import Runtime, build_snapshot
 from appliance.reload import WATCH_START, Reloader, named_file_digests
@@ -54,11 +55,27 @@ def isolated_sources(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 @pytest.fixture
 def messages() -> Iterator[list[str]]:
-    """Every log message at DEBUG and above while the test runs."""
+    """The text of every log message at DEBUG and above while the test runs."""
     collected: list[str] = []
-    sink = logger.add(lambda message: collected.append(str(message)), level="DEBUG")
+
+    def collect(message: Any) -> None:
+        collected.append(message.record["message"])
+
+    sink = logger.add(collect, level="DEBUG")
     yield collected
     logger.remove(sink)
+
+
+def rejection(messages: list[str], trigger: str) -> tuple[str, list[str]]:
+    """Return the summary line of the one rejected reload by `trigger`, and its problems.
+
+    Each problem is a message of its own after the summary, in check-config's format.
+    """
+    start = f"config reload ({trigger}) rejected: "
+    [index] = [i for i, message in enumerate(messages) if message.startswith(start)]
+    following = messages[index + 1 :]
+    problems = list(itertools.takewhile(lambda m: m.startswith("  - "), following))
+    return messages[index], problems
 
 
 async def wait_for(predicate, description: str) -> None:
@@ -171,8 +188,9 @@ async def test_early_broken_edit_rejected(tmp_path: Path, messages: list[str]) -
     reloader.start()
     try:
         await wait_for(lambda: runtime.status.outcome == "rejected", "the rejection")
-        rejected = [m for m in messages if "rejected" in m]
-        assert "max_connections" in rejected[0], rejected
+        summary, [problem] = rejection(messages, WATCH_START)
+        assert summary.startswith(f"config reload ({WATCH_START}) rejected: 1 problem")
+        assert problem.startswith("  - limits.max_connections: value 0"), problem
         assert runtime.snapshot.version == 1
     finally:
         await reloader.stop()
@@ -188,10 +206,11 @@ async def test_emptied_file_rejected(tmp_path: Path, messages: list[str]) -> Non
         await start_up_checked(messages)
         path.write_text("")
         await wait_for(lambda: runtime.status.outcome == "rejected", "the rejection")
-        [rejected] = [m for m in messages if "config reload (file change)" in m]
-        assert "rejected: listeners: no listener is configured" in rejected
-        assert f"config file {str(path)!r} is empty" in rejected
-        assert "version 1 stays active" in rejected
+        summary, [problem] = rejection(messages, "file change")
+        assert "rejected: 1 problem, listed below" in summary
+        assert "version 1 stays active" in summary
+        assert problem.startswith("  - listeners: no listener is configured")
+        assert f"config file {str(path)!r} is empty" in problem
         assert runtime.snapshot.version == 1
         assert list(runtime.snapshot.config.listeners) == ["imap"]
         assert list(runtime.listeners) == ["imap"]
@@ -237,9 +256,9 @@ async def test_broken_secret_rejected(
         secret = secrets_dir / name
         staged.replace(secret)
         await wait_for(lambda: runtime.status.outcome == "rejected", "the rejection")
-        [rejected] = [m for m in messages if "config reload (file change)" in m]
-        assert expected.format(file=str(secret)) in rejected
-        assert "version 1 stays active" in rejected
+        summary, [problem] = rejection(messages, "file change")
+        assert problem.startswith("  - " + expected.format(file=str(secret)))
+        assert "version 1 stays active" in summary
         assert not [m for m in messages if "internal error" in m]
         assert runtime.snapshot.version == 1
     finally:
@@ -276,9 +295,11 @@ async def test_unusable_secret_entry_rejected(
         entry = secrets_dir / staged.name
         staged.replace(entry)
         await wait_for(lambda: runtime.status.outcome == "rejected", "the rejection")
-        [rejected] = [m for m in messages if "config reload (file change)" in m]
-        assert f"limits.max_connections: secret file {str(entry)!r} {expected}" in rejected
-        assert "version 1 stays active" in rejected
+        summary, [problem] = rejection(messages, "file change")
+        assert problem.startswith(
+            f"  - limits.max_connections: secret file {str(entry)!r} {expected}"
+        )
+        assert "version 1 stays active" in summary
         assert runtime.snapshot.version == 1
         assert runtime.snapshot.config.limits.max_connections == 100
     finally:
@@ -483,5 +504,35 @@ async def test_reload_warns_about_new_exposure(
             lambda: reloader.runtime.snapshot.version == 5, "the second host change"
         )
         assert len([w for w in warnings_logged if w.startswith(warning)]) == 2
+    finally:
+        await reloader.stop()
+
+
+async def test_rejection_lists_each_problem(
+    tmp_path: Path, messages: list[str]
+) -> None:
+    path = tmp_path / "appliance.yaml"
+    write(path, 100)
+    reloader = start_reloader(path)
+    runtime = reloader.runtime
+    try:
+        await start_up_checked(messages)
+        limits = CONFIG.format(max_connections=0) + "  connect_timeout: -1\n"
+        staged = tmp_path / "staged.yaml"
+        staged.write_text(limits + LISTENERS)
+        staged.replace(path)
+        with pytest.raises(ConfigError) as caught:
+            load_config(path)
+        await wait_for(lambda: runtime.status.outcome == "rejected", "the rejection")
+        summary, problems = rejection(messages, "file change")
+        assert summary.startswith(
+            "config reload (file change) rejected: 2 problems, listed below; "
+            "version 1 stays active; took "
+        )
+        # The same lines as check-config prints.
+        assert problems == [f"  - {problem}" for problem in caught.value.problems]
+        assert problems[0].startswith("  - limits.connect_timeout: value -1")
+        assert problems[1].startswith("  - limits.max_connections: value 0")
+        assert runtime.snapshot.version == 1
     finally:
         await reloader.stop()
