@@ -27,7 +27,6 @@ from appliance.proxy.session import (
     GOODBYE_TEXTS,
     LOGIN_SIZE_ERROR,
     Session,
-    SessionEnd,
     decode_login,
     refused_login_result,
 )
