@@ -280,6 +280,31 @@ def test_invalid_config_raises_log_tail(dovecot_backend):
     assert server.root is None
 
 
+def test_invalid_docker_network_raises():
+    with pytest.raises(ValueError, match="APPLIANCE_TEST_DOVECOT_NETWORK"):
+        DovecotServer(backend="docker", docker_network="bridge")
+
+
+@pytest.mark.parametrize(
+    ("backend", "network", "expected"),
+    [
+        ("local", None, "127.0.0.1"),
+        ("docker", "publish", "*"),
+        ("docker", "host", "127.0.0.1"),
+    ],
+)
+def test_listen_address_by_network(monkeypatch, backend, network, expected):
+    monkeypatch.delenv("APPLIANCE_TEST_DOVECOT_NETWORK", raising=False)
+    server = DovecotServer(backend=backend, docker_network=network)
+    assert server.listen_address == expected
+
+
+def test_docker_network_from_environment(monkeypatch):
+    monkeypatch.setenv("APPLIANCE_TEST_DOVECOT_NETWORK", "host")
+    server = DovecotServer(backend="docker")
+    assert server.docker_network == "host"
+
+
 @pytest.mark.parametrize(
     "message", [b"bare LF\nline\r\n", b"no final line break", b"a\r\nb\n"]
 )
