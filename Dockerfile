@@ -2,10 +2,14 @@
 #
 # The appliance as a container image:
 #   docker build -t appliance .
-#   docker run -v "$PWD/my-config:/etc/appliance:ro" -p 1143:1143 appliance
+#   docker run --stop-timeout 15 -v "$PWD/my-config:/etc/appliance:ro" \
+#       -v appliance-state:/var/lib/appliance -p 127.0.0.1:1143:1143 appliance
 # The config is read from /etc/appliance/appliance.yaml (mount a folder, not a single file,
 # so that hot reload sees an edited or swapped file). Learned known-servers records are kept
-# in the /var/lib/appliance volume.
+# in the /var/lib/appliance volume; name it, or each new container starts without them.
+# --stop-timeout must exceed limits.shutdown_grace_period (10 s by default), because
+# docker stop and podman stop send SIGKILL after 10 s unless told otherwise.
+# Podman: `podman build --format docker`, because the default OCI format drops HEALTHCHECK.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
