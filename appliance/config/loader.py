@@ -265,7 +265,9 @@ def _read_config_file(path: Path) -> dict[str, Any]:
             # Read from the open file, so that YAML errors name it and not a string.
             with path.open(encoding="utf-8") as stream:
                 document = yaml.load(stream, Loader=_UniqueKeyLoader)  # noqa: S506
-    except (OSError, ValueError, yaml.YAMLError) as exc:
+    except OSError as exc:
+        raise ConfigError([_unreadable_config(path, exc)]) from None
+    except (ValueError, yaml.YAMLError) as exc:
         raise ConfigError(
             [f"config file {str(path)!r} could not be parsed: {_short(exc)}"]
         ) from None
@@ -356,6 +358,21 @@ def _too_deep(path: Path, line: int) -> str:
         f"config file {str(path)!r} nests mappings or lists more than {MAX_NESTING} "
         f"levels deep on line {line}; expected the shallow layout of docs/configuration.md"
     )
+
+
+def _unreadable_config(path: Path, exc: OSError) -> str:
+    """Describe a config file that exists but cannot be read, with the fix."""
+    reason = (exc.strerror or _short(exc)).lower()
+    if isinstance(exc, PermissionError):
+        fix = (
+            f"give the user that runs the appliance (uid {os.getuid()}) read access to "
+            "it, such as with chmod o+r, or a group it belongs to"
+        )
+    elif isinstance(exc, IsADirectoryError):
+        fix = "set --config or APPLIANCE_CONFIG to the file inside it"
+    else:
+        fix = "check the file and the disk or mount it is on"
+    return f"config file {str(path)!r} could not be read ({reason}); {fix}"
 
 
 def _short(exc: BaseException) -> str:

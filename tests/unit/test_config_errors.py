@@ -1779,6 +1779,39 @@ def test_unparsable_file_named(
     assert line in problem
 
 
+
+def test_unreadable_config_file_named(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
+) -> None:
+    path = write_config(tmp_path, "logging:\n  level: info\n")
+    real_open = Path.open
+
+    # The root user reads every file, so a mode of 000 proves nothing there.
+    def open_denied(self: Path, *args: Any, **kwargs: Any) -> Any:
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_denied)
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith(f"config file {str(path)!r} could not be read")
+    assert "(permission denied)" in problem
+    assert f"(uid {os.getuid()}) read access" in problem
+
+
+def test_config_path_directory_named(tmp_path: Path, secrets_dir: Path) -> None:
+    path = tmp_path / "appliance.yaml"
+    path.mkdir()
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith(f"config file {str(path)!r} could not be read")
+    assert "is a directory" in problem
+    assert "the file inside it" in problem
+
+
 # Byte order mark, the codec of the text after it, and the encoding the error names.
 WIDE_ENCODINGS = {
     "UTF-16 LE": (codecs.BOM_UTF16_LE, "utf-16-le", "UTF-16"),
