@@ -7,7 +7,7 @@
 # The config is read from /etc/appliance/appliance.yaml (mount a folder, not a single file,
 # so that hot reload sees an edited or swapped file). Learned known-servers records are kept
 # in the /var/lib/appliance volume; name it, or each new container starts without them.
-# --stop-timeout must exceed limits.shutdown_grace_period (10 s by default), because
+# --stop-timeout must exceed limits.shutdown_grace_period (8 s by default), because
 # docker stop and podman stop send SIGKILL after 10 s unless told otherwise.
 # Podman: `podman build --format docker`, because the default OCI format drops HEALTHCHECK.
 

@@ -62,7 +62,7 @@ DEMO_IMAP_PORT = 25143
 DEMO_POP3_PORT = 25110
 DEMO_ADMIN_PORT = 25914
 DEMO_USERS = {"alice": "alice-demo-password", "bob": "bob-demo-password"}
-# Longer than limits.shutdown_grace_period (10 s by default), as the Dockerfile advises.
+# Longer than limits.shutdown_grace_period (8 s by default), as the Dockerfile advises.
 STOP_TIMEOUT = 15
 BUILD_TIMEOUT = 1200
 COMMAND_TIMEOUT = 120

@@ -79,8 +79,9 @@ class Limits(StrictModel):
     """Seconds without an authentication failure after which the failures of a client
     address are forgotten."""
 
-    shutdown_grace_period: Annotated[float, Field(ge=0, le=DAY), NUMBER_CHECK] = 10.0
-    """Seconds that running sessions get to finish after SIGTERM or SIGINT."""
+    shutdown_grace_period: Annotated[float, Field(ge=0, le=DAY), NUMBER_CHECK] = 8.0
+    """Seconds that running sessions get to finish after SIGTERM or SIGINT. The default
+    ends within the 10 s that `docker stop` and `podman stop` wait before SIGKILL."""
 
     drain_removed_listeners_after: (
         Annotated[float, Field(gt=0, le=WEEK), NUMBER_CHECK] | None
