@@ -28,6 +28,8 @@ DEMO_USER = "demo"
 DEMO_PASSWORD = "demo"
 WILDCARD_TO_LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 WILDCARD_FAMILIES = {"0.0.0.0": "IPv4", "::": "IPv6"}
+# curl's URL scheme for each protocol on a listener with implicit TLS.
+IMPLICIT_TLS_SCHEMES = {"imap": "imaps", "pop3": "pop3s"}
 
 
 def demo_variables(dovecot: DovecotServer, state_dir: str) -> dict[str, str]:
@@ -53,10 +55,11 @@ def demo_variables(dovecot: DovecotServer, state_dir: str) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class ListenerAddress:
-    """The address and port that a listener of the effective config binds."""
+    """The address, port and client-side TLS mode of a listener of the effective config."""
 
     bind: str
     port: int
+    tls: str = "none"
 
     @property
     def connect_host(self) -> str:
@@ -75,19 +78,40 @@ class ListenerAddress:
         return f"[{host}]" if ":" in host else host
 
     def describe(self) -> str:
-        """Return where the listener accepts, such as `127.0.0.1:1143`."""
+        """Return where the listener accepts, such as `127.0.0.1:1143`, and its TLS mode."""
         address = f"{self.url_host}:{self.port}"
+        tls = "" if self.tls == "none" else f" (TLS: {self.tls})"
         family = WILDCARD_FAMILIES.get(self.bind)
         if family is None:
-            return address
+            return address + tls
         return (
-            f"all {family} addresses ({self.bind}) on port {self.port}; "
+            f"all {family} addresses ({self.bind}) on port {self.port}{tls}; "
             f"from this machine, connect to {address}"
         )
 
+    def curl(self, protocol: str, path: str) -> str:
+        """Return a curl command that fetches `path` through this listener as the demo user.
+
+        Implicit TLS takes the imaps or pop3s scheme. With STARTTLS, --ssl-reqd makes curl
+        upgrade before it logs in, and fail rather than log in without TLS.
+        """
+        scheme = IMPLICIT_TLS_SCHEMES[protocol] if self.tls == "implicit" else protocol
+        option = "--ssl-reqd " if self.tls == "starttls" else ""
+        url = f"{scheme}://{self.url_host}:{self.port}/{path}"
+        return f"curl {option}-u {DEMO_USER}:{DEMO_PASSWORD} '{url}'"
+
+    def imaplib_connect(self) -> str:
+        """Return the Python statements that open an imaplib client on this listener."""
+        host = self.connect_host
+        if self.tls == "implicit":
+            return f"c = imaplib.IMAP4_SSL('{host}', {self.port})"
+        if self.tls == "starttls":
+            return f"c = imaplib.IMAP4('{host}', {self.port}); c.starttls()"
+        return f"c = imaplib.IMAP4('{host}', {self.port})"
+
 
 def listener_addresses() -> dict[str, ListenerAddress] | None:
-    """Return the address and port of each listener in the effective config, by name.
+    """Return the address, port and TLS mode of each listener in the effective config, by name.
 
     The config is the quick start under this process's environment, as the appliance
     loads it. Returns None when it does not load, because the appliance then reports
@@ -98,7 +122,7 @@ def listener_addresses() -> dict[str, ListenerAddress] | None:
     except ConfigError:
         return None
     return {
-        name: ListenerAddress(listener.bind, listener.port)
+        name: ListenerAddress(listener.bind, listener.port, listener.tls)
         for name, listener in loaded.config.listeners.items()
     }
 
@@ -113,6 +137,18 @@ def format_instructions(
     )
     imap = addresses["imap"]
     pop3 = addresses["pop3"]
+    tls_listeners = [address for address in (imap, pop3) if address.tls != "none"]
+    tls_note = ""
+    if tls_listeners:
+        subject = (
+            "The TLS listener presents its cert_file"
+            if len(tls_listeners) == 1
+            else "The TLS listeners present their cert_file"
+        )
+        tls_note = (
+            f"\n{subject}. Unless a CA in the system store issued it, add\n"
+            "--cacert with its CA file to curl, and an ssl_context to imaplib.\n"
+        )
     return f"""
 Demo Dovecot is running on localhost ({ports}); its CA file is {dovecot.ca_file}.
 The appliance keeps its state in {state_dir} and listens on
@@ -121,13 +157,13 @@ It reloads when {QUICKSTART} changes; the upstream host, port and CA file come f
 APPLIANCE_UPSTREAMS__* variables, which override that file.
 Ctrl-C stops both. User {DEMO_USER!r}, password {DEMO_PASSWORD!r}. Try:
 
-  curl -u {DEMO_USER}:{DEMO_PASSWORD} 'imap://{imap.url_host}:{imap.port}/INBOX;UID=1'
-  curl -u {DEMO_USER}:{DEMO_PASSWORD} 'pop3://{pop3.url_host}:{pop3.port}/1'
-  python3 -c "import imaplib; c = imaplib.IMAP4('{imap.connect_host}', {imap.port}); \\
+  {imap.curl("imap", "INBOX;UID=1")}
+  {pop3.curl("pop3", "1")}
+  python3 -c "import imaplib; {imap.imaplib_connect()}; \\
 print(c.login('{DEMO_USER}', '{DEMO_PASSWORD}')); print(c.select('INBOX'))"
   {APPLIANCE_COMMAND} known-servers list --state-dir {state_dir}
   {APPLIANCE_COMMAND} probe localhost --port {dovecot.ports["imaps"]} --ca-file {dovecot.ca_file}
-"""
+{tls_note}"""
 
 
 def _stop_on_sigterm(signum: int, frame: object) -> None:

@@ -224,3 +224,51 @@ def test_specific_bind_printed_as_is() -> None:
     assert "'imap://192.0.2.10:1143/INBOX;UID=1'" in text
     assert "'pop3://[2001:db8::10]:1110/1'" in text
     assert "all IPv" not in text
+
+
+@pytest.mark.parametrize(
+    ("tls", "curl_imap", "curl_pop3", "imaplib_line"),
+    [
+        (
+            "implicit",
+            "curl -u demo:demo 'imaps://127.0.0.1:1993/INBOX;UID=1'",
+            "curl -u demo:demo 'pop3s://127.0.0.1:1995/1'",
+            "c = imaplib.IMAP4_SSL('127.0.0.1', 1993)",
+        ),
+        (
+            "starttls",
+            "curl --ssl-reqd -u demo:demo 'imap://127.0.0.1:1993/INBOX;UID=1'",
+            "curl --ssl-reqd -u demo:demo 'pop3://127.0.0.1:1995/1'",
+            "c = imaplib.IMAP4('127.0.0.1', 1993); c.starttls()",
+        ),
+    ],
+)
+def test_tls_listeners_get_tls_examples(
+    tls: str, curl_imap: str, curl_pop3: str, imaplib_line: str
+) -> None:
+    addresses = {
+        "imap": ListenerAddress("127.0.0.1", 1993, tls),
+        "pop3": ListenerAddress("127.0.0.1", 1995, tls),
+    }
+
+    text = format_instructions(fake_dovecot(), "/tmp/state", addresses)
+
+    assert f"  imap: 127.0.0.1:1993 (TLS: {tls})\n" in text
+    assert f"  {curl_imap}\n" in text
+    assert f"  {curl_pop3}\n" in text
+    assert imaplib_line in text
+    assert "The TLS listeners present their cert_file." in text
+    assert "--cacert with its CA file" in text
+
+
+def test_plain_listeners_get_no_tls_note() -> None:
+    addresses = {
+        "imap": ListenerAddress("127.0.0.1", 1143),
+        "pop3": ListenerAddress("127.0.0.1", 1110),
+    }
+
+    text = format_instructions(fake_dovecot(), "/tmp/state", addresses)
+
+    assert "(TLS:" not in text
+    assert "cert_file" not in text
+    assert "--ssl-reqd" not in text
