@@ -111,7 +111,7 @@ class ListenerAddress:
 
 
 def listener_addresses() -> dict[str, ListenerAddress] | None:
-    """Return the address, port and TLS mode of each listener in the effective config, by name.
+    """Return each listener's address, port and TLS mode in the effective config, by name.
 
     The config is the quick start under this process's environment, as the appliance
     loads it. Returns None when it does not load, because the appliance then reports
