@@ -13,8 +13,11 @@ import binascii
 import re
 import shlex
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import wraps
 from pathlib import Path
+from typing import ParamSpec
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -28,6 +31,7 @@ _BEGIN = re.compile(rb"^-----BEGIN ([A-Z0-9 ]+)-----\s*$")
 _END = re.compile(rb"^-----END ([A-Z0-9 ]+)-----\s*$")
 _BASE64_LINE = re.compile(rb"^[A-Za-z0-9+/=]*$")
 _CERTIFICATE_LABELS = ("CERTIFICATE", "TRUSTED CERTIFICATE", "X509 CERTIFICATE")
+_P = ParamSpec("_P")
 _KIND_BY_LABEL = {
     "CERTIFICATE REQUEST": "a certificate request (CSR)",
     "NEW CERTIFICATE REQUEST": "a certificate request (CSR)",
@@ -76,6 +80,27 @@ class _Unreadable(Exception):
         self.error = error
 
 
+def _best_effort(
+    diagnose: Callable[_P, str | None],
+) -> Callable[_P, str | None]:
+    """Return None instead of raising when a diagnosis itself fails.
+
+    A diagnosis runs only after OpenSSL rejected a file, and its caller then reports
+    OpenSSL's own reason. A file that the `cryptography` package cannot handle, such as
+    a certificate with an SM2 key, must not turn that report into a traceback.
+    """
+
+    @wraps(diagnose)
+    def guarded(*args: _P.args, **kwargs: _P.kwargs) -> str | None:
+        try:
+            return diagnose(*args, **kwargs)
+        except Exception:  # noqa: BLE001
+            return None
+
+    return guarded
+
+
+@_best_effort
 def certificate_file_problem(path: Path, expected: str) -> str | None:
     """Return what is wrong with a PEM certificate file, or None when nothing is found.
 
@@ -107,6 +132,7 @@ def certificate_file_problem(path: Path, expected: str) -> str | None:
     return None
 
 
+@_best_effort
 def private_key_file_problem(path: Path, expected: str) -> str | None:
     """Return what is wrong with a PEM private key file, or None when nothing is found.
 
@@ -134,6 +160,7 @@ def private_key_file_problem(path: Path, expected: str) -> str | None:
     return _private_key_block_problem(keys[0])
 
 
+@_best_effort
 def key_mismatch_problem(
     cert_file: Path, key_file: Path, cert_field: str, key_field: str
 ) -> str | None:
@@ -156,13 +183,15 @@ def key_mismatch_problem(
     try:
         chain = x509.load_pem_x509_certificates(cert_data)
         key = serialization.load_der_private_key(key_der or b"", password=None)
+        key_public = _public_key_der(key.public_key())
+        chain_public = [_public_key_der(cert.public_key()) for cert in chain]
     except (ValueError, TypeError, UnsupportedAlgorithm):
+        # Such as a certificate with a key type that `cryptography` does not support.
         return None
-    key_public = _public_key_der(key.public_key())
-    if _public_key_der(chain[0].public_key()) == key_public:
+    if chain_public[0] == key_public:
         return None
-    for position, certificate in enumerate(chain[1:], start=2):
-        if _public_key_der(certificate.public_key()) == key_public:
+    for position, public in enumerate(chain_public[1:], start=2):
+        if public == key_public:
             return (
                 f"does not start with the certificate of the private key in {key_field} "
                 f"{str(key_file)!r}: that certificate is number {position} of "

@@ -6,6 +6,7 @@ import base64
 import datetime
 import os
 import ssl
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -451,6 +452,60 @@ def test_small_certificate_key_explained(tmp_path: Path) -> None:
     assert "whose key is too small for OpenSSL's security level" in message
 
 
+def sm2_certificate(folder: Path) -> Path | None:
+    """Write a self-signed SM2 certificate with the openssl command, or return None.
+
+    The `cryptography` package cannot read SM2 keys, which is what the test needs.
+    """
+    key_file = folder / "sm2.key"
+    cert_file = folder / "sm2.pem"
+    commands = [
+        ["openssl", "genpkey", "-algorithm", "SM2", "-out", str(key_file)],
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-key",
+            str(key_file),
+            "-out",
+            str(cert_file),
+            "-subj",
+            "/CN=localhost",
+            "-sm3",
+        ],
+    ]
+    for command in commands:
+        try:
+            result = subprocess.run(
+                command, capture_output=True, timeout=30, check=False
+            )
+        except FileNotFoundError:
+            return None
+        if result.returncode != 0:
+            return None
+    return cert_file
+
+
+def test_unsupported_key_type_no_traceback(
+    tmp_path: Path, listener_cert: CertFiles
+) -> None:
+    cert_file = sm2_certificate(tmp_path)
+    if cert_file is None:
+        pytest.skip("this openssl command cannot create SM2 certificates")
+    listener = tls_listener(
+        listener_cert, cert_file=cert_file, key_file=listener_cert.key_file
+    )
+
+    with pytest.raises(TlsContextError) as caught:
+        server_context(listener, "listeners.imaps")
+
+    message = str(caught.value)
+    assert message.startswith(
+        f"listeners.imaps.cert_file: certificate {str(cert_file)!r}"
+    )
+    assert "could not be loaded" in message
+
+
 # Upstream (client-side) contexts
 
 
@@ -716,7 +771,9 @@ def test_sessions_kept_per_name_are_capped() -> None:
     context = contexts.UpstreamContext()
     for _ in range(contexts.SESSIONS_PER_SERVER_NAME + 5):
         context.remember_session(fake_tls_object("mail.example.org"))
-    assert context.session_count("mail.example.org") == contexts.SESSIONS_PER_SERVER_NAME
+    assert (
+        context.session_count("mail.example.org") == contexts.SESSIONS_PER_SERVER_NAME
+    )
 
 
 def test_oldest_server_name_dropped_beyond_cap() -> None:
