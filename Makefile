@@ -12,7 +12,7 @@ VENV_STAMP := $(VENV)/.installed
 .PHONY: test demo bench deps venv clean
 
 test: deps venv
-	@status=0; $(VENV_PYTHON) -m pytest -q $(PYTEST_ARGS) || status=$$?; \
+	@status=0; $(VENV_PYTHON) -m pytest -q -rs $(PYTEST_ARGS) || status=$$?; \
 	if [ $$status -eq 5 ]; then \
 		echo "make test: pytest collected no tests (exit 5); check PYTEST_ARGS" >&2; \
 	fi; \

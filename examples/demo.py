@@ -161,9 +161,24 @@ Ctrl-C stops both. User {DEMO_USER!r}, password {DEMO_PASSWORD!r}. Try:
   {pop3.curl("pop3", "1")}
   python3 -c "import imaplib; {imap.imaplib_connect()}; \\
 print(c.login('{DEMO_USER}', '{DEMO_PASSWORD}')); print(c.select('INBOX'))"
+  env $(cat {env_file(state_dir)}) {APPLIANCE_COMMAND} check-config --config {QUICKSTART}
   {APPLIANCE_COMMAND} known-servers list --state-dir {state_dir}
   {APPLIANCE_COMMAND} probe localhost --port {dovecot.ports["imaps"]} --ca-file {dovecot.ca_file}
 {tls_note}"""
+
+
+def env_file(state_dir: str) -> Path:
+    """Return the file with the demo's variables, one NAME=value line each."""
+    return Path(state_dir) / "demo.env"
+
+
+def write_env_file(state_dir: str, variables: dict[str, str]) -> None:
+    """Write the demo's variables for `env $(cat FILE)`, which splits at white space.
+
+    The values are ports and temporary paths without spaces.
+    """
+    lines = "".join(f"{name}={value}\n" for name, value in sorted(variables.items()))
+    env_file(state_dir).write_text(lines)
 
 
 def _stop_on_sigterm(signum: int, frame: object) -> None:
@@ -177,7 +192,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="appliance-demo-") as state_dir:
         with DovecotServer(tls="both", extra_users={DEMO_USER: DEMO_PASSWORD}) as dovecot:
             # Set before listener_addresses loads the config that the appliance runs.
-            os.environ.update(demo_variables(dovecot, state_dir))
+            variables = demo_variables(dovecot, state_dir)
+            os.environ.update(variables)
+            write_env_file(state_dir, variables)
             command = [sys.executable, "-m", "appliance.cli", "run", "--config", str(QUICKSTART)]
             addresses = listener_addresses()
             if addresses is not None:

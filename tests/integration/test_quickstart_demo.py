@@ -123,6 +123,25 @@ def test_demo_pop3_login(demo: Demo) -> None:
     assert count >= 0
 
 
+def test_demo_check_config_command_shows_demo_upstream(demo: Demo) -> None:
+    output = demo.log.read_text(errors="replace")
+    lines = [line.strip() for line in output.splitlines() if "check-config" in line]
+    assert len(lines) == 1, output
+    # The shell runs the printed command as a reader copies it.
+    result = subprocess.run(
+        ["/bin/sh", "-c", lines[0]],
+        cwd=REPO_ROOT,
+        env=demo_environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert "# env APPLIANCE_UPSTREAMS__MAIL__PORT" in result.stdout
+    assert 'host: "localhost"  # env APPLIANCE_UPSTREAMS__MAIL__HOST' in result.stdout
+
+
 def test_demo_stops_on_sigterm(demo: Demo) -> None:
     demo.process.send_signal(signal.SIGTERM)
     code = demo.process.wait(STOP_TIMEOUT)
