@@ -99,8 +99,13 @@ class Reloader:
         self.digests = digests
         self.watch_set = self._watch_set_of(loaded)
         # Warnings of the last config load that was not rejected, which are logged
-        # already: at start by `serve`, later by the reload that first found them.
-        self._warnings = set(loaded.warnings)
+        # already: at start by `serve`, later by the reload that first found them. A
+        # logging level above WARNING logs none of them, so none counts as logged.
+        self._warnings = (
+            set(loaded.warnings) if _logs_warnings(loaded.config) else set()
+        )
+        # Problems of the last reload if it was rejected, else None.
+        self._rejected_problems: list[str] | None = None
         self._triggers: set[str] = set()
         self._requested = asyncio.Event()
         self._rewatch = asyncio.Event()
@@ -204,7 +209,9 @@ class Reloader:
 
         The outcome is "applied", "unchanged" or "rejected". One summary line is logged
         at INFO, or at ERROR when rejected. Unless rejected, it is followed by each config
-        warning that the previous load did not have, at WARNING. A DEBUG line with the
+        warning that the previous load did not have, at WARNING. A check after a watch
+        restart that finds the problems of the rejected reload before it logs them at
+        DEBUG only and leaves the status and metrics alone. A DEBUG line with the
         number of asyncio tasks and open sessions, which tests use to find leaks, ends
         the reload.
         """
@@ -231,6 +238,19 @@ class Reloader:
             self._watch(self._watch_set_of(prepared.loaded))
             new_warnings = self._take_new_warnings(prepared.loaded)
         seconds = time.monotonic() - started
+        repeated = trigger == WATCH_RESTART and problems == self._rejected_problems
+        self._rejected_problems = problems if outcome == "rejected" else None
+        if outcome == "rejected" and repeated:
+            # A rejected reload that names a file in another folder restarts the watch,
+            # and the check after the restart finds the same problems again. They were
+            # logged and counted a moment ago, so the check logs them at DEBUG only.
+            logger.debug(
+                "files still have the {} problems of the last rejected reload; "
+                "took {:.3f}s",
+                len(problems),
+                seconds,
+            )
+            return outcome
         if trigger in _WATCH_CHECK_UNCHANGED_MESSAGES and outcome == "unchanged":
             # These checks are not reloads that the operator requested, so the metrics,
             # the status (such as the "applied" of the reload that moved the watch) and
@@ -260,10 +280,15 @@ class Reloader:
 
         Warnings that persist were logged already, and repeating them on every reload,
         such as one for each certificate renewal, would bury the new ones. A warning
-        that goes away and comes back later counts as new again.
+        that goes away and comes back later counts as new again, and so does a warning
+        found while the logging level of `loaded` suppresses WARNING lines.
         """
-        new_warnings = [w for w in dict.fromkeys(loaded.warnings) if w not in self._warnings]
-        self._warnings = set(loaded.warnings)
+        current = list(dict.fromkeys(loaded.warnings))
+        new_warnings = [w for w in current if w not in self._warnings]
+        if _logs_warnings(loaded.config):
+            self._warnings = set(current)
+        else:
+            self._warnings &= set(current)
         return new_warnings
 
     def _load(self) -> Prepared:
@@ -419,6 +444,11 @@ class Reloader:
             )
             for problem in problems:
                 logger.error("  - {}", problem)
+
+
+def _logs_warnings(config: AppConfig) -> bool:
+    """Return whether the logging level of `config` lets WARNING lines through."""
+    return logger.level(config.logging.level).no <= logger.level("WARNING").no
 
 
 def _log_warnings(warnings: Iterable[str]) -> None:

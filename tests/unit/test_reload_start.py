@@ -22,7 +22,8 @@ from appliance import metrics
 from appliance.config.loader import ConfigError, load_config
 from appliance.proxy import runtime as runtime_module
 from appliance.proxy.runtime import Runtime, build_snapshot
-from appliance.reload import WATCH_START, Reloader, named_file_digests
+from appliance.reload import WATCH_RESTART, WATCH_START, Reloader, named_file_digests
+from appliance.reload import reloader as reloader_module
 from tests.support.appliance import free_port
 from tests.support.certs import TestPKI
 from tests.support.sources import isolate_config_sources
@@ -338,6 +339,73 @@ async def test_watch_restart_keeps_status(
         await reloader.stop()
 
 
+async def test_watch_restart_skips_same_rejection(
+    tmp_path: Path, messages: list[str]
+) -> None:
+    """A rejected reload that names a file in a new folder restarts the watch.
+
+    The check after the restart finds the same problem, which is logged and counted
+    once, by the reload after the file change.
+    """
+    broken_ca = tmp_path / "ca" / "ca.pem"
+    broken_ca.parent.mkdir()
+    broken_ca.write_text("not a certificate\n")
+    path = tmp_path / "appliance.yaml"
+    write(path, 100)
+    rejected_before = reloads_counted("rejected")
+    reloader = start_reloader(path)
+    try:
+        await start_up_checked(messages)
+        text = CONFIG.format(max_connections=100) + LISTENERS
+        ca_line = f"    ca_file: {broken_ca}\n"
+        path.write_text(text.replace("    tls: none\n", "    tls: none\n" + ca_line))
+        await wait_for(
+            lambda: any("problems of the last rejected reload" in m for m in messages),
+            "the check after the watch restart",
+        )
+        summary, [problem] = rejection(messages, "file change")
+        assert summary.startswith("config reload (file change) rejected: 1 problem")
+        assert problem.startswith(f"  - upstreams.mail.ca_file: {str(broken_ca)!r}")
+        assert not [m for m in messages if "config reload (watch restart)" in m]
+        assert reloads_counted("rejected") == rejected_before + 1
+        assert broken_ca.parent in reloader.watch_set.folders
+    finally:
+        await reloader.stop()
+
+
+async def test_watch_restart_logs_other_rejection(
+    tmp_path: Path, messages: list[str]
+) -> None:
+    """The check after a watch restart logs a rejection whose problems changed."""
+    path = tmp_path / "appliance.yaml"
+    write(path, 100)
+    loaded = load_config(path)
+    reloader = Reloader(
+        Runtime(build_snapshot(loaded)),
+        loaded,
+        config_path=str(path),
+        secrets_dir=None,
+        digests=named_file_digests(loaded),
+    )
+    rejected_before = reloads_counted("rejected")
+    write(path, 0)
+    assert await reloader.reload("file change") == "rejected"
+    path.write_text(
+        CONFIG.format(max_connections=0) + "  connect_timeout: -1\n" + LISTENERS
+    )
+
+    assert await reloader.reload(WATCH_RESTART) == "rejected"
+    summary, problems = rejection(messages, WATCH_RESTART)
+    assert summary.startswith(f"config reload ({WATCH_RESTART}) rejected: 2 problems")
+    assert problems[0].startswith("  - limits.connect_timeout: value -1")
+    assert reloads_counted("rejected") == rejected_before + 2
+
+    # The next check finds the same two problems, so it logs no second rejection.
+    assert await reloader.reload(WATCH_RESTART) == "rejected"
+    rejection(messages, WATCH_RESTART)
+    assert reloads_counted("rejected") == rejected_before + 2
+
+
 async def test_certificate_replaced_during_start_applied(
     tmp_path: Path, messages: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -467,6 +535,60 @@ async def test_reload_skips_warning_logged_at_start(
             lambda: reloader.runtime.snapshot.version == 2, "the edit to be applied"
         )
         assert warnings_logged == []
+    finally:
+        await reloader.stop()
+
+
+def write_level(path: Path, level: str) -> None:
+    text = CONFIG.format(max_connections=100) + f"logging:\n  level: {level}\n"
+    path.write_text(text + LISTENERS)
+
+
+@pytest.mark.parametrize("found_at_start", [True, False], ids=["at-start", "on-reload"])
+async def test_warning_suppressed_by_level_logged_later(
+    found_at_start: bool,
+    tmp_path: Path,
+    messages: list[str],
+    warnings_logged: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A warning found while logging.level is ERROR is logged once WARNING lines are.
+
+    The test's sinks take WARNING lines at any configured level, so the lines that the
+    level suppresses are counted too.
+    """
+    # configure_logging would remove the test's sinks when the level changes.
+    monkeypatch.setattr(reloader_module, "configure_logging", lambda *args: None)
+    path = tmp_path / "appliance.yaml"
+    write_level(path, "ERROR")
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    unknown = secrets_dir / "APPLIANCE_OTHER_TOKEN"
+    if found_at_start:
+        unknown.write_text("value\n")
+    reloader = start_reloader(path, secrets_dir=secrets_dir)
+    warning = f"secret file {str(unknown)!r} matches no config field and is ignored"
+    try:
+        await start_up_checked(messages)
+        if not found_at_start:
+            unknown.write_text("value\n")
+            await wait_for(
+                lambda: count_summaries(messages, "found no changes") == 1,
+                "the reload after the new secret file",
+            )
+        # Found by the start-up check or by the reload, while the level was ERROR.
+        assert len([w for w in warnings_logged if w.startswith(warning)]) == 1
+
+        write_level(path, "INFO")
+        await wait_for(
+            lambda: reloader.runtime.snapshot.version == 2, "the level change"
+        )
+        assert len([w for w in warnings_logged if w.startswith(warning)]) == 2
+
+        # WARNING lines were written this time, so the next reload does not repeat it.
+        write(path, 200)
+        await wait_for(lambda: reloader.runtime.snapshot.version == 3, "the edit")
+        assert len([w for w in warnings_logged if w.startswith(warning)]) == 2
     finally:
         await reloader.stop()
 
