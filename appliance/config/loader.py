@@ -38,8 +38,10 @@ from appliance.config.variables import (
     CONTROL_VARIABLES,
     ENV_PREFIX,
     NESTING_DELIMITER,
+    config_variables,
     field_path,
     first_invalid_byte,
+    null_overlap_problems,
 )
 
 
@@ -189,6 +191,13 @@ def _read_layers(
     except ConfigSourceError as exc:
         raise ConfigError(exc.problems) from None
     layers.append(_Layer(f"secret {secrets}", secret_values, secrets_source.files))
+    # The env source rejected names and values that are not UTF-8 already.
+    variables = config_variables(os.environ)
+    overlaps = null_overlap_problems(
+        AppConfig, variables, secret_values, secrets_source.files
+    )
+    if overlaps:
+        raise ConfigError(overlaps)
     if path is None:
         return layers, None
     document = _read_config_file(path)

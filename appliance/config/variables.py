@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Collection, Mapping, Sequence
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -301,3 +302,135 @@ def _list_item_problem(
     examples = field.examples if field is not None else ()
     such_as = f", such as {json.dumps(examples[0])!r}" if examples else ""
     return f"{start}; set the whole list as JSON in {list_variable} instead{such_as}"
+
+
+def null_overlap_problems(
+    model: type[BaseModel],
+    variables: Mapping[str, str],
+    secret_values: Mapping[str, Any],
+    secret_files: Mapping[tuple[str, ...], Path],
+) -> list[str]:
+    """Describe each variable or secret file for a key inside a null of the other source.
+
+    Sources merge key by key, so a variable's null replaces a whole section that secret
+    files fill, and a variable for a key turns a secret file's null into a section with
+    only that key. Either way one of the two values would be lost without a message, so
+    this is rejected as it is within one source (see `nesting_problems`). A variable
+    that sets the section itself, as a JSON object, replaces a secret file's null and is
+    accepted. `secret_values` contains what the secret files set, and `secret_files`
+    names the file that set each path, by lower-case path. Variables with a name or
+    value that is not UTF-8 must be left out, because `encoding_problems` names them.
+    """
+    problems = []
+    file_paths = sorted(secret_files)
+    for null_path, null_variable in sorted(_null_paths(model, variables).items()):
+        for path in file_paths:
+            if len(path) > len(null_path) and path[: len(null_path)] == null_path:
+                problems.append(
+                    _file_under_null_variable(
+                        secret_files[path], path, null_path, null_variable
+                    )
+                )
+    for null_path in _json_null_paths_in(secret_values):
+        if len(null_path) < 2:
+            # NestedSecretsSource rejects a whole top-level field set to null.
+            continue
+        null_file = _file_of(secret_files, null_path)
+        if null_file is None or _variable_sets_object(model, variables, null_path):
+            continue
+        for name, value in sorted(variables.items()):
+            path = tuple(field_path(name))
+            if len(path) > len(null_path) and path[: len(null_path)] == null_path:
+                problems.append(
+                    _variable_under_null_file(name, value, path, null_path, null_file)
+                )
+    return problems
+
+
+def _json_null_paths_in(
+    values: Mapping[str, Any], prefix: tuple[str, ...] = ()
+) -> list[tuple[str, ...]]:
+    """Return the lower-case path of each null in nested mappings."""
+    paths = []
+    for key, value in values.items():
+        path = (*prefix, str(key).lower())
+        if value is None:
+            paths.append(path)
+        elif isinstance(value, dict):
+            paths += _json_null_paths_in(value, path)
+    return paths
+
+
+def _file_of(
+    files: Mapping[tuple[str, ...], Path], path: tuple[str, ...]
+) -> Path | None:
+    """Return the secret file that set `path`, itself or inside its JSON value."""
+    for depth in range(len(path), 0, -1):
+        found = files.get(path[:depth])
+        if found is not None:
+            return found
+    return None
+
+
+def _variable_sets_object(
+    model: type[BaseModel], variables: Mapping[str, str], path: tuple[str, ...]
+) -> bool:
+    """Return whether a variable for `path` or a section above it gives `path` an object.
+
+    Such a variable replaces a lower source's null as a whole, and the variables of
+    single keys then change its object.
+    """
+    for name, value in variables.items():
+        own_path = tuple(field_path(name))
+        if own_path != path[: len(own_path)] or json_field(model, own_path) is None:
+            continue
+        try:
+            current = json.loads(value)
+        except ValueError:
+            continue
+        for key in path[len(own_path) :]:
+            if not isinstance(current, dict):
+                break
+            matches = [item for k, item in current.items() if str(k).lower() == key]
+            current = matches[-1] if matches else None
+        if isinstance(current, dict):
+            return True
+    return False
+
+
+def _file_under_null_variable(
+    file: Path, path: tuple[str, ...], parent: tuple[str, ...], null_variable: str
+) -> str:
+    """Describe a secret file for a key inside a section that a variable sets to null."""
+    start = (
+        f"{'.'.join(path)}: secret file {str(file)!r} sets a key inside "
+        f"{'.'.join(parent)}, but env {null_variable} sets that to null"
+    )
+    if len(parent) == len(field_path(null_variable)):
+        return (
+            f"{start}, so the file would be ignored; remove {file.name} or unset "
+            f"{null_variable}"
+        )
+    return (
+        f"{start} inside its JSON value, so the file would be ignored; remove "
+        f"{file.name}, or replace that null in {null_variable} with a JSON object"
+    )
+
+
+def _variable_under_null_file(
+    name: str, value: str, path: tuple[str, ...], parent: tuple[str, ...], null_file: Path
+) -> str:
+    """Describe a variable for a key inside a section that a secret file sets to null."""
+    start = (
+        f"{_where(name, value, path)} sets a key inside {'.'.join(parent)}, but the "
+        f"secret file {str(null_file)!r} sets that to null"
+    )
+    if len(parent) == len(field_path(null_file.name)):
+        return (
+            f"{start}, so the null would be ignored; unset {name} or remove "
+            f"{null_file.name}"
+        )
+    return (
+        f"{start} inside its JSON value, so the null would be ignored; unset {name}, "
+        f"or replace that null in {null_file.name} with a JSON object"
+    )

@@ -448,6 +448,136 @@ def test_secret_key_under_null_rejected(secrets_dir: Path) -> None:
     ) in problem
 
 
+# Variable that sets a section to null, its value, a secret file for a key inside that
+# section with its text, and the end of the problem.
+SECRET_KEYS_UNDER_NULL_VARIABLE = {
+    "optional section": (
+        "APPLIANCE_LISTENERS__IMAP__ROUTE_BY_LOGIN",
+        "null",
+        "APPLIANCE_LISTENERS__IMAP__ROUTE_BY_LOGIN__SEPARATOR",
+        "bogus",
+        "sets that to null, so the file would be ignored; remove "
+        "APPLIANCE_LISTENERS__IMAP__ROUTE_BY_LOGIN__SEPARATOR or unset "
+        "APPLIANCE_LISTENERS__IMAP__ROUTE_BY_LOGIN",
+    ),
+    "list in optional section": (
+        "APPLIANCE_LISTENERS__IMAP__ROUTE_BY_LOGIN",
+        "null",
+        "APPLIANCE_LISTENERS__IMAP__ROUTE_BY_LOGIN__ALLOW",
+        '[{"upstream": "mail"}]',
+        "sets that to null, so the file would be ignored; remove "
+        "APPLIANCE_LISTENERS__IMAP__ROUTE_BY_LOGIN__ALLOW or unset "
+        "APPLIANCE_LISTENERS__IMAP__ROUTE_BY_LOGIN",
+    ),
+    "null in json": (
+        "APPLIANCE_LISTENERS",
+        '{"imap": {"route_by_login": null}}',
+        "APPLIANCE_LISTENERS__IMAP__ROUTE_BY_LOGIN__SEPARATOR",
+        "bogus",
+        "sets that to null inside its JSON value, so the file would be ignored; "
+        "remove APPLIANCE_LISTENERS__IMAP__ROUTE_BY_LOGIN__SEPARATOR, or replace that "
+        "null in APPLIANCE_LISTENERS with a JSON object",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "name", "text", "end"),
+    SECRET_KEYS_UNDER_NULL_VARIABLE.values(),
+    ids=SECRET_KEYS_UNDER_NULL_VARIABLE.keys(),
+)
+def test_secret_key_under_null_variable_rejected(
+    variable: str,
+    value: str,
+    name: str,
+    text: str,
+    end: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    secrets_dir: Path,
+) -> None:
+    config = write_file(tmp_path, "appliance.yaml", LISTENER_YAML)
+    monkeypatch.setenv(variable, value)
+    key_file = write_file(secrets_dir, name, text)
+
+    with pytest.raises(ConfigError) as caught:
+        load(config, secrets_dir)
+
+    [problem] = caught.value.problems
+    path = name.removeprefix("APPLIANCE_").lower().replace("__", ".")
+    assert problem.startswith(f"{path}: secret file {str(key_file)!r} sets a key")
+    assert f"inside listeners.imap.route_by_login, but env {variable} {end}" in problem
+    assert text not in problem
+
+
+# Secret file that sets a section to null, its text, and the end of the problem about
+# the variable APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL__ACCEPT.
+VARIABLES_UNDER_NULL_SECRET = {
+    "section": (
+        "APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL",
+        "null",
+        "sets that to null, so the null would be ignored; unset "
+        "APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL__ACCEPT or remove "
+        "APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL",
+    ),
+    "null in json": (
+        "APPLIANCE_LISTENERS__IMAP",
+        '{"proxy_protocol": null}',
+        "sets that to null inside its JSON value, so the null would be ignored; unset "
+        "APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL__ACCEPT, or replace that null in "
+        "APPLIANCE_LISTENERS__IMAP with a JSON object",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "end"),
+    VARIABLES_UNDER_NULL_SECRET.values(),
+    ids=VARIABLES_UNDER_NULL_SECRET.keys(),
+)
+def test_variable_key_under_null_secret_rejected(
+    name: str,
+    text: str,
+    end: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    secrets_dir: Path,
+) -> None:
+    config = write_file(tmp_path, "appliance.yaml", LISTENER_YAML)
+    null_file = write_file(secrets_dir, name, text)
+    monkeypatch.setenv("APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL__ACCEPT", "true")
+
+    with pytest.raises(ConfigError) as caught:
+        load(config, secrets_dir)
+
+    [problem] = caught.value.problems
+    assert problem.startswith(
+        "listeners.imap.proxy_protocol.accept: value 'true' (from env "
+        "APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL__ACCEPT) sets a key inside "
+        "listeners.imap.proxy_protocol, but the secret file "
+        f"{str(null_file)!r} {end}"
+    )
+
+
+def test_variable_object_replaces_null_secret(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
+) -> None:
+    # The section's own variable replaces the null, and its key variable changes that.
+    config = write_file(tmp_path, "appliance.yaml", LISTENER_YAML)
+    write_file(secrets_dir, "APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL", "null")
+    monkeypatch.setenv(
+        "APPLIANCE_LISTENERS__IMAP",
+        '{"proxy_protocol": {"accept": true, "trusted_networks": ["10.0.0.0/8"]}}',
+    )
+    monkeypatch.setenv("APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL__REQUIRED", "false")
+
+    loaded = load(config, secrets_dir)
+
+    proxy_protocol = loaded.config.listeners["imap"].proxy_protocol
+    assert proxy_protocol.accept is True
+    assert proxy_protocol.required is False
+
+
 # JSON of the secret file APPLIANCE_UPSTREAMS, and what it sets upstreams.mail to.
 NON_OBJECTS_IN_JSON = {
     "null": ('{"mail": null}', "null"),
