@@ -416,22 +416,52 @@ def _lookup(values: Any, path: tuple[str, ...]) -> int | None:
     return len(path)
 
 
+# Most variables or secret files that a source label names; a label for a section that
+# many of them set ends with a count of the others.
+MAX_LABEL_NAMES = 3
+
+
 def _label(layer: _Layer, path: tuple[str, ...]) -> str:
-    source = layer.label
+    """Name the variables or secret files of `layer` that set `path` or keys inside it.
+
+    A variable or file may set the field itself or a section that contains it as JSON.
+    When neither exists, as for an error about a whole listener, the ones that set keys
+    inside `path` are named.
+    """
+    lower_path = tuple(part.lower() for part in path)
     if layer.files:
-        # The file may set the field itself or a section that contains it as JSON.
         for depth in range(len(path), 0, -1):
-            secret_file = layer.files.get(tuple(part.lower() for part in path[:depth]))
+            secret_file = layer.files.get(lower_path[:depth])
             if secret_file is not None:
                 return f"secret file {str(secret_file)!r}"
-    if source != "env":
-        return source
-    # The variable may name the field itself or a section that contains it as JSON.
+        inside = [
+            repr(str(secret_file))
+            for file_path, secret_file in sorted(layer.files.items())
+            if file_path[: len(path)] == lower_path
+        ]
+        return f"secret file {_join_names(inside)}" if inside else layer.label
+    if layer.label != "env":
+        return layer.label
     for depth in range(len(path), 0, -1):
         variable = ENV_PREFIX + NESTING_DELIMITER.join(path[:depth]).upper()
         if os.environ.get(variable):
             return f"env {variable}"
-    return "env " + ENV_PREFIX + NESTING_DELIMITER.join(path).upper()
+    inside = [
+        name
+        for name in sorted(config_variables(os.environ))
+        if tuple(field_path(name)[: len(path)]) == lower_path
+    ]
+    return f"env {_join_names(inside)}" if inside else "env"
+
+
+def _join_names(names: list[str]) -> str:
+    """Join names for a source label, with at most MAX_LABEL_NAMES written out."""
+    if len(names) > MAX_LABEL_NAMES:
+        others = len(names) - MAX_LABEL_NAMES
+        return f"{', '.join(names[:MAX_LABEL_NAMES])} and {others} more"
+    if len(names) == 1:
+        return names[0]
+    return f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def _source_of(path: tuple[str, ...], layers: list[_Layer]) -> str | None:

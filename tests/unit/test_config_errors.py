@@ -1528,9 +1528,18 @@ def test_duration_at_bound_loads(
     assert value == maximum
 
 
-@pytest.mark.parametrize("bind", ["0.0.0.0", "192.0.2.5", "::"])
+# Address of a plain-text listener, and the loopback address its error suggests.
+NETWORK_BINDS = {
+    "0.0.0.0": "127.0.0.1",
+    "192.0.2.5": "127.0.0.1",
+    "::": "::1",
+    "2001:db8::5": "::1",
+}
+
+
+@pytest.mark.parametrize(("bind", "loopback"), NETWORK_BINDS.items())
 def test_plaintext_on_network_address_named(
-    bind: str, tmp_path: Path, secrets_dir: Path
+    bind: str, loopback: str, tmp_path: Path, secrets_dir: Path
 ) -> None:
     path = write_config(tmp_path, listener_yaml(bind=bind))
 
@@ -1538,7 +1547,50 @@ def test_plaintext_on_network_address_named(
 
     assert problem.startswith("listeners.imap:")
     assert f"'{bind}'" in problem
+    assert f"bind to {loopback}," in problem
     assert "allow_plaintext_login: true" in problem
+
+
+def test_listener_problem_names_key_variable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
+) -> None:
+    # No variable sets listeners.imap itself, so the one for a key inside it is named.
+    path = write_config(tmp_path, listener_yaml())
+    monkeypatch.setenv("APPLIANCE_LISTENERS__IMAP__BIND", "0.0.0.0")
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith("listeners.imap:")
+    assert problem.endswith("(from env APPLIANCE_LISTENERS__IMAP__BIND)")
+
+
+def test_section_problem_names_key_variables(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
+) -> None:
+    path = write_config(tmp_path, listener_yaml())
+    monkeypatch.setenv("APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL__ACCEPT", "true")
+    monkeypatch.setenv("APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL__REQUIRED", "false")
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith("listeners.imap.proxy_protocol: accept is true")
+    assert problem.endswith(
+        "(from env APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL__ACCEPT and "
+        "APPLIANCE_LISTENERS__IMAP__PROXY_PROTOCOL__REQUIRED)"
+    )
+
+
+def test_listener_problem_names_key_secret_file(
+    tmp_path: Path, secrets_dir: Path
+) -> None:
+    path = write_config(tmp_path, listener_yaml())
+    secret = secrets_dir / "APPLIANCE_LISTENERS__IMAP__BIND"
+    secret.write_text("0.0.0.0\n")
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith("listeners.imap:")
+    assert problem.endswith(f"(from secret file {str(secret)!r})")
 
 
 def test_invalid_tls_mode_named(tmp_path: Path, secrets_dir: Path) -> None:

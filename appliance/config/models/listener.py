@@ -163,10 +163,12 @@ class ListenerConfig(StrictModel):
                 "set both or set tls to 'none'"
             )
         if self.tls == "none" and not self.is_loopback and not self.allow_plaintext_login:
+            version = ipaddress.ip_address(self.bind).version
+            loopback = "::1" if version == 6 else "127.0.0.1"
             raise ValueError(
                 f"tls is 'none' on non-loopback address {self.bind!r}, so passwords would "
                 "cross the network in clear text; use tls 'implicit' or 'starttls', bind "
-                "to 127.0.0.1, or set allow_plaintext_login: true"
+                f"to {loopback}, or set allow_plaintext_login: true"
             )
         return self
 
