@@ -46,6 +46,37 @@ def json_field(model: type[BaseModel], path: Sequence[str]) -> JsonField | None:
     reaches the `proxy_protocol` section of any listener. A path into a list item, or
     to a key that no model has, returns None, and validation reports it later.
     """
+    found = _field_at(model, path)
+    if found is None:
+        return None
+    annotation, examples = found
+    origin = get_origin(annotation)
+    if origin in (list, tuple, set, frozenset):
+        items = get_args(annotation)
+        return JsonField("list", items[0] if items else Any, examples)
+    if origin is dict:
+        return JsonField("map", get_args(annotation)[1], examples)
+    if _is_model(annotation):
+        return JsonField("section", annotation, examples)
+    return None
+
+
+def is_single_value_field(model: type[BaseModel], path: Sequence[str]) -> bool:
+    """Return whether `path` (keys in any case) names a field that takes no JSON.
+
+    Such a field, such as a port or a host name, takes its value as text, so a variable
+    or secret file cannot set it to null.
+    """
+    return _field_at(model, path) is not None and json_field(model, path) is None
+
+
+def _field_at(
+    model: type[BaseModel], path: Sequence[str]
+) -> tuple[Any, tuple[Any, ...]] | None:
+    """Return the unwrapped annotation and examples of the field at `path`, or None.
+
+    None means that `path` leads into a list item or names no field.
+    """
     if not all(path):
         # An empty part, as in APPLIANCE_LISTENERS__, names no field or entry.
         return None
@@ -63,16 +94,7 @@ def json_field(model: type[BaseModel], path: Sequence[str]) -> JsonField | None:
         if found is None:
             return None
         annotation, examples = found
-    annotation = _unwrap(annotation)
-    origin = get_origin(annotation)
-    if origin in (list, tuple, set, frozenset):
-        items = get_args(annotation)
-        return JsonField("list", items[0] if items else Any, examples)
-    if origin is dict:
-        return JsonField("map", get_args(annotation)[1], examples)
-    if _is_model(annotation):
-        return JsonField("section", annotation, examples)
-    return None
+    return _unwrap(annotation), examples
 
 
 def list_field_depth(model: type[BaseModel], path: Sequence[str]) -> int | None:

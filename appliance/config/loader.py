@@ -7,6 +7,7 @@ the source that set it, and what was expected.
 
 from __future__ import annotations
 
+import ast
 import codecs
 import ipaddress
 import json
@@ -21,7 +22,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from appliance.config.json_values import is_secret_path
+from appliance.config.json_values import is_secret_path, json_field
 from appliance.config.settings import (
     DEFAULT_CONFIG_PATH,
     DEFAULT_SECRETS_DIR,
@@ -517,7 +518,16 @@ def _describe_error(
         source = _source_of(path, layers)
         origin = f" (from {source})" if source else ""
         value = _value_text(error.get("input"))
-        shown = "" if is_secret_path(path) else f" value {value}:"
+        from_secret = source is not None and source.startswith("secret ")
+        # A secret file's value stays out of the output, except null, which no field
+        # takes as a secret.
+        hidden = from_secret and error.get("input") is not None
+        shown = "" if is_secret_path(path) or hidden else f" value {value}:"
+        if source is not None and source.startswith(("env ", "secret file ")):
+            return (
+                f"{where}:{shown} expected a JSON object of keys to values here"
+                f"{origin}; {_object_fix(path, source)}"
+            )
         return (
             f"{where}:{shown} expected a mapping of keys to values here, such as "
             f"'key: value' lines in YAML{origin}; see the config reference"
@@ -546,6 +556,40 @@ def _describe_error(
     ):
         shown = f" value {_value_text(error['input'])}:"
     return f"{where}:{shown} {message}{origin}{_boolean_hint(error, path)}"
+
+
+def _object_fix(path: tuple[str, ...], source: str) -> str:
+    """Describe how a variable or secret file gives the section at `path` an object.
+
+    `source` is the label of the variable or file that set the wrong value, either as
+    its whole value or inside its JSON object.
+    """
+    if source.startswith("env "):
+        kind, name = "variable", source.removeprefix("env ")
+    else:
+        kind = "secret file"
+        try:
+            name = Path(ast.literal_eval(source.removeprefix("secret file "))).name
+        except (ValueError, SyntaxError):
+            # A label that names several files; the value is set by one file only.
+            return "see the config reference"
+    key_name = ENV_PREFIX + NESTING_DELIMITER.join(path).upper()
+    field = json_field(AppConfig, path)
+    if field is not None and field.kind == "section" and field.item.model_fields:
+        key_name += NESTING_DELIMITER + next(iter(field.item.model_fields)).upper()
+    else:
+        key_name += NESTING_DELIMITER + "KEY"
+    if field_path(name) != [part.lower() for part in path]:
+        return f"replace that value in the JSON of {name} with a JSON object"
+    if kind == "variable":
+        return (
+            f"set {name} to a JSON object, or unset it and set each key with its own "
+            f"variable, such as {key_name}"
+        )
+    return (
+        f"put a JSON object into {name}, or remove it and set each key with its own "
+        f"secret file, such as {key_name}"
+    )
 
 
 def _value_text(value: Any) -> str:

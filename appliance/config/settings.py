@@ -31,6 +31,7 @@ from appliance.config.json_values import (
     JsonOrigin,
     decode_json_value,
     is_secret_path,
+    is_single_value_field,
     json_field,
     list_field_depth,
 )
@@ -54,6 +55,7 @@ from appliance.config.variables import (
     is_utf8,
     nesting_problems,
     null_alternative,
+    single_value_null_problems,
     top_level_null_problems,
 )
 
@@ -370,6 +372,8 @@ class NestedSecretsSource(PydanticBaseSettingsSource):
             text, problem = _read_secret_file(entry, path)
             if problem is None and not text:
                 continue
+            if problem is None and text == "null":
+                problem = self._single_value_null_problem(entry, path)
             value: Any = text
             if problem is None:
                 value, problem = self._decode(entry, path, text)
@@ -412,6 +416,21 @@ class NestedSecretsSource(PydanticBaseSettingsSource):
             f"{path[0]}: value null (from secret file {str(entry)!r}) is invalid, "
             "because null cannot replace a whole top-level field; remove "
             f"{entry.name}, or {null_alternative(entry.name, field, 'secret files')}"
+        )
+
+    def _single_value_null_problem(self, entry: Path, path: list[str]) -> str | None:
+        """Describe a file that sets a port, host name or other single value to null.
+
+        The file would set the text 'null', as the variable would (see
+        `single_value_null_problems`). Secret fields take any text, so they are not
+        checked, and null is the only value that this message shows.
+        """
+        if is_secret_path(path) or not is_single_value_field(self.settings_cls, path):
+            return None
+        return (
+            f"{'.'.join(path)}: secret file {str(entry)!r} contains null, which is "
+            "invalid, because a secret file cannot set a single value to null; remove "
+            f"{entry.name}, so that the config file or the default sets it"
         )
 
     def _decode(self, entry: Path, path: list[str], text: str) -> tuple[Any, str | None]:
@@ -687,6 +706,7 @@ class UniqueKeyEnvSource(EnvSettingsSource):
         problems += self._json_problems(text_variables)
         problems += nesting_problems(self.settings_cls, text_variables)
         problems += top_level_null_problems(self.settings_cls, text_variables)
+        problems += single_value_null_problems(self.settings_cls, text_variables)
         if problems:
             # pydantic-settings would raise its own error for the first bad value, naming
             # only the top-level field.

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from appliance.config.json_values import (
     JsonField,
     is_secret_path,
+    is_single_value_field,
     json_field,
     list_field_depth,
     shorten,
@@ -239,6 +240,30 @@ def top_level_null_problems(
             f"{_where(name, value, path)} is invalid, because null cannot replace a whole "
             "top-level field and the variable would otherwise be ignored; unset "
             f"{name}, or {null_alternative(name, field, 'variables')}"
+        )
+    return problems
+
+
+def single_value_null_problems(
+    model: type[BaseModel], variables: Mapping[str, str]
+) -> list[str]:
+    """Describe each variable that sets a port, host name or other single value to null.
+
+    pydantic-settings 2.16 passes such a value on as the text 'null', so a host name
+    would become "null" and a port would fail with a parser message. Secret fields such
+    as a password take any text, so their values are not checked.
+    """
+    problems = []
+    for name, value in sorted(variables.items()):
+        path = field_path(name)
+        if value.strip() != "null" or is_secret_path(path):
+            continue
+        if not is_single_value_field(model, path):
+            continue
+        problems.append(
+            f"{'.'.join(path)}: value null (from env {name}) is invalid, because a "
+            f"variable cannot set a single value to null; unset {name}, so that a "
+            "secret file, the config file or the default sets it"
         )
     return problems
 

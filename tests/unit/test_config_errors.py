@@ -779,6 +779,138 @@ def test_nested_null_spelt_null(
     assert "None" not in problem
 
 
+# Variable or secret file that sets upstreams.mail to null, its text, and the fix.
+NULL_ENTRIES = {
+    "variable": (
+        "env",
+        "APPLIANCE_UPSTREAMS__MAIL",
+        "null",
+        "set APPLIANCE_UPSTREAMS__MAIL to a JSON object, or unset it and set each key "
+        "with its own variable, such as APPLIANCE_UPSTREAMS__MAIL__HOST",
+    ),
+    "null in variable json": (
+        "env",
+        "APPLIANCE_UPSTREAMS",
+        '{"mail": null}',
+        "replace that value in the JSON of APPLIANCE_UPSTREAMS with a JSON object",
+    ),
+    "secret file": (
+        "secret",
+        "APPLIANCE_UPSTREAMS__MAIL",
+        "null",
+        "put a JSON object into APPLIANCE_UPSTREAMS__MAIL, or remove it and set each "
+        "key with its own secret file, such as APPLIANCE_UPSTREAMS__MAIL__HOST",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "text", "fix"), NULL_ENTRIES.values(), ids=NULL_ENTRIES.keys()
+)
+def test_null_entry_fix_fits_source(
+    kind: str,
+    name: str,
+    text: str,
+    fix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    secrets_dir: Path,
+) -> None:
+    path = write_config(tmp_path, UPSTREAM_YAML)
+    if kind == "env":
+        monkeypatch.setenv(name, text)
+    else:
+        (secrets_dir / name).write_text(text)
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith(
+        "upstreams.mail: value null: expected a JSON object of keys to values here"
+    )
+    assert problem.endswith(f"; {fix}")
+    assert "YAML" not in problem
+
+
+def test_non_object_secret_entry_hidden(tmp_path: Path, secrets_dir: Path) -> None:
+    path = write_config(tmp_path, UPSTREAM_YAML)
+    (secrets_dir / "APPLIANCE_UPSTREAMS").write_text('{"mail": 5317}')
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith("upstreams.mail: expected a JSON object")
+    assert "5317" not in problem
+
+
+# Single-value fields, and a valid value for each.
+SINGLE_VALUE_FIELDS = {
+    "port": ("APPLIANCE_UPSTREAMS__MAIL__PORT", "1993"),
+    "host": ("APPLIANCE_UPSTREAMS__MAIL__HOST", "mail.example.net"),
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "valid"), SINGLE_VALUE_FIELDS.values(), ids=SINGLE_VALUE_FIELDS.keys()
+)
+def test_single_value_null_variable_rejected(
+    name: str,
+    valid: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    secrets_dir: Path,
+) -> None:
+    path = write_config(tmp_path, UPSTREAM_YAML)
+    monkeypatch.setenv(name, "null")
+
+    problem = only_problem(path, secrets_dir)
+
+    field = name.removeprefix("APPLIANCE_").lower().replace("__", ".")
+    assert problem == (
+        f"{field}: value null (from env {name}) is invalid, because a variable cannot "
+        f"set a single value to null; unset {name}, so that a secret file, the config "
+        "file or the default sets it"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "valid"), SINGLE_VALUE_FIELDS.values(), ids=SINGLE_VALUE_FIELDS.keys()
+)
+def test_single_value_null_secret_rejected(
+    name: str, valid: str, tmp_path: Path, secrets_dir: Path
+) -> None:
+    path = write_config(tmp_path, UPSTREAM_YAML)
+    secret = secrets_dir / name
+    secret.write_text("null\n")
+
+    problem = only_problem(path, secrets_dir)
+
+    field = name.removeprefix("APPLIANCE_").lower().replace("__", ".")
+    assert problem == (
+        f"{field}: secret file {str(secret)!r} contains null, which is invalid, "
+        "because a secret file cannot set a single value to null; remove "
+        f"{name}, so that the config file or the default sets it"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "valid"), SINGLE_VALUE_FIELDS.values(), ids=SINGLE_VALUE_FIELDS.keys()
+)
+def test_single_value_text_variable_loads(
+    name: str,
+    valid: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    secrets_dir: Path,
+) -> None:
+    # The check rejects only null, so valid values of the same fields still load.
+    path = write_config(tmp_path, UPSTREAM_YAML)
+    monkeypatch.setenv(name, valid)
+
+    loaded = load_config(path, secrets_dir=secrets_dir, require_listeners=False)
+
+    key = name.rsplit("__", 1)[1].lower()
+    assert str(getattr(loaded.config.upstreams["mail"], key)) == valid
+
+
 def test_unknown_secret_key_names_file(tmp_path: Path, secrets_dir: Path) -> None:
     path = write_config(tmp_path, UPSTREAM_YAML)
     secret = secrets_dir / "APPLIANCE_UPSTREAMS__MAIL__HOSTT"
