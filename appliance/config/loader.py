@@ -417,8 +417,8 @@ def _lookup(values: Any, path: tuple[str, ...]) -> int | None:
     return len(path)
 
 
-# Most variables or secret files that a source label names; a label for a section that
-# many of them set ends with a count of the others.
+# Maximum number of variables or secret files that a source label names. A label for a
+# section that more of them set ends with a count of the others.
 MAX_LABEL_NAMES = 3
 
 
