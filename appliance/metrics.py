@@ -31,6 +31,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from appliance.files import read_regular
 from appliance.proxy.guard import LOGIN_RESULTS
 
 if TYPE_CHECKING:
@@ -435,7 +436,7 @@ class CertificateCache:
 
 def _read_expiry(path: Path) -> float | None:
     try:
-        certificates = x509.load_pem_x509_certificates(path.read_bytes())
+        certificates = x509.load_pem_x509_certificates(read_regular(path))
     except (OSError, ValueError) as exc:
         logger.warning("cannot read the expiry time of certificate {}: {}", path, exc)
         return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import codecs
+import io
 import ipaddress
 import json
 import os
@@ -44,6 +45,7 @@ from appliance.config.variables import (
     first_invalid_byte,
     null_overlap_problems,
 )
+from appliance.files import NotRegularFileError, read_regular
 
 
 class ConfigError(Exception):
@@ -257,10 +259,12 @@ def _read_config_file(path: Path) -> dict[str, Any]:
             ]
         )
     try:
-        _check_utf8_signature(path)
+        # One non-blocking read: a FIFO or device at the path must not hang a reload.
+        data = read_regular(path)
+        _check_utf8_signature(path, data)
         if suffix == ".toml":
             # TOML documents are always tables, and TOML rejects repeated keys.
-            text = _read_utf8(path)
+            text = _decode_utf8(data)
             try:
                 return tomllib.loads(text)
             except tomllib.TOMLDecodeError as exc:
@@ -268,13 +272,11 @@ def _read_config_file(path: Path) -> dict[str, Any]:
                 problem = f"config file {str(path)!r} could not be parsed: {reason}"
                 raise ConfigError([problem]) from None
         if suffix == ".json":
-            document = json.loads(_read_utf8(path), object_pairs_hook=_unique_key_object)
+            document = json.loads(_decode_utf8(data), object_pairs_hook=_unique_key_object)
         else:
             # PyYAML skips a leading byte order mark itself.
-            _check_yaml_nesting(path)
-            # Read from the open file, so that YAML errors name it and not a string.
-            with path.open(encoding="utf-8") as stream:
-                document = yaml.load(stream, Loader=_UniqueKeyLoader)  # noqa: S506
+            _check_yaml_nesting(path, data)
+            document = yaml.load(_named_text(path, data), Loader=_UniqueKeyLoader)  # noqa: S506
     except OSError as exc:
         raise ConfigError([_unreadable_config(path, exc)]) from None
     except (ValueError, yaml.YAMLError) as exc:
@@ -300,23 +302,29 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return document
 
 
-def _read_utf8(path: Path) -> str:
+def _decode_utf8(data: bytes) -> str:
     """Return a config file's UTF-8 text without a leading byte order mark.
 
     Windows PowerShell 5.1 and older Notepad versions start UTF-8 files with one, which
     tomllib rejects as an invalid statement and json rejects too, while PyYAML skips it.
     """
-    return path.read_bytes().decode("utf-8").removeprefix("\ufeff")
+    return data.decode("utf-8").removeprefix("\ufeff")
 
 
-def _check_utf8_signature(path: Path) -> None:
+def _named_text(path: Path, data: bytes) -> io.StringIO:
+    """Return the file's text as a stream named like the file, for YAML error marks."""
+    stream = io.StringIO(data.decode("utf-8"))
+    stream.name = str(path)  # type: ignore[misc]
+    return stream
+
+
+def _check_utf8_signature(path: Path, data: bytes) -> None:
     """Reject a config file that starts with a UTF-16 or UTF-32 byte order mark.
 
     Windows PowerShell 5.1 writes UTF-16 with `>` and `Out-File`, which the UTF-8 decoder
     would report only as an invalid byte 0xff at position 0.
     """
-    with path.open("rb") as stream:
-        start = stream.read(4)
+    start = data[:4]
     if start.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
         encoding = "UTF-32"
     elif start.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
@@ -347,13 +355,13 @@ def _unique_key_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return document
 
 
-def _check_yaml_nesting(path: Path) -> None:
+def _check_yaml_nesting(path: Path, data: bytes) -> None:
     """Reject a YAML file nested deeper than MAX_NESTING, before building its nodes.
 
     The event stream is flat, so reading it needs no recursion at any depth.
     """
     depth = 0
-    with path.open(encoding="utf-8") as stream:
+    with _named_text(path, data) as stream:
         for event in yaml.parse(stream, Loader=_YAML_LOADER):
             if isinstance(event, yaml.CollectionStartEvent):
                 depth += 1
@@ -380,6 +388,9 @@ def _unreadable_config(path: Path, exc: OSError) -> str:
         )
     elif isinstance(exc, IsADirectoryError):
         fix = "set --config or APPLIANCE_CONFIG to the file inside it"
+    elif isinstance(exc, NotRegularFileError):
+        reason = f"not a regular file but {exc.kind}"
+        fix = "set --config or APPLIANCE_CONFIG to a regular file"
     else:
         fix = "check the file and the disk or mount it is on"
     return f"config file {str(path)!r} could not be read ({reason}); {fix}"

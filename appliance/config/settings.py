@@ -58,6 +58,7 @@ from appliance.config.variables import (
     single_value_null_problems,
     top_level_null_problems,
 )
+from appliance.files import read_regular, special_file_kind
 
 DEFAULT_CONFIG_PATH = Path("/etc/appliance/appliance.yaml")
 DEFAULT_SECRETS_DIR = Path("/run/secrets")
@@ -548,22 +549,10 @@ def _entry_type_problem(entry: Path, path: list[str]) -> str | None:
         )
     if not stat.S_ISREG(mode):
         return (
-            f"{where} is not a regular file but {_special_file_kind(mode)}; put the "
+            f"{where} is not a regular file but {special_file_kind(mode)}; put the "
             "value into a regular file of that name, or remove it"
         )
     return None
-
-
-def _special_file_kind(mode: int) -> str:
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode):
-        return "a character device"
-    if stat.S_ISBLK(mode):
-        return "a block device"
-    return "a special file"
 
 
 def _list_item_file_problem(
@@ -600,7 +589,8 @@ def _read_secret_file(entry: Path, path: list[str]) -> tuple[str, str | None]:
     """
     where = ".".join(path)
     try:
-        data = entry.read_bytes()
+        # A FIFO swapped in after `_entry_type_problem` must not block the load.
+        data = read_regular(entry)
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         return "", (

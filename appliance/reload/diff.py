@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from appliance.config import AppConfig, ListenerConfig
+from appliance.files import read_regular
 
 # A change to one of these fields needs another socket or another session class.
 SOCKET_FIELDS = ("bind", "port", "protocol")
@@ -77,7 +78,8 @@ def file_digests(paths: Iterable[Path]) -> dict[Path, str]:
     digests = {}
     for path in paths:
         try:
-            digests[path] = hashlib.sha256(path.read_bytes()).hexdigest()
+            # A FIFO or device reads as "unreadable" instead of blocking the reload.
+            digests[path] = hashlib.sha256(read_regular(path)).hexdigest()
         except OSError:
             digests[path] = "unreadable"
     return digests

@@ -7,11 +7,13 @@ key or CA file is reported with the field that named it and nothing running is t
 from __future__ import annotations
 
 import collections
+import contextlib
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.config import AppConfig, ListenerConfig, UpstreamConfig
+from appliance.files import openssl_path
 from appliance.tls import pem
 
 # Sessions kept per upstream server name for resumption. The newest is offered first.
@@ -137,16 +139,15 @@ def client_context(upstream: UpstreamConfig, where: str) -> UpstreamContext:
     if upstream.verify:
         context.check_hostname = True
         context.verify_mode = ssl.CERT_REQUIRED
-        try:
-            if upstream.ca_file is not None:
-                context.load_verify_locations(cafile=str(upstream.ca_file))
-            elif upstream.tls != "none":
-                # Loading the system store took 35 ms here (Debian 12, 144 CAs) on every
-                # start and reload, and a `tls: none` upstream never verifies anything.
+        if upstream.ca_file is not None:
+            _load_ca_file(context, upstream.ca_file, where)
+        elif upstream.tls != "none":
+            # Loading the system store took 35 ms here (Debian 12, 144 CAs) on every
+            # start and reload, and a `tls: none` upstream never verifies anything.
+            try:
                 context.load_default_certs(ssl.Purpose.SERVER_AUTH)
-        except (ssl.SSLError, OSError) as exc:
-            problem = _ca_file_problem(exc, upstream.ca_file, where)
-            raise TlsContextError([problem]) from None
+            except (ssl.SSLError, OSError) as exc:
+                raise TlsContextError([_ca_file_problem(exc, None, where)]) from None
     else:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -226,12 +227,58 @@ def _load_chain(
     where: str,
     cert_field: str,
 ) -> None:
+    key_field = cert_field.replace("cert_file", "key_file")
+    with contextlib.ExitStack() as opened:
+        cert_path = _open_for_openssl(opened, cert_file, f"{where}.{cert_field}")
+        key_path = _open_for_openssl(opened, key_file, f"{where}.{key_field}")
+        problem = _load_opened_chain(
+            context, cert_path, key_path, cert_file, key_file, where, cert_field
+        )
+    if problem is not None:
+        raise TlsContextError([problem])
+
+
+def _load_ca_file(context: ssl.SSLContext, ca_file: Path, where: str) -> None:
+    with contextlib.ExitStack() as opened:
+        ca_path = _open_for_openssl(opened, ca_file, f"{where}.ca_file")
+        try:
+            context.load_verify_locations(cafile=ca_path)
+        except (ssl.SSLError, OSError) as exc:
+            problem = _ca_file_problem(exc, ca_file, where)
+            raise TlsContextError([problem]) from None
+
+
+def _open_for_openssl(
+    opened: contextlib.ExitStack, path: Path | None, field_name: str
+) -> str | None:
+    """Open `path` on the `opened` stack and return the path that OpenSSL should read.
+
+    Raises TlsContextError naming `field_name` when the file is no regular file or
+    cannot be opened, so that OpenSSL never opens a FIFO or device by its path.
+    """
+    try:
+        return opened.enter_context(openssl_path(path))
+    except OSError as exc:
+        problem = pem.open_error_problem(path or Path(), exc)
+        raise TlsContextError([f"{field_name}: {str(path)!r} {problem}"]) from None
+
+
+def _load_opened_chain(
+    context: ssl.SSLContext,
+    cert_path: str | None,
+    key_path: str | None,
+    cert_file: Path | None,
+    key_file: Path | None,
+    where: str,
+    cert_field: str,
+) -> str | None:
+    """Load the opened certificate chain and key; return a problem, or None."""
     # Without a key file, OpenSSL reads the key from the certificate file.
     key_field = cert_field.replace("cert_file", "key_file") if key_file else cert_field
     try:
         context.load_cert_chain(
-            str(cert_file),
-            str(key_file) if key_file else None,
+            cert_path or str(cert_file),
+            key_path,
             password=_reject_password_request,
         )
     except _EncryptedKeyError:
@@ -244,8 +291,8 @@ def _load_chain(
     except (ssl.SSLError, OSError) as exc:
         problem = _chain_problem(exc, cert_file, key_file, where, cert_field)
     else:
-        return
-    raise TlsContextError([problem])
+        return None
+    return problem
 
 
 def _chain_problem(

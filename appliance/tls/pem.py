@@ -19,6 +19,8 @@ from functools import wraps
 from pathlib import Path
 from typing import ParamSpec
 
+from appliance.files import FileTooLargeError, NotRegularFileError, read_regular
+
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -110,9 +112,7 @@ def certificate_file_problem(path: Path, expected: str) -> str | None:
     try:
         data = _read(path)
     except _Unreadable as exc:
-        return _unreadable(path, exc)
-    if data is None:
-        return None
+        return open_error_problem(path, exc.error, expected)
     if not data.strip():
         return f"is empty; expected {expected}"
     blocks = parse_blocks(data)
@@ -142,9 +142,7 @@ def private_key_file_problem(path: Path, expected: str) -> str | None:
     try:
         data = _read(path)
     except _Unreadable as exc:
-        return _unreadable(path, exc)
-    if data is None:
-        return None
+        return open_error_problem(path, exc.error, expected)
     if not data.strip():
         return f"is empty; expected {expected}"
     blocks = parse_blocks(data)
@@ -173,8 +171,6 @@ def key_mismatch_problem(
         cert_data = _read(cert_file)
         key_data = _read(key_file)
     except _Unreadable:
-        return None
-    if cert_data is None or key_data is None:
         return None
     keys = [block for block in parse_blocks(key_data) if block.is_private_key]
     if not keys:
@@ -241,22 +237,32 @@ def parse_blocks(data: bytes) -> list[PemBlock]:
     return blocks
 
 
-def _read(path: Path) -> bytes | None:
-    """Return the file's bytes, or None when it exceeds MAX_PEM_SIZE.
+def _read(path: Path) -> bytes:
+    """Return the file's bytes.
 
-    Raises _Unreadable with the reason when the file cannot be opened or read.
+    Raises _Unreadable with the reason when the file cannot be opened or read, is no
+    regular file or exceeds MAX_PEM_SIZE.
     """
     try:
-        with path.open("rb") as stream:
-            data = stream.read(MAX_PEM_SIZE + 1)
+        return read_regular(path, MAX_PEM_SIZE)
     except OSError as exc:
         raise _Unreadable(exc) from None
-    # NOTE: a file over the limit gets no diagnosis, so its error shows OpenSSL's reason.
-    return None if len(data) > MAX_PEM_SIZE else data
 
 
-def _unreadable(path: Path, exc: _Unreadable) -> str:
-    error = exc.error
+def open_error_problem(
+    path: Path, error: OSError, expected: str = "a PEM file"
+) -> str:
+    """Describe a file that could not be opened or read, with the fix."""
+    if isinstance(error, NotRegularFileError):
+        return (
+            f"is not a regular file but {error.kind}; expected {expected} in a "
+            "regular file"
+        )
+    if isinstance(error, FileTooLargeError):
+        return (
+            f"could not be loaded and is too large to check: {error.size} bytes, more "
+            f"than the limit of {error.limit} bytes; expected {expected}"
+        )
     if isinstance(error, FileNotFoundError):
         if path.is_absolute():
             return "does not exist; check the path"
@@ -267,10 +273,13 @@ def _unreadable(path: Path, exc: _Unreadable) -> str:
     if isinstance(error, IsADirectoryError):
         return "is a directory; set the path of the PEM file inside it"
     reason = error.strerror or type(error).__name__
-    return (
-        f"cannot be read ({reason}); give the user that runs the appliance read "
-        "access to it"
-    )
+    if isinstance(error, PermissionError):
+        return (
+            f"cannot be read ({reason}); give the user that runs the appliance read "
+            "access to it"
+        )
+    # Such as EIO from /proc/self/mem, which root may open but not read from offset 0.
+    return f"cannot be read ({reason}); set the path of a file that contains {expected}"
 
 
 def _truncation_problem(blocks: list[PemBlock]) -> str | None:

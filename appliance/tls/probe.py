@@ -20,11 +20,13 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 
 from appliance.config.models import default_port
+from appliance.files import openssl_path
 from appliance.logs import describe_error
 from appliance.protocols import capabilities as capability_lists
 from appliance.protocols.errors import UpstreamProtocolError
@@ -578,7 +580,9 @@ def probe_client_context(ca_file: str | None, *, verify: bool) -> ssl.SSLContext
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     elif ca_file is not None:
-        context.load_verify_locations(cafile=ca_file)
+        # Opened without blocking and checked first, so a FIFO or device fails at once.
+        with openssl_path(Path(ca_file)) as ca_path:
+            context.load_verify_locations(cafile=ca_path)
     else:
         context.load_default_certs(ssl.Purpose.SERVER_AUTH)
     return context

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import imaplib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -180,6 +181,21 @@ def test_probe_truncated_ca_file_explained(tmp_path: Path, pki: TestPKI) -> None
     assert f"--ca-file {str(truncated)!r} is truncated" in result.stderr
     assert "copy the whole file again" in result.stderr
     assert "PEM lib" not in result.stderr
+    assert PROBE_LINE not in result.stdout
+
+
+def test_probe_fifo_ca_file_rejected(tmp_path: Path) -> None:
+    # A plain open() of a FIFO waits for a writer, which never comes here.
+    fifo = tmp_path / "ca.pem"
+    os.mkfifo(fifo)
+
+    result = probe("--port", str(free_port()), "--ca-file", str(fifo))
+
+    assert result.returncode == 2
+    assert (
+        f"--ca-file {str(fifo)!r} is not a regular file but a FIFO" in result.stderr
+    )
+    assert "Traceback" not in result.stderr
     assert PROBE_LINE not in result.stdout
 
 

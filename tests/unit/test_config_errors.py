@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import codecs
+import contextlib
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from appliance.config import AppConfig, ConfigError, load_config
+from appliance.config import loader as config_loader
+from appliance.config import settings as config_settings
 from tests.support.sources import isolate_config_sources
 
 UPSTREAM_YAML = "upstreams:\n  mail:\n    host: mail.example.org\n"
@@ -944,14 +948,14 @@ def test_unreadable_secret_named(
     config = write_config(tmp_path, listener_yaml())
     secret = secrets_dir / "APPLIANCE_LIMITS__MAX_CONNECTIONS"
     secret.write_text("5")
-    real_read_bytes = Path.read_bytes
+    real_read_regular = config_settings.read_regular
 
-    def read_bytes(path: Path) -> bytes:
+    def read_regular(path: Path) -> bytes:
         if path == secret:
             raise PermissionError(13, "Permission denied")
-        return real_read_bytes(path)
+        return real_read_regular(path)
 
-    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(config_settings, "read_regular", read_regular)
 
     problem = only_problem(config, secrets_dir)
 
@@ -1968,21 +1972,83 @@ def test_unreadable_config_file_named(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
 ) -> None:
     path = write_config(tmp_path, "logging:\n  level: info\n")
-    real_open = Path.open
+    real_read_regular = config_loader.read_regular
 
     # The root user reads every file, so a mode of 000 proves nothing there.
-    def open_denied(self: Path, *args: Any, **kwargs: Any) -> Any:
-        if self == path:
-            raise PermissionError(13, "Permission denied", str(self))
-        return real_open(self, *args, **kwargs)
+    def read_denied(file: Path, *args: Any) -> bytes:
+        if file == path:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_read_regular(file, *args)
 
-    monkeypatch.setattr(Path, "open", open_denied)
+    monkeypatch.setattr(config_loader, "read_regular", read_denied)
 
     problem = only_problem(path, secrets_dir)
 
     assert problem.startswith(f"config file {str(path)!r} could not be read")
     assert "(permission denied)" in problem
     assert f"(uid {os.getuid()}) read access" in problem
+
+
+# Seconds a config load may take before the test counts it as blocked.
+BLOCKED_AFTER = 10.0
+
+
+def problems_without_blocking(
+    path: Path, secrets_dir: Path, fifo: Path
+) -> list[str] | None:
+    """Return the problems of loading `path`, or None when the load blocked on `fifo`."""
+    problems: list[str] = []
+
+    def load() -> None:
+        try:
+            load_config(path, secrets_dir=secrets_dir)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(BLOCKED_AFTER)
+    if not worker.is_alive():
+        return problems
+    # Opening and closing the write end ends a blocked open() or read() of the FIFO.
+    with contextlib.suppress(OSError):
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    worker.join(BLOCKED_AFTER)
+    return None
+
+
+@pytest.mark.parametrize("name", ["appliance.yaml", "appliance.toml", "appliance.json"])
+def test_config_file_fifo_rejected(name: str, tmp_path: Path, secrets_dir: Path) -> None:
+    path = tmp_path / name
+    os.mkfifo(path)
+
+    problems = problems_without_blocking(path, secrets_dir, path)
+
+    assert problems is not None, "the config load blocked on the FIFO"
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(
+        f"config file {str(path)!r} could not be read (not a regular file but a FIFO)"
+    )
+    assert "to a regular file" in problems[0]
+
+
+def test_secret_fifo_after_type_check_rejected(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
+) -> None:
+    # The entry's type is checked before it is read, so a FIFO can replace it between.
+    monkeypatch.setattr(config_settings, "_entry_type_problem", lambda entry, path: None)
+    config = write_config(tmp_path, listener_yaml())
+    secret = secrets_dir / "APPLIANCE_LOGGING__LEVEL"
+    os.mkfifo(secret)
+
+    problems = problems_without_blocking(config, secrets_dir, secret)
+
+    assert problems is not None, "the config load blocked on the FIFO"
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(
+        f"logging.level: secret file {str(secret)!r} could not be read (not a "
+        "regular file but a FIFO)"
+    )
 
 
 def test_config_path_directory_named(tmp_path: Path, secrets_dir: Path) -> None:

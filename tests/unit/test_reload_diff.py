@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,9 @@ from appliance.reload import (
 )
 
 UPSTREAMS = {"mail": {"host": "192.0.2.10", "tls": "implicit"}}
+
+# Seconds a digest may take before the test counts it as blocked.
+BLOCKED_AFTER = 10.0
 
 
 @pytest.fixture(autouse=True)
@@ -367,3 +371,23 @@ def test_digest_of_missing_file_is_unreadable(tmp_path: Path) -> None:
     missing = tmp_path / "missing.pem"
 
     assert file_digests([missing]) == {missing: "unreadable"}
+
+
+def test_fifo_digest_does_not_block(tmp_path: Path) -> None:
+    fifo = tmp_path / "cert.pem"
+    os.mkfifo(fifo)
+    digests: dict[Path, str] = {}
+    worker = threading.Thread(
+        target=lambda: digests.update(file_digests([fifo])), daemon=True
+    )
+
+    worker.start()
+    worker.join(BLOCKED_AFTER)
+    blocked = worker.is_alive()
+    if blocked:
+        # Opening and closing the write end ends the blocked open() of the FIFO.
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(BLOCKED_AFTER)
+
+    assert not blocked, "hashing blocked on the FIFO"
+    assert digests == {fifo: "unreadable"}

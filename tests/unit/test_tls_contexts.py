@@ -7,6 +7,7 @@ import datetime
 import os
 import ssl
 import subprocess
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -789,3 +790,106 @@ def test_switched_off_context_keeps_nothing() -> None:
     context = contexts.UpstreamContext(resume_sessions=False)
     context.remember_session(fake_tls_object("mail.example.org"))
     assert context.session_count("mail.example.org") == 0
+
+
+# Files that are no regular files, and hostile file contents
+
+# Seconds a context build may take before the test counts it as blocked.
+BLOCKED_AFTER = 10.0
+
+
+def config_of_field(field: str, path: Path, cert: CertFiles) -> object:
+    """Return the validated listener or upstream config with `field` set to `path`."""
+    if field.startswith("listeners."):
+        return tls_listener(cert, **{field.rsplit(".", 1)[1]: path})
+    files: dict[str, object] = {
+        "client_cert_file": cert.cert_file,
+        "client_key_file": cert.key_file,
+    }
+    files[field.rsplit(".", 1)[1]] = path
+    return UpstreamConfig(host="mail.example.org", **files)
+
+
+def build_context_of(config: object) -> None:
+    if isinstance(config, ListenerConfig):
+        server_context(config, "listeners.imaps")
+    else:
+        client_context(config, "upstreams.mail")  # type: ignore[arg-type]
+
+
+def release_fifo(fifo: Path) -> None:
+    """End a blocked open() or read() of `fifo` by opening and closing its write end."""
+    try:
+        descriptor = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        return
+    os.close(descriptor)
+
+
+@pytest.mark.parametrize("field", TLS_FILE_FIELDS)
+def test_fifo_swapped_in_after_validation_rejected(
+    field: str, tmp_path: Path, listener_cert: CertFiles
+) -> None:
+    # A reload validates the config before it loads the files, so a file can change
+    # in between. OpenSSL's open() of a FIFO would wait for a writer forever.
+    is_key = field.endswith("key_file")
+    intact = listener_cert.key_file if is_key else listener_cert.cert_file
+    swapped = tmp_path / intact.name
+    swapped.write_bytes(intact.read_bytes())
+    config = config_of_field(field, swapped, listener_cert)
+    swapped.unlink()
+    os.mkfifo(swapped)
+    errors: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            build_context_of(config)
+        except BaseException as exc:  # noqa: BLE001 - checked by the test
+            errors.append(exc)
+
+    worker = threading.Thread(target=build, daemon=True)
+    worker.start()
+    worker.join(BLOCKED_AFTER)
+    blocked = worker.is_alive()
+    if blocked:
+        release_fifo(swapped)
+        worker.join(BLOCKED_AFTER)
+
+    assert not blocked, "the context build blocked on the FIFO"
+    assert len(errors) == 1
+    assert isinstance(errors[0], TlsContextError)
+    message = str(errors[0])
+    assert message.startswith(f"{field}: {str(swapped)!r} "), message
+    assert "is not a regular file but a FIFO" in message
+
+
+def test_unreadable_special_file_not_permission_problem() -> None:
+    # Any process may open its own /proc/self/mem, but reading offset 0 fails with EIO.
+    mem = Path("/proc/self/mem")
+    if not mem.exists():
+        pytest.skip("needs Linux /proc")
+    upstream = UpstreamConfig(host="mail.example.org", ca_file=mem)
+
+    with pytest.raises(TlsContextError) as caught:
+        client_context(upstream, "upstreams.mail")
+
+    message = str(caught.value)
+    assert message.startswith("upstreams.mail.ca_file: '/proc/self/mem' cannot be read")
+    assert "read access" not in message
+
+
+def test_oversized_file_reports_size(tmp_path: Path) -> None:
+    huge = tmp_path / "huge.pem"
+    size = contexts.pem.MAX_PEM_SIZE + 100
+    huge.write_bytes(b"A" * size)
+    upstream = UpstreamConfig(host="mail.example.org", ca_file=huge)
+
+    with pytest.raises(TlsContextError) as caught:
+        client_context(upstream, "upstreams.mail")
+
+    message = str(caught.value)
+    assert message.startswith(f"upstreams.mail.ca_file: {str(huge)!r} "), message
+    assert "too large" in message
+    assert f"{size} bytes" in message
+    assert f"limit of {contexts.pem.MAX_PEM_SIZE} bytes" in message
+    assert "PEM lib" not in message

@@ -11,6 +11,8 @@ from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from appliance.files import special_file_kind
+
 Protocol = Literal["imap", "pop3"]
 ListenerTls = Literal["none", "implicit", "starttls"]
 UpstreamTls = Literal["none", "implicit", "starttls", "auto"]
@@ -170,7 +172,13 @@ def _check_readable(path: Path | None) -> Path | None:
             "file inside it"
         )
     if not path.is_file():
-        raise ValueError(f"{str(path)!r} is not a regular file; expected a PEM file")
+        try:
+            kind = special_file_kind(path.stat().st_mode)
+        except OSError:
+            kind = "a special file"
+        raise ValueError(
+            f"{str(path)!r} is not a regular file but {kind}; expected a PEM file"
+        )
     if not os.access(path, os.R_OK):
         raise ValueError(
             f"file {str(path)!r} is not readable by this process; give the user that "
