@@ -34,6 +34,7 @@ from appliance.reload.watch import (
     WatchSet,
     build_watch_set,
 )
+from appliance.threads import run_in_daemon_thread
 from appliance.tls.contexts import TlsContextError, build_all_contexts
 
 if TYPE_CHECKING:
@@ -219,7 +220,9 @@ class Reloader:
         new_warnings: list[str] = []
         problems: list[str] = []
         try:
-            prepared = await asyncio.to_thread(self._load)
+            # Not asyncio.to_thread: a thread stuck on a file would keep the process
+            # alive after SIGTERM, while a daemon thread is abandoned at exit.
+            prepared = await run_in_daemon_thread(self._load)
             if not prepared.diff.is_empty:
                 await self._bind(prepared)
         except ReloadRejected as exc:

@@ -13,6 +13,8 @@ import shutil
 import signal
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +24,12 @@ from typing import Any, Self
 import pytest
 import yaml
 
-from tests.support.appliance import ApplianceProcess, free_port, upstream_config
+from tests.support.appliance import (
+    REPO_ROOT,
+    ApplianceProcess,
+    free_port,
+    upstream_config,
+)
 from tests.support.certs import CertFiles, TestPKI
 from tests.support.dovecot import LARGE_MESSAGE_INDEX, DovecotServer
 
@@ -679,3 +686,64 @@ def test_fifty_reloads_leak_nothing(
     pop3.send("QUIT")
     assert pop3.read_line().startswith(b"+OK")
     pop3.close()
+
+
+# Shutdown while a reload is stuck
+
+# Runs the appliance with a reload that never returns, as one stuck in a system call
+# such as open() of a FIFO would. The first reload runs when the file watch starts.
+STUCK_RELOAD_SCRIPT = """
+import sys
+import threading
+
+from appliance.reload import reloader
+
+reloader.Reloader._load = lambda self: threading.Event().wait()
+
+from appliance.cli import main
+
+sys.exit(main(["run", "--config", sys.argv[1]]))
+"""
+
+
+def test_sigterm_ends_process_with_stuck_reload(tmp_path: Path) -> None:
+    port = free_port()
+    config = {
+        "listeners": {"imap": plain_listener("imap", port, "mail")},
+        "upstreams": {"mail": {"host": "127.0.0.1", "port": free_port()}},
+        "logging": {"level": "DEBUG"},
+        "limits": {"shutdown_grace_period": 1},
+        "state_dir": str(tmp_path / "state"),
+    }
+    config_file = tmp_path / "appliance.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    log_file = tmp_path / "appliance.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    with open(log_file, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-c", STUCK_RELOAD_SCRIPT, str(config_file)],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+        wait_until(
+            lambda: "watching" in log_file.read_text(errors="replace"),
+            "the file watch to start",
+        )
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pass
+        exited = process.poll() is not None
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(TIMEOUT)
+
+    log_text = log_file.read_text(errors="replace")
+    assert "shutdown complete" in log_text, log_text[-3000:]
+    assert exited, "the process outlived SIGTERM:\n" + log_text[-3000:]
