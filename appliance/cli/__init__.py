@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from appliance.cli.common import (
     EXIT_CONFIG_ERROR,
@@ -100,6 +101,15 @@ COMMANDS = {
 }
 
 
+# Exit code after Ctrl-C, 128 plus the number of SIGINT, as shells report it.
+EXIT_INTERRUPTED = 130
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return COMMANDS[args.command](args)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        # Ctrl-C during a command such as `probe` is a request to stop, not a crash.
+        print(f"{args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from appliance import cli
 from appliance.cli import (
     EXIT_CONFIG_ERROR,
     EXIT_FAILURE,
@@ -651,3 +652,18 @@ def test_check_config_unusable_state_dir(
 
     assert code == EXIT_CONFIG_ERROR
     assert "state_dir: '/proc/appliance-state' cannot be created" in capsys.readouterr().err
+
+
+def test_interrupted_command_prints_no_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted_probe(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "probe", interrupted_probe)
+
+    code = main(["probe", "127.0.0.1"])
+
+    captured = capsys.readouterr()
+    assert code == cli.EXIT_INTERRUPTED
+    assert captured.err == "probe: interrupted\n"
