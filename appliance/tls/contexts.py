@@ -310,16 +310,24 @@ def _chain_problem(
     key_field = cert_field.replace("cert_file", "key_file")
     if cert_file is not None:
         problem = pem.certificate_file_problem(
-            cert_file, expected="the certificate chain, leaf first"
+            cert_file,
+            expected="the certificate chain, leaf first",
+            other_files=[key_file] if key_file else [],
         )
         if problem is not None:
             return f"{where}.{cert_field}: {str(cert_file)!r} {problem}"
-    if key_file is not None:
+    # Without a key file, OpenSSL reads the key from the certificate file.
+    key_path, key_path_field = (
+        (key_file, key_field) if key_file is not None else (cert_file, cert_field)
+    )
+    if key_path is not None:
         problem = pem.private_key_file_problem(
-            key_file, expected=f"the unencrypted private key of {cert_field}"
+            key_path,
+            expected=f"the unencrypted private key of {cert_field}",
+            other_files=[cert_file] if cert_file else [],
         )
         if problem is not None:
-            return f"{where}.{key_field}: {str(key_file)!r} {problem}"
+            return f"{where}.{key_path_field}: {str(key_path)!r} {problem}"
     if cert_file is not None and key_file is not None:
         problem = pem.key_mismatch_problem(cert_file, key_file, cert_field, key_field)
         if problem is not None:

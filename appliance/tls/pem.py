@@ -10,24 +10,32 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 import re
 import shlex
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from functools import wraps
 from pathlib import Path
 from typing import ParamSpec
 
-from appliance.files import FileTooLargeError, NotRegularFileError, read_regular
-
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
+from appliance.files import FileTooLargeError, NotRegularFileError, read_regular
+
 # Bytes of a file read for a diagnosis. A certificate chain takes a few kB and the system
 # CA bundle of Debian 12 about 220 kB, so the limit only guards against huge files.
 MAX_PEM_SIZE = 1 << 20
+# Characters of a PEM label, such as "CERTIFICATE", shown in a message. The label comes
+# from the file, so a hostile file could otherwise fill a log line with it.
+MAX_LABEL_CHARS = 40
+# Kinds of blocks listed when a file contains none of the expected kind.
+MAX_KINDS_LISTED = 3
+# Candidate output paths tried for an openssl conversion command.
+MAX_CONVERSION_TARGETS = 20
 
 _BEGIN = re.compile(rb"^-----BEGIN ([A-Z0-9 ]+)-----\s*$")
 _END = re.compile(rb"^-----END ([A-Z0-9 ]+)-----\s*$")
@@ -56,6 +64,13 @@ class PemBlock:
     """Lines between BEGIN and END, RFC 1421 headers such as Proc-Type included."""
     complete: bool
     """False when the END line is missing, as in a truncated file."""
+    next_begin_line: int | None = None
+    """Line of the BEGIN line that cut an incomplete block short, if one did."""
+
+    @property
+    def label_for_messages(self) -> str:
+        """The label, shortened to MAX_LABEL_CHARS for messages."""
+        return shorten(self.label, MAX_LABEL_CHARS)
 
     @property
     def is_certificate(self) -> bool:
@@ -72,6 +87,13 @@ class PemBlock:
             line.startswith(b"Proc-Type:") and b"ENCRYPTED" in line
             for line in self.lines
         )
+
+
+def shorten(text: str, limit: int) -> str:
+    """Return `text` cut to `limit` characters, marked and with its length when cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
 
 
 class _Unreadable(Exception):
@@ -103,11 +125,15 @@ def _best_effort(
 
 
 @_best_effort
-def certificate_file_problem(path: Path, expected: str) -> str | None:
+def certificate_file_problem(
+    path: Path, expected: str, other_files: Collection[Path] = ()
+) -> str | None:
     """Return what is wrong with a PEM certificate file, or None when nothing is found.
 
     `expected` describes what the file should contain, such as "the certificate chain, leaf
     first". Every CERTIFICATE block must decode, because OpenSSL reads all of them.
+    `other_files` are the other files of the same config entry, which a suggested
+    conversion must not overwrite.
     """
     try:
         data = _read(path)
@@ -117,7 +143,7 @@ def certificate_file_problem(path: Path, expected: str) -> str | None:
         return f"is empty; expected {expected}"
     blocks = parse_blocks(data)
     if not blocks:
-        return _no_pem_certificate(path, data, expected)
+        return _no_pem_certificate(path, data, expected, other_files)
     truncated = _truncation_problem(blocks)
     if truncated is not None:
         return truncated
@@ -133,11 +159,13 @@ def certificate_file_problem(path: Path, expected: str) -> str | None:
 
 
 @_best_effort
-def private_key_file_problem(path: Path, expected: str) -> str | None:
+def private_key_file_problem(
+    path: Path, expected: str, other_files: Collection[Path] = ()
+) -> str | None:
     """Return what is wrong with a PEM private key file, or None when nothing is found.
 
     OpenSSL uses the first private key block and skips the other blocks, so only that
-    block is checked.
+    block is checked. `other_files` are as for `certificate_file_problem`.
     """
     try:
         data = _read(path)
@@ -147,7 +175,7 @@ def private_key_file_problem(path: Path, expected: str) -> str | None:
         return f"is empty; expected {expected}"
     blocks = parse_blocks(data)
     if not blocks:
-        return _no_pem_private_key(path, data, expected)
+        return _no_pem_private_key(path, data, expected, other_files)
     truncated = _truncation_problem(blocks)
     if truncated is not None:
         return truncated
@@ -221,7 +249,7 @@ def parse_blocks(data: bytes) -> list[PemBlock]:
         begin = _BEGIN.match(line)
         if begin is not None:
             if label is not None:
-                blocks.append(PemBlock(label, begin_line, lines, False))
+                blocks.append(PemBlock(label, begin_line, lines, False, number))
             label, begin_line, lines = begin.group(1).decode("ascii"), number, []
             continue
         if label is None:
@@ -284,12 +312,20 @@ def open_error_problem(
 
 def _truncation_problem(blocks: list[PemBlock]) -> str | None:
     for block in blocks:
-        if not block.complete:
+        if block.complete:
+            continue
+        label = block.label_for_messages
+        if block.next_begin_line is not None:
             return (
-                f"is truncated: the {block.label} block that begins on line "
-                f"{block.line} has no '-----END {block.label}-----' line; copy the "
-                "whole file again"
+                f"is corrupt: a new block begins on line {block.next_begin_line}, "
+                f"before the END line of the {label} block that begins on line "
+                f"{block.line}; remove the extra BEGIN line, or add the missing "
+                f"'-----END {label}-----' line"
             )
+        return (
+            f"is truncated: the {label} block that begins on line {block.line} has "
+            f"no '-----END {label}-----' line; copy the whole file again"
+        )
     return None
 
 
@@ -346,14 +382,13 @@ def _certificate_block_problem(block: PemBlock) -> str | None:
 
 
 def _private_key_block_problem(block: PemBlock) -> str | None:
-    if block.is_encrypted:
-        # The password callback reports encrypted keys before any diagnosis runs.
-        return None
     block_name = f"the private key that begins on line {block.line}"
     fix = "replace the file with an intact copy of the key"
     der, base64_problem = _decode_body(block, block_name)
     if der is None:
         return f"is corrupt: {base64_problem}; {fix}"
+    if block.is_encrypted:
+        return _encrypted_key_problem(block, der, block_name)
     try:
         serialization.load_der_private_key(der, password=None)
     except UnsupportedAlgorithm:
@@ -366,8 +401,37 @@ def _private_key_block_problem(block: PemBlock) -> str | None:
     return None
 
 
-def _no_pem_certificate(path: Path, data: bytes, expected: str) -> str:
-    source, target = _conversion_paths(path)
+def _encrypted_key_problem(block: PemBlock, der: bytes, block_name: str) -> str:
+    """Describe an encrypted key block that OpenSSL failed to read.
+
+    An intact encrypted key makes OpenSSL ask for the password, which the load reports
+    before any diagnosis runs, so the block reaching here is most likely damaged.
+    """
+    fix = (
+        "replace the file with an intact copy of the key, decrypted, because the "
+        "appliance takes no key password"
+    )
+    if block.label == "ENCRYPTED PRIVATE KEY":
+        try:
+            serialization.load_der_private_key(der, password=None)
+        except TypeError:
+            # The PKCS#8 structure parsed and needs a password, so it is intact.
+            pass
+        except (ValueError, UnsupportedAlgorithm):
+            return (
+                f"is corrupt: {block_name} does not decode as an encrypted private "
+                f"key; {fix}"
+            )
+    return (
+        f"contains an encrypted private key that could not be read: {block_name}, "
+        f"which may be damaged; {fix}"
+    )
+
+
+def _no_pem_certificate(
+    path: Path, data: bytes, expected: str, other_files: Collection[Path]
+) -> str:
+    source, target = _conversion_paths(path, other_files)
     if _is_der_certificate(data):
         return (
             "contains a certificate in binary DER format, but PEM text is expected; "
@@ -385,8 +449,10 @@ def _no_pem_certificate(path: Path, data: bytes, expected: str) -> str:
     )
 
 
-def _no_pem_private_key(path: Path, data: bytes, expected: str) -> str:
-    source, target = _conversion_paths(path)
+def _no_pem_private_key(
+    path: Path, data: bytes, expected: str, other_files: Collection[Path]
+) -> str:
+    source, target = _conversion_paths(path, other_files)
     if _is_der_private_key(data):
         return (
             "contains a private key in binary DER format, but PEM text is expected; "
@@ -404,10 +470,29 @@ def _no_pem_private_key(path: Path, data: bytes, expected: str) -> str:
     )
 
 
-def _conversion_paths(path: Path) -> tuple[str, str]:
-    """Return the shell-quoted input and output paths of an openssl conversion."""
-    target = path.with_suffix(".pem") if path.suffix != ".pem" else Path(f"{path}.pem")
+def _conversion_paths(path: Path, other_files: Collection[Path]) -> tuple[str, str]:
+    """Return the shell-quoted input and output paths of an openssl conversion.
+
+    The output path is neither `path`, one of `other_files` nor an existing file, so
+    running the suggested command overwrites nothing.
+    """
+    taken = {_absolute(file) for file in (path, *other_files)}
+    stem = path.with_suffix("") if path.suffix != ".pem" else path
+    candidates = [Path(f"{stem}.pem")]
+    candidates += [
+        Path(f"{stem}-{number}.pem") for number in range(2, MAX_CONVERSION_TARGETS + 1)
+    ]
+    for target in candidates:
+        if _absolute(target) not in taken and not os.path.lexists(target):
+            break
+    else:
+        # NOTE: every candidate exists; openssl would overwrite the last one.
+        target = candidates[-1]
     return shlex.quote(str(path)), shlex.quote(str(target))
+
+
+def _absolute(path: Path) -> Path:
+    return Path(os.path.abspath(path))
 
 
 def _kinds_found(blocks: list[PemBlock]) -> str:
@@ -418,9 +503,12 @@ def _kinds_found(blocks: list[PemBlock]) -> str:
         elif block.is_private_key:
             kind = "a private key"
         else:
-            kind = _KIND_BY_LABEL.get(block.label, f"a {block.label} block")
+            kind = _KIND_BY_LABEL.get(block.label, f"a {block.label_for_messages} block")
         if kind not in kinds:
             kinds.append(kind)
+    if len(kinds) > MAX_KINDS_LISTED:
+        others = len(kinds) - MAX_KINDS_LISTED
+        kinds = [*kinds[:MAX_KINDS_LISTED], f"{others} other kinds of blocks"]
     return " and ".join(kinds)
 
 

@@ -878,6 +878,79 @@ def test_unreadable_special_file_not_permission_problem() -> None:
     assert "read access" not in message
 
 
+def test_der_key_hint_keeps_certificate(tmp_path: Path, listener_cert: CertFiles) -> None:
+    cert_file = tmp_path / "server.pem"
+    cert_file.write_bytes(listener_cert.cert_file.read_bytes())
+    key_file = tmp_path / "server.der"
+    key_file.write_bytes(to_der(listener_cert.key_file.read_bytes()))
+    listener = tls_listener(listener_cert, cert_file=cert_file, key_file=key_file)
+
+    with pytest.raises(TlsContextError) as caught:
+        server_context(listener, "listeners.imaps")
+
+    message = str(caught.value)
+    assert message.startswith(f"listeners.imaps.key_file: {str(key_file)!r}")
+    command = message.split("'openssl ", 1)[1].split("'", 1)[0]
+    output = Path(command.split(" -out ", 1)[1])
+    assert output != cert_file
+    assert not output.exists()
+
+
+def test_der_certificate_hint_keeps_key(tmp_path: Path, listener_cert: CertFiles) -> None:
+    cert_file = tmp_path / "server.der"
+    cert_file.write_bytes(to_der(listener_cert.cert_file.read_bytes()))
+    key_file = tmp_path / "server.pem"
+    key_file.write_bytes(listener_cert.key_file.read_bytes())
+    # Existing files are not overwritten either.
+    (tmp_path / "server-2.pem").write_text("taken\n")
+    listener = tls_listener(listener_cert, cert_file=cert_file, key_file=key_file)
+
+    with pytest.raises(TlsContextError) as caught:
+        server_context(listener, "listeners.imaps")
+
+    message = str(caught.value)
+    assert message.startswith(f"listeners.imaps.cert_file: {str(cert_file)!r}")
+    command = message.split("'openssl ", 1)[1].split("'", 1)[0]
+    output = Path(command.split(" -out ", 1)[1])
+    assert output != key_file
+    assert not output.exists()
+
+
+def encrypted_key_text(cert: CertFiles) -> bytes:
+    key = serialization.load_pem_private_key(cert.key_file.read_bytes(), password=None)
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"password"),
+    )
+
+
+# Each damage of an encrypted key as (function of the PEM text, phrase expected).
+ENCRYPTED_KEY_DAMAGES = {
+    "bad_character": (corrupt_base64_character, "not base64 text"),
+    "corrupt_der": (corrupt_der, "does not decode as an encrypted private key"),
+    "truncated": (truncate, "is truncated"),
+}
+
+
+@pytest.mark.parametrize("damage", ENCRYPTED_KEY_DAMAGES)
+def test_damaged_encrypted_key_names_key_file(
+    damage: str, tmp_path: Path, listener_cert: CertFiles
+) -> None:
+    make_broken, phrase = ENCRYPTED_KEY_DAMAGES[damage]
+    broken = tmp_path / "encrypted.key"
+    broken.write_bytes(make_broken(encrypted_key_text(listener_cert)))
+    listener = tls_listener(listener_cert, key_file=broken)
+
+    with pytest.raises(TlsContextError) as caught:
+        server_context(listener, "listeners.imaps")
+
+    message = str(caught.value)
+    assert message.startswith(f"listeners.imaps.key_file: {str(broken)!r} "), message
+    assert phrase in message
+    assert "PEM lib" not in message
+
+
 def test_oversized_file_reports_size(tmp_path: Path) -> None:
     huge = tmp_path / "huge.pem"
     size = contexts.pem.MAX_PEM_SIZE + 100
@@ -893,3 +966,50 @@ def test_oversized_file_reports_size(tmp_path: Path) -> None:
     assert f"{size} bytes" in message
     assert f"limit of {contexts.pem.MAX_PEM_SIZE} bytes" in message
     assert "PEM lib" not in message
+
+
+# Each hostile file content as (bytes, phrase expected).
+HOSTILE_CONTENTS = {
+    "long_label": (b"-----BEGIN " + b"A" * 900_000 + b"-----\nMA==\n", "truncated"),
+    "many_labels": (
+        b"".join(
+            b"-----BEGIN X%d-----\nMA==\n-----END X%d-----\n" % (n, n)
+            for n in range(5000)
+        ),
+        "contains no PEM certificate but",
+    ),
+}
+# Characters of a message about a hostile file; the files above are far longer.
+MAX_MESSAGE_CHARS = 600
+
+
+@pytest.mark.parametrize("content", HOSTILE_CONTENTS)
+def test_file_text_in_message_bounded(
+    content: str, tmp_path: Path, listener_cert: CertFiles
+) -> None:
+    data, phrase = HOSTILE_CONTENTS[content]
+    hostile = tmp_path / "hostile.pem"
+    hostile.write_bytes(data)
+    listener = tls_listener(listener_cert, cert_file=hostile)
+
+    with pytest.raises(TlsContextError) as caught:
+        server_context(listener, "listeners.imaps")
+
+    message = str(caught.value)
+    assert phrase in message
+    assert len(message) < MAX_MESSAGE_CHARS, message[:MAX_MESSAGE_CHARS]
+
+
+def test_nested_begin_line_explained(tmp_path: Path, listener_cert: CertFiles) -> None:
+    lines = listener_cert.cert_file.read_bytes().splitlines(keepends=True)
+    nested = tmp_path / "nested.pem"
+    nested.write_bytes(lines[0] + b"".join(lines))
+    listener = tls_listener(listener_cert, cert_file=nested)
+
+    with pytest.raises(TlsContextError) as caught:
+        server_context(listener, "listeners.imaps")
+
+    message = str(caught.value)
+    assert "a new block begins on line 2" in message
+    assert "before the END line of the CERTIFICATE block that begins on line 1" in message
+    assert "truncated" not in message
