@@ -135,18 +135,9 @@ def certificate_file_problem(
     `other_files` are the other files of the same config entry, which a suggested
     conversion must not overwrite.
     """
-    try:
-        data = _read(path)
-    except _Unreadable as exc:
-        return open_error_problem(path, exc.error, expected)
-    if not data.strip():
-        return f"is empty; expected {expected}"
-    blocks = parse_blocks(data)
-    if not blocks:
-        return _no_pem_certificate(path, data, expected, other_files)
-    truncated = _truncation_problem(blocks)
-    if truncated is not None:
-        return truncated
+    blocks, problem = _file_blocks(path, expected, other_files, _no_pem_certificate)
+    if problem is not None:
+        return problem
     certificates = [block for block in blocks if block.is_certificate]
     if not certificates:
         found = _kinds_found(blocks)
@@ -167,23 +158,37 @@ def private_key_file_problem(
     OpenSSL uses the first private key block and skips the other blocks, so only that
     block is checked. `other_files` are as for `certificate_file_problem`.
     """
-    try:
-        data = _read(path)
-    except _Unreadable as exc:
-        return open_error_problem(path, exc.error, expected)
-    if not data.strip():
-        return f"is empty; expected {expected}"
-    blocks = parse_blocks(data)
-    if not blocks:
-        return _no_pem_private_key(path, data, expected, other_files)
-    truncated = _truncation_problem(blocks)
-    if truncated is not None:
-        return truncated
+    blocks, problem = _file_blocks(path, expected, other_files, _no_pem_private_key)
+    if problem is not None:
+        return problem
     keys = [block for block in blocks if block.is_private_key]
     if not keys:
         found = _kinds_found(blocks)
         return f"contains no PEM private key but {found}; expected {expected}"
     return _private_key_block_problem(keys[0])
+
+
+def _file_blocks(
+    path: Path,
+    expected: str,
+    other_files: Collection[Path],
+    no_pem: Callable[[Path, bytes, str, Collection[Path]], str],
+) -> tuple[list[PemBlock], str | None]:
+    """Read and split a PEM file, or return the problem that stops its checks.
+
+    The problem covers a file that cannot be read, is empty, holds no PEM block (then
+    `no_pem` describes what it holds instead) or ends inside a block.
+    """
+    try:
+        data = _read(path)
+    except _Unreadable as exc:
+        return [], open_error_problem(path, exc.error, expected)
+    if not data.strip():
+        return [], f"is empty; expected {expected}"
+    blocks = parse_blocks(data)
+    if not blocks:
+        return [], no_pem(path, data, expected, other_files)
+    return blocks, _truncation_problem(blocks)
 
 
 @_best_effort
