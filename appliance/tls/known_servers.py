@@ -40,6 +40,7 @@ from pydantic import (
     field_validator,
 )
 
+from appliance.files import read_regular
 from appliance.logs import RepeatLimiter
 from appliance.tls.probe import mode_strength
 
@@ -51,6 +52,9 @@ FORMAT_VERSION = 1
 # store would grow with every name that resolves. Pinned records do not count toward it
 # and are never evicted.
 MAX_LEARNED_RECORDS = 10_000
+# Largest store file read, in bytes. A record takes a few hundred bytes, so the limit
+# leaves room for MAX_LEARNED_RECORDS and many pinned ones.
+MAX_STORE_FILE_SIZE = 64 << 20
 # Minimum seconds between two warnings about evicted records, so that a burst of
 # evictions logs one line.
 EVICTION_WARNING_INTERVAL = 300.0
@@ -260,8 +264,8 @@ class KnownServerStore:
     def _load(self, signature: tuple[int, ...], *, repair: bool) -> None:
         assert self.path is not None
         try:
-            with open(self.path, "rb") as file:
-                data = file.read()
+            # A FIFO at the path must not block the event loop, which calls this.
+            data = read_regular(self.path, MAX_STORE_FILE_SIZE)
             parsed = StoreFile.model_validate_json(data)
         except (OSError, ValidationError, ValueError) as exc:
             reason = _load_error_text(exc)

@@ -410,6 +410,26 @@ def test_directory_in_place_of_file(
     assert any("moved it to" in line for line in log_lines)
 
 
+
+def test_fifo_in_place_of_file_does_not_block(
+    store: KnownServerStore, log_lines: list[str]
+) -> None:
+    os.mkfifo(store.path)
+    found: list[object] = []
+    worker = threading.Thread(target=lambda: found.append(store.get(KEY)), daemon=True)
+
+    worker.start()
+    worker.join(5)
+    blocked = worker.is_alive()
+    if blocked:
+        # Opening and closing the write end ends the blocked open() of the FIFO.
+        os.close(os.open(store.path, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(5)
+
+    assert not blocked, "reading the store blocked on the FIFO"
+    assert found == [None]
+    assert any("not a regular file but a FIFO" in line for line in log_lines)
+
 def test_unmovable_corrupt_file_logs_once(
     store: KnownServerStore, log_lines: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
