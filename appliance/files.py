@@ -10,6 +10,7 @@ file.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import stat
 from collections.abc import Iterator
@@ -20,6 +21,15 @@ from pathlib import Path
 # makes it read the very file that was checked, even when the configured path has been
 # replaced since.
 _FD_FOLDER = Path("/proc/self/fd")
+# Largest config file and largest secret file read, in bytes. A config is a few kB and a
+# secret file one value, so the limits only keep a wrong path from filling memory.
+MAX_CONFIG_FILE_SIZE = 16 << 20
+MAX_SECRET_FILE_SIZE = 1 << 20
+# Largest certificate file read for the expiry metric. Debian 12's CA bundle is about
+# 220 kB.
+MAX_CERTIFICATE_FILE_SIZE = 16 << 20
+# Bytes hashed per read by `sha256_regular`.
+_HASH_CHUNK_SIZE = 1 << 20
 
 
 class NotRegularFileError(OSError):
@@ -93,6 +103,19 @@ def read_regular(path: Path | str, max_size: int | None = None) -> bytes:
             size = max(os.fstat(descriptor).st_size, len(data))
             raise FileTooLargeError(path, size, max_size)
         return data
+
+
+def sha256_regular(path: Path | str) -> str:
+    """Return the SHA-256 hex digest of a regular file, read in chunks.
+
+    Opens the file as `open_regular` does. The chunks keep memory flat for any size.
+    """
+    digest = hashlib.sha256()
+    descriptor = open_regular(path)
+    with os.fdopen(descriptor, "rb") as stream:
+        while chunk := stream.read(_HASH_CHUNK_SIZE):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @contextmanager

@@ -31,7 +31,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from appliance.files import read_regular
+from appliance.files import MAX_CERTIFICATE_FILE_SIZE, read_regular
 from appliance.proxy.guard import LOGIN_RESULTS
 
 if TYPE_CHECKING:
@@ -436,7 +436,9 @@ class CertificateCache:
 
 def _read_expiry(path: Path) -> float | None:
     try:
-        certificates = x509.load_pem_x509_certificates(read_regular(path))
+        certificates = x509.load_pem_x509_certificates(
+            read_regular(path, MAX_CERTIFICATE_FILE_SIZE)
+        )
     except (OSError, ValueError) as exc:
         logger.warning("cannot read the expiry time of certificate {}: {}", path, exc)
         return None

@@ -45,7 +45,12 @@ from appliance.config.variables import (
     first_invalid_byte,
     null_overlap_problems,
 )
-from appliance.files import NotRegularFileError, read_regular
+from appliance.files import (
+    MAX_CONFIG_FILE_SIZE,
+    FileTooLargeError,
+    NotRegularFileError,
+    read_regular,
+)
 
 
 class ConfigError(Exception):
@@ -260,7 +265,7 @@ def _read_config_file(path: Path) -> dict[str, Any]:
         )
     try:
         # One non-blocking read: a FIFO or device at the path must not hang a reload.
-        data = read_regular(path)
+        data = read_regular(path, MAX_CONFIG_FILE_SIZE)
         _check_utf8_signature(path, data)
         if suffix == ".toml":
             # TOML documents are always tables, and TOML rejects repeated keys.
@@ -388,6 +393,9 @@ def _unreadable_config(path: Path, exc: OSError) -> str:
         )
     elif isinstance(exc, IsADirectoryError):
         fix = "set --config or APPLIANCE_CONFIG to the file inside it"
+    elif isinstance(exc, FileTooLargeError):
+        reason = f"{exc.size} bytes, more than the limit of {exc.limit} bytes"
+        fix = "check that --config or APPLIANCE_CONFIG names the config file"
     elif isinstance(exc, NotRegularFileError):
         reason = f"not a regular file but {exc.kind}"
         fix = "set --config or APPLIANCE_CONFIG to a regular file"

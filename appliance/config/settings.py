@@ -38,8 +38,8 @@ from appliance.config.json_values import (
 from appliance.config.models import (
     AdminConfig,
     KnownServer,
-    ListenerConfig,
     Limits,
+    ListenerConfig,
     LoggingConfig,
     TlsAutoConfig,
     UpstreamConfig,
@@ -58,7 +58,7 @@ from appliance.config.variables import (
     single_value_null_problems,
     top_level_null_problems,
 )
-from appliance.files import read_regular, special_file_kind
+from appliance.files import MAX_SECRET_FILE_SIZE, read_regular, special_file_kind
 
 DEFAULT_CONFIG_PATH = Path("/etc/appliance/appliance.yaml")
 DEFAULT_SECRETS_DIR = Path("/run/secrets")
@@ -590,7 +590,7 @@ def _read_secret_file(entry: Path, path: list[str]) -> tuple[str, str | None]:
     where = ".".join(path)
     try:
         # A FIFO swapped in after `_entry_type_problem` must not block the load.
-        data = read_regular(entry)
+        data = read_regular(entry, MAX_SECRET_FILE_SIZE)
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         return "", (

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from appliance.config import AppConfig, ListenerConfig
-from appliance.files import read_regular
+from appliance.files import sha256_regular
 
 # A change to one of these fields needs another socket or another session class.
 SOCKET_FIELDS = ("bind", "port", "protocol")
@@ -79,7 +78,7 @@ def file_digests(paths: Iterable[Path]) -> dict[Path, str]:
     for path in paths:
         try:
             # A FIFO or device reads as "unreadable" instead of blocking the reload.
-            digests[path] = hashlib.sha256(read_regular(path)).hexdigest()
+            digests[path] = sha256_regular(path)
         except OSError:
             digests[path] = "unreadable"
     return digests

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from pathlib import Path
@@ -391,3 +392,12 @@ def test_fifo_digest_does_not_block(tmp_path: Path) -> None:
 
     assert not blocked, "hashing blocked on the FIFO"
     assert digests == {fifo: "unreadable"}
+
+
+def test_digest_of_multi_chunk_file(tmp_path: Path) -> None:
+    # Three and a half hashing chunks, so the digest covers every chunk in order.
+    data = bytes(range(256)) * (3 * 4096 + 2048)
+    path = tmp_path / "bundle.pem"
+    path.write_bytes(data)
+
+    assert file_digests([path]) == {path: hashlib.sha256(data).hexdigest()}
