@@ -373,7 +373,7 @@ class NestedSecretsSource(PydanticBaseSettingsSource):
             text, problem = _read_secret_file(entry, path)
             if problem is None and not text:
                 continue
-            if problem is None and text == "null":
+            if problem is None and text.lower() == "null":
                 problem = self._single_value_null_problem(entry, path)
             value: Any = text
             if problem is None:

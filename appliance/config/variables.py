@@ -256,7 +256,7 @@ def single_value_null_problems(
     problems = []
     for name, value in sorted(variables.items()):
         path = field_path(name)
-        if value.strip() != "null" or is_secret_path(path):
+        if value.strip().lower() != "null" or is_secret_path(path):
             continue
         if not is_single_value_field(model, path):
             continue

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from appliance.config import AppConfig, ConfigError, load_config
 from appliance.config import loader as config_loader
 from appliance.config import settings as config_settings
+from appliance.files import MAX_CONFIG_FILE_SIZE, MAX_SECRET_FILE_SIZE
 from tests.support.sources import isolate_config_sources
 
 UPSTREAM_YAML = "upstreams:\n  mail:\n    host: mail.example.org\n"
@@ -873,6 +874,32 @@ def test_single_value_null_variable_rejected(
         f"set a single value to null; unset {name}, so that a secret file, the config "
         "file or the default sets it"
     )
+
+
+@pytest.mark.parametrize("spelling", ["Null", "NULL"])
+def test_null_variable_any_case_rejected(
+    spelling: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secrets_dir: Path
+) -> None:
+    path = write_config(tmp_path, UPSTREAM_YAML)
+    monkeypatch.setenv("APPLIANCE_UPSTREAMS__MAIL__SERVER_NAME", spelling)
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith("upstreams.mail.server_name: value null (from env")
+    assert "cannot set a single value to null" in problem
+
+
+@pytest.mark.parametrize("spelling", ["Null", "NULL"])
+def test_null_secret_any_case_rejected(
+    spelling: str, tmp_path: Path, secrets_dir: Path
+) -> None:
+    path = write_config(tmp_path, UPSTREAM_YAML)
+    (secrets_dir / "APPLIANCE_UPSTREAMS__MAIL__PORT").write_text(spelling)
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem.startswith("upstreams.mail.port: secret file")
+    assert "cannot set a single value to null" in problem
 
 
 @pytest.mark.parametrize(
@@ -2048,6 +2075,35 @@ def test_secret_fifo_after_type_check_rejected(
     assert problems[0].startswith(
         f"logging.level: secret file {str(secret)!r} could not be read (not a "
         "regular file but a FIFO)"
+    )
+
+
+def test_oversized_config_file_rejected(tmp_path: Path, secrets_dir: Path) -> None:
+    path = tmp_path / "appliance.yaml"
+    with path.open("wb") as stream:
+        stream.truncate(MAX_CONFIG_FILE_SIZE + 1)
+
+    problem = only_problem(path, secrets_dir)
+
+    assert problem == (
+        f"config file {str(path)!r} could not be read ({MAX_CONFIG_FILE_SIZE + 1} bytes, "
+        f"more than the limit of {MAX_CONFIG_FILE_SIZE} bytes); check that --config or "
+        "APPLIANCE_CONFIG names the config file"
+    )
+
+
+def test_oversized_secret_file_rejected(tmp_path: Path, secrets_dir: Path) -> None:
+    config = write_config(tmp_path, listener_yaml())
+    secret = secrets_dir / "APPLIANCE_LOGGING__LEVEL"
+    with secret.open("wb") as stream:
+        stream.truncate(MAX_SECRET_FILE_SIZE + 1)
+
+    problem = only_problem(config, secrets_dir)
+
+    assert problem.startswith(
+        f"logging.level: secret file {str(secret)!r} could not be read "
+        f"({MAX_SECRET_FILE_SIZE + 1} bytes, more than the limit of "
+        f"{MAX_SECRET_FILE_SIZE} bytes)"
     )
 
 
