@@ -10,10 +10,12 @@ a mounted config in an orchestrator. Ctrl-C stops both.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,23 +163,28 @@ Ctrl-C stops both. User {DEMO_USER!r}, password {DEMO_PASSWORD!r}. Try:
   {pop3.curl("pop3", "1")}
   python3 -c "import imaplib; {imap.imaplib_connect()}; \\
 print(c.login('{DEMO_USER}', '{DEMO_PASSWORD}')); print(c.select('INBOX'))"
-  env $(cat {env_file(state_dir)}) {APPLIANCE_COMMAND} check-config --config {QUICKSTART}
+  (set -a; . {env_file(state_dir)}; {APPLIANCE_COMMAND} check-config --config {QUICKSTART})
   {APPLIANCE_COMMAND} known-servers list --state-dir {state_dir}
   {APPLIANCE_COMMAND} probe localhost --port {dovecot.ports["imaps"]} --ca-file {dovecot.ca_file}
 {tls_note}"""
 
 
 def env_file(state_dir: str) -> Path:
-    """Return the file with the demo's variables, one NAME=value line each."""
+    """Return the file with the appliance's variables, one shell assignment per line."""
     return Path(state_dir) / "demo.env"
 
 
-def write_env_file(state_dir: str, variables: dict[str, str]) -> None:
-    """Write the demo's variables for `env $(cat FILE)`, which splits at white space.
+def write_env_file(state_dir: str, environment: Mapping[str, str]) -> None:
+    """Write every APPLIANCE_* variable of `environment` for a shell to source.
 
-    The values are ports and temporary paths without spaces.
+    These are the demo's variables and the caller's own, such as a moved port. The values
+    are quoted, because a variable may hold JSON with spaces.
     """
-    lines = "".join(f"{name}={value}\n" for name, value in sorted(variables.items()))
+    lines = "".join(
+        f"{name}={shlex.quote(value)}\n"
+        for name, value in sorted(environment.items())
+        if name.startswith("APPLIANCE_")
+    )
     env_file(state_dir).write_text(lines)
 
 
@@ -192,9 +199,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="appliance-demo-") as state_dir:
         with DovecotServer(tls="both", extra_users={DEMO_USER: DEMO_PASSWORD}) as dovecot:
             # Set before listener_addresses loads the config that the appliance runs.
-            variables = demo_variables(dovecot, state_dir)
-            os.environ.update(variables)
-            write_env_file(state_dir, variables)
+            os.environ.update(demo_variables(dovecot, state_dir))
+            write_env_file(state_dir, os.environ)
             command = [sys.executable, "-m", "appliance.cli", "run", "--config", str(QUICKSTART)]
             addresses = listener_addresses()
             if addresses is not None:

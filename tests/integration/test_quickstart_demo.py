@@ -140,6 +140,9 @@ def test_demo_check_config_command_shows_demo_upstream(demo: Demo) -> None:
     assert result.returncode == 0, result.stderr
     assert "# env APPLIANCE_UPSTREAMS__MAIL__PORT" in result.stdout
     assert 'host: "localhost"  # env APPLIANCE_UPSTREAMS__MAIL__HOST' in result.stdout
+    # The variables of the caller, which moved both listeners, apply too.
+    assert f"port: {demo.pop3_port}  # env APPLIANCE_LISTENERS__POP3__PORT" in result.stdout
+    assert f'bind: "{IMAP_HOST}"  # env APPLIANCE_LISTENERS__IMAP' in result.stdout
 
 
 def test_demo_stops_on_sigterm(demo: Demo) -> None:
