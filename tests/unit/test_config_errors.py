@@ -977,10 +977,10 @@ def test_unreadable_secret_named(
     secret.write_text("5")
     real_read_regular = config_settings.read_regular
 
-    def read_regular(path: Path) -> bytes:
+    def read_regular(path: Path, max_size: int | None = None) -> bytes:
         if path == secret:
             raise PermissionError(13, "Permission denied")
-        return real_read_regular(path)
+        return real_read_regular(path, max_size)
 
     monkeypatch.setattr(config_settings, "read_regular", read_regular)
 
