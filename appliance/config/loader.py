@@ -44,6 +44,7 @@ from appliance.config.variables import (
     field_path,
     first_invalid_byte,
     null_overlap_problems,
+    secret_file_of,
 )
 from appliance.files import (
     MAX_CONFIG_FILE_SIZE,
@@ -450,10 +451,9 @@ def _label(layer: _Layer, path: tuple[str, ...]) -> str:
     """
     lower_path = tuple(part.lower() for part in path)
     if layer.files:
-        for depth in range(len(path), 0, -1):
-            secret_file = layer.files.get(lower_path[:depth])
-            if secret_file is not None:
-                return f"secret file {str(secret_file)!r}"
+        secret_file = secret_file_of(layer.files, path)
+        if secret_file is not None:
+            return f"secret file {str(secret_file)!r}"
         inside = [
             repr(str(secret_file))
             for file_path, secret_file in sorted(layer.files.items())

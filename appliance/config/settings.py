@@ -55,6 +55,7 @@ from appliance.config.variables import (
     is_utf8,
     nesting_problems,
     null_alternative,
+    secret_file_of,
     single_value_null_problems,
     top_level_null_problems,
 )
@@ -397,10 +398,9 @@ class NestedSecretsSource(PydanticBaseSettingsSource):
 
     def _file_of(self, path: list[str]) -> Path:
         """Return the file read so far that set `path`, itself or inside its JSON value."""
-        for depth in range(len(path), 0, -1):
-            entry = self.files.get(tuple(path[:depth]))
-            if entry is not None:
-                return entry
+        entry = secret_file_of(self.files, path)
+        if entry is not None:
+            return entry
         # Not reached, because every value that is not a mapping came from a file.
         return self.folder / (ENV_PREFIX + NESTING_DELIMITER.join(path).upper())
 

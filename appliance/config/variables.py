@@ -356,11 +356,11 @@ def null_overlap_problems(
                         secret_files[path], path, null_path, null_variable
                     )
                 )
-    for null_path in _json_null_paths_in(secret_values):
+    for null_path in _json_null_keys(dict(secret_values)):
         if len(null_path) < 2:
             # NestedSecretsSource rejects a whole top-level field set to null.
             continue
-        null_file = _file_of(secret_files, null_path)
+        null_file = secret_file_of(secret_files, null_path)
         if null_file is None or _variable_sets_object(model, variables, null_path):
             continue
         for name, value in sorted(variables.items()):
@@ -372,26 +372,16 @@ def null_overlap_problems(
     return problems
 
 
-def _json_null_paths_in(
-    values: Mapping[str, Any], prefix: tuple[str, ...] = ()
-) -> list[tuple[str, ...]]:
-    """Return the lower-case path of each null in nested mappings."""
-    paths = []
-    for key, value in values.items():
-        path = (*prefix, str(key).lower())
-        if value is None:
-            paths.append(path)
-        elif isinstance(value, dict):
-            paths += _json_null_paths_in(value, path)
-    return paths
-
-
-def _file_of(
-    files: Mapping[tuple[str, ...], Path], path: tuple[str, ...]
+def secret_file_of(
+    files: Mapping[tuple[str, ...], Path], path: Sequence[str]
 ) -> Path | None:
-    """Return the secret file that set `path`, itself or inside its JSON value."""
-    for depth in range(len(path), 0, -1):
-        found = files.get(path[:depth])
+    """Return the secret file that set `path`, itself or inside its JSON value.
+
+    `files` maps each lower-case path that a file set to that file.
+    """
+    lower_path = tuple(part.lower() for part in path)
+    for depth in range(len(lower_path), 0, -1):
+        found = files.get(lower_path[:depth])
         if found is not None:
             return found
     return None
