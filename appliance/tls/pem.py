@@ -481,14 +481,14 @@ def _conversion_paths(path: Path, other_files: Collection[Path]) -> tuple[str, s
     The output path is neither `path`, one of `other_files` nor an existing file, so
     running the suggested command overwrites nothing.
     """
-    taken = {_absolute(file) for file in (path, *other_files)}
+    configured = {_absolute(file) for file in (path, *other_files)}
     stem = path.with_suffix("") if path.suffix != ".pem" else path
     candidates = [Path(f"{stem}.pem")]
     candidates += [
         Path(f"{stem}-{number}.pem") for number in range(2, MAX_CONVERSION_TARGETS + 1)
     ]
     for target in candidates:
-        if _absolute(target) not in taken and not os.path.lexists(target):
+        if _absolute(target) not in configured and not os.path.lexists(target):
             break
     else:
         # NOTE: every candidate exists; openssl would overwrite the last one.
